@@ -1,0 +1,41 @@
+# The two commands a new user runs: `make run` (the main job end to end) and `make test`.
+# Both install what they need and are idempotent: a second run reuses the venv, the jars and Redis.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install only when pyproject.toml changes; pip's cache keeps a re-install fast.
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+.PHONY: install stack run test lint down status
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "adloop needs Python 3.11: set PYTHON=/path/to/python3.11")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@rm -f $(VENV)/.installed-* && touch $@
+
+stack: install
+	$(BIN)/adloop stack up
+
+run: stack
+	$(BIN)/adloop stack status
+
+test: stack
+	@command -v docker-compose >/dev/null || ! command -v apt-get >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null 2>&1 || \
+		echo "docker-compose not installable: the compose-file check will be skipped"
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+status: install
+	$(BIN)/adloop stack status
+
+down: install
+	$(BIN)/adloop stack down

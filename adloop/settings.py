@@ -1,0 +1,42 @@
+"""adloop's settings: one pydantic-settings class, read from ADLOOP_* variables and an optional .env."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_", env_file=".env", extra="ignore")
+
+    # Kafka
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"  # comma-separated host:port list
+    kafka_controller_port: int = 9093  # the local broker's KRaft controller listener
+    events_topic: str = "adloop.events"
+    dlq_topic: str = "adloop.events.dlq"
+    event_partitions: int = 6  # user-keyed: one consumer owns all of a user's events
+    kafka_heap: str = "-Xms256m -Xmx512m"
+
+    # Redis (Feast's online store and the consumer's offsets)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Paths
+    stack_dir: Path = PROJECT_ROOT / ".stack"  # broker data, logs, pid files of `adloop stack`
+    feast_repo_path: Path = PROJECT_ROOT / "features" / "repo"
+    feast_data_dir: Path = PROJECT_ROOT / ".stack" / "feast"  # registry and offline store files
+    model_registry_path: Path = PROJECT_ROOT / ".stack" / "models"
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    # Start-up bound for `adloop stack up`, seconds
+    stack_start_timeout: float = 60.0
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests build their own `Settings(...)` or clear this cache."""
+    return Settings()

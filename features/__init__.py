@@ -1,0 +1,1 @@
+"""Feast repo, online reads in the request path, training-set builder."""

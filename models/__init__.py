@@ -1,0 +1,1 @@
+"""Embedding model, LightGBM ranker, training, evaluation, model registry."""

@@ -1,0 +1,1 @@
+"""FastAPI app: ad selection, OpenRTB adapter, outcomes, dashboard."""

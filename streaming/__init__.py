@@ -1,0 +1,1 @@
+"""Kafka side: the event contract, producers, the feature consumer and dead letters."""
