@@ -1,0 +1,145 @@
+"""The clickstream contract: one JSON object per Kafka message on `adloop.events`, key = user id.
+
+This module is a leaf (pydantic only), imported by producers, the consumer and serving.
+`docs/events.schema.json` is generated from `Event` (`adloop events schema`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+MAX_EVENT_BYTES = 16 * 1024  # default payload limit; the consumer's is configurable
+
+Id = Annotated[str, Field(min_length=1, max_length=256)]
+ContextValue = str | int | float | bool | None
+
+
+class EventType(StrEnum):
+    page_view = "page_view"
+    search = "search"
+    favorite = "favorite"
+    add_to_cart = "add_to_cart"
+    purchase = "purchase"
+    ad_impression = "ad_impression"
+    ad_click = "ad_click"
+    conversion = "conversion"
+
+
+AD_EVENTS = frozenset({EventType.ad_impression, EventType.ad_click, EventType.conversion})
+
+
+class Event(BaseModel):
+    """One clickstream event (schema version 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    event_id: Id = Field(description="Unique id; a repeated id is counted as a duplicate and applied once.")
+    schema_version: Literal[1] = Field(description="Version of this contract.")
+    event_type: EventType
+    user_id: Id = Field(description="Also the Kafka message key: one user's events stay in order on one partition.")
+    ts: datetime = Field(description="Event time: RFC 3339 with a zone (or Z), or epoch milliseconds.")
+    session_id: Id | None = None
+    item_id: Id | None = None
+    category: Id | None = None
+    brand: Id | None = None
+    price: float | None = Field(default=None, ge=0)
+    ad_id: Id | None = Field(default=None, description="Required for ad_impression, ad_click and conversion.")
+    campaign_id: Id | None = None
+    request_id: Id | None = Field(default=None, description="Joins an impression, its click and conversion.")
+    slot_id: Id | None = None
+    position: int | None = Field(default=None, ge=0, description="Rank of the ad in its slot (1 = first).")
+    model_version: Id | None = None
+    arm: Literal["targeted", "control"] | None = None
+    propensity: float | None = Field(
+        default=None, gt=0, le=1, description="Probability that the serving policy chose this ad (for off-policy eval)."
+    )
+    source: Id | None = Field(default=None, description="Producer label, e.g. replay:taobao or simulate (synthetic).")
+    context: dict[str, ContextValue] | None = Field(default=None, description="Page, device, country, ...")
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _parse_ts(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be RFC 3339 text or epoch milliseconds, not a boolean")
+        if isinstance(value, int | float):
+            return datetime.fromtimestamp(value / 1000, tz=UTC)
+        return value
+
+    @field_validator("ts")
+    @classmethod
+    def _require_zone(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("needs a time zone (e.g. 2019-11-24T10:00:00Z)")
+        return value.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _ad_events_name_their_ad(self) -> Event:
+        if self.event_type in AD_EVENTS and not self.ad_id:
+            raise ValueError(f"ad_id is required for {self.event_type.value}")
+        return self
+
+    @property
+    def ts_ms(self) -> int:
+        """Event time in epoch milliseconds."""
+        return round(self.ts.timestamp() * 1000)
+
+    def to_bytes(self) -> bytes:
+        """Compact JSON of the contract (ts as RFC 3339 UTC with milliseconds)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        data["ts"] = self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class InvalidEvent(ValueError):
+    """A message that breaks the contract; `reason` is a short code, `detail` says which field and why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_event(raw: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> Event:
+    """Decode and validate one message value, or raise `InvalidEvent` saying what is wrong."""
+    if len(raw) > max_bytes:
+        raise InvalidEvent("oversized", f"{len(raw)} bytes is over the limit of {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidEvent("not_utf8", str(error)) from error
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidEvent("invalid_json", str(error)) from error
+    if not isinstance(data, dict):
+        raise InvalidEvent("invalid_json", f"expected a JSON object, got {type(data).__name__}")
+    if "event_type" in data and data["event_type"] not in EventType.__members__:
+        known = ", ".join(EventType)
+        raise InvalidEvent("unknown_event_type", f"event_type {data['event_type']!r} is not one of: {known}")
+    try:
+        return Event.model_validate(data)
+    except ValidationError as error:
+        raise InvalidEvent("schema", _describe(error)) from error
+
+
+def _describe(error: ValidationError) -> str:
+    """`field: message` for each problem, e.g. `ts: Input should be a valid datetime`."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in error.errors())
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the contract, for producers in any language."""
+    schema = Event.model_json_schema()
+    schema["$id"] = "https://adloop.dev/schemas/events/v1.json"
+    schema["title"] = f"adloop event (schema_version {SCHEMA_VERSION})"
+    schema["properties"]["ts"] = {
+        "description": Event.model_fields["ts"].description,
+        "anyOf": [{"type": "string", "format": "date-time"}, {"type": "integer", "description": "epoch milliseconds"}],
+    }
+    return schema
