@@ -1,0 +1,183 @@
+"""Pure state steps: events -> per-user and per-ad state -> the feature rows pushed to Feast.
+
+No broker, no Redis here: `apply_user(state, event)` and `user_features(state)` are plain
+functions over a dataclass, so they are tested (and recomputed in batch) without services.
+
+Windows follow event time. A user's "now" is the latest event time seen for that user; a
+window of length W counts the events whose bucket lies within W of now's bucket (5-minute
+buckets for 1 h, hourly buckets for 24 h and 7 d). Late events (older than now) are counted
+in their own bucket if it is still inside the longest window, else dropped from the windows
+(they still count in the all-time totals). Ads use the same rule with the ad's latest time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from streaming.events import Event, EventType
+
+MINUTE_MS = 60_000
+HOUR_MS = 60 * MINUTE_MS
+FINE_BUCKET_MS = 5 * MINUTE_MS  # buckets of the 1 h window
+COARSE_BUCKET_MS = HOUR_MS  # buckets of the 24 h and 7 d windows
+WINDOWS = {"1h": (FINE_BUCKET_MS, 12), "24h": (COARSE_BUCKET_MS, 24), "7d": (COARSE_BUCKET_MS, 168)}
+EVENT_TYPES = [t.value for t in EventType]
+RECENT_N = 20  # last items / categories kept for the embedding model
+TOP_CATEGORIES_N = 10
+AFFINITY_HALF_LIFE_MS = 6 * HOUR_MS
+AFFINITY_WEIGHTS = {"page_view": 1.0, "favorite": 2.0, "add_to_cart": 3.0, "purchase": 4.0, "ad_click": 2.0,
+                    "conversion": 4.0, "search": 1.0}  # fmt: skip
+# Beta prior of click rates: mean 5%, worth 20 impressions (smooths ads and users with few views).
+CTR_PRIOR_CLICKS, CTR_PRIOR_IMPRESSIONS = 1.0, 20.0
+
+
+def smoothed_ctr(clicks: int, impressions: int) -> float:
+    return (clicks + CTR_PRIOR_CLICKS) / (impressions + CTR_PRIOR_IMPRESSIONS)
+
+
+@dataclass
+class UserState:
+    """All a user's events reduce to this; JSON-serialisable (stored in Redis by the consumer)."""
+
+    last_ts: int = 0  # ms, latest event time seen
+    fine: dict[str, list[int]] = field(default_factory=dict)  # 5-min bucket -> counts per EVENT_TYPES
+    coarse: dict[str, list[int]] = field(default_factory=dict)  # hour bucket -> counts per EVENT_TYPES
+    affinity: dict[str, float] = field(default_factory=dict)  # category -> decayed score as of last_ts
+    recent_items: list[str] = field(default_factory=list)  # newest last
+    recent_categories: list[str] = field(default_factory=list)
+    ad_hours: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # ad -> hour -> [impressions, clicks]
+    campaign_hours: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    impressions_total: int = 0
+    clicks_total: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UserState:
+        return cls(**data)
+
+
+def apply_user(state: UserState, event: Event) -> UserState:
+    """Fold one event into the user's state (mutates and returns it)."""
+    ts, kind = event.ts_ms, event.event_type.value
+    if ts > state.last_ts:
+        _decay(state.affinity, ts - state.last_ts if state.last_ts else 0)
+        state.last_ts = ts
+    horizon = _bucket(state.last_ts, COARSE_BUCKET_MS) - WINDOWS["7d"][1]
+    in_horizon = _bucket(ts, COARSE_BUCKET_MS) > horizon
+    if in_horizon:
+        _count(state.fine, _bucket(ts, FINE_BUCKET_MS), kind)
+        _count(state.coarse, _bucket(ts, COARSE_BUCKET_MS), kind)
+    if event.category and kind in AFFINITY_WEIGHTS:
+        weight = AFFINITY_WEIGHTS[kind] * 0.5 ** ((state.last_ts - ts) / AFFINITY_HALF_LIFE_MS)
+        state.affinity[event.category] = state.affinity.get(event.category, 0.0) + weight
+    if kind not in ("ad_impression", "ad_click", "conversion"):
+        if event.item_id:
+            state.recent_items = [*state.recent_items, event.item_id][-RECENT_N:]
+        if event.category:
+            state.recent_categories = [*state.recent_categories, event.category][-RECENT_N:]
+    if kind in ("ad_impression", "ad_click"):
+        slot = 0 if kind == "ad_impression" else 1
+        state.impressions_total += slot == 0
+        state.clicks_total += slot == 1
+        hour = str(_bucket(ts, COARSE_BUCKET_MS))
+        for table, key in ((state.ad_hours, event.ad_id), (state.campaign_hours, event.campaign_id)):
+            if key and in_horizon:
+                table.setdefault(key, {}).setdefault(hour, [0, 0])[slot] += 1
+    return state
+
+
+def user_features(state: UserState) -> dict[str, Any]:
+    """The `user_activity` feature row of this state (names match features/repo)."""
+    row: dict[str, Any] = {}
+    for window, (size, count) in WINDOWS.items():
+        buckets = state.fine if size == FINE_BUCKET_MS else state.coarse
+        totals = _window_sum(buckets, _bucket(state.last_ts, size), count, len(EVENT_TYPES))
+        row.update({f"{kind}_{window}": totals[i] for i, kind in enumerate(EVENT_TYPES)})
+    top = sorted(state.affinity.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CATEGORIES_N]
+    row["top_categories"] = [c for c, _ in top]
+    row["top_category_scores"] = [s for _, s in top]
+    row["recent_items"] = list(state.recent_items)
+    row["recent_categories"] = list(state.recent_categories)
+    hour = _bucket(state.last_ts, COARSE_BUCKET_MS)
+    for prefix, table in (("ad", state.ad_hours), ("campaign", state.campaign_hours)):
+        sums = {i: _window_sum(hours, hour, 24, 2) for i, hours in sorted(table.items())}
+        sums = {i: s for i, s in sums.items() if s[0] or s[1]}
+        row[f"freq_{prefix}_ids"] = list(sums)
+        row[f"freq_{prefix}_impressions_24h"] = [s[0] for s in sums.values()]
+        row[f"freq_{prefix}_clicks_24h"] = [s[1] for s in sums.values()]
+    row["impressions_total"] = state.impressions_total
+    row["clicks_total"] = state.clicks_total
+    row["user_ctr"] = smoothed_ctr(state.clicks_total, state.impressions_total)
+    row["last_seen_ms"] = state.last_ts
+    return row
+
+
+def ad_features(hours: dict[str, list[int]], fine: dict[str, list[int]], last_ts: int) -> dict[str, Any]:
+    """The `ad_performance` row from an ad's hourly and 5-minute [impressions, clicks] counters."""
+    row: dict[str, Any] = {}
+    for window, (size, count) in WINDOWS.items():
+        buckets = fine if size == FINE_BUCKET_MS else hours
+        impressions, clicks = _window_sum(buckets, _bucket(last_ts, size), count, 2)
+        row[f"ad_impressions_{window}"] = impressions
+        row[f"ad_clicks_{window}"] = clicks
+    row["ad_ctr_24h"] = smoothed_ctr(row["ad_clicks_24h"], row["ad_impressions_24h"])
+    row["ad_ctr_7d"] = smoothed_ctr(row["ad_clicks_7d"], row["ad_impressions_7d"])
+    row["ad_last_seen_ms"] = last_ts
+    return row
+
+
+def ad_bucket_keys(event: Event) -> tuple[str, str, int] | None:
+    """(hour bucket, 5-min bucket, 0 impression / 1 click) of an ad event that counts for ad performance."""
+    if event.event_type not in (EventType.ad_impression, EventType.ad_click):
+        return None
+    slot = 0 if event.event_type == EventType.ad_impression else 1
+    ts = event.ts_ms
+    return str(_bucket(ts, COARSE_BUCKET_MS)), str(_bucket(ts, FINE_BUCKET_MS)), slot
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _bucket(ts: int, size: int) -> int:
+    return ts // size
+
+
+def _count(buckets: dict[str, list[int]], bucket: int, kind: str) -> None:
+    counts = buckets.setdefault(str(bucket), [0] * len(EVENT_TYPES))
+    counts[EVENT_TYPES.index(kind)] += 1
+
+
+def _window_sum(buckets: dict[str, list[int]], now_bucket: int, count: int, width: int) -> list[int]:
+    """Element-wise sum of the buckets in (now_bucket - count, now_bucket]."""
+    total = [0] * width
+    for key, values in buckets.items():
+        if now_bucket - count < int(key) <= now_bucket:
+            for i, v in enumerate(values):
+                total[i] += v
+    return total
+
+
+def _decay(scores: dict[str, float], elapsed_ms: int) -> None:
+    if elapsed_ms <= 0 or not scores:
+        return
+    factor = 0.5 ** (elapsed_ms / AFFINITY_HALF_LIFE_MS)
+    for key in scores:
+        scores[key] *= factor
+
+
+def prune(state: UserState) -> UserState:
+    """Drop buckets that can no longer fall inside any window (once per batch, before storing)."""
+    fine_floor = _bucket(state.last_ts, FINE_BUCKET_MS) - WINDOWS["1h"][1]
+    coarse_floor = _bucket(state.last_ts, COARSE_BUCKET_MS) - WINDOWS["7d"][1]
+    day_floor = _bucket(state.last_ts, COARSE_BUCKET_MS) - WINDOWS["24h"][1]
+    state.fine = {k: v for k, v in state.fine.items() if int(k) > fine_floor}
+    state.coarse = {k: v for k, v in state.coarse.items() if int(k) > coarse_floor}
+    for table in (state.ad_hours, state.campaign_hours):
+        for key in list(table):
+            table[key] = {h: c for h, c in table[key].items() if int(h) > day_floor}
+            if not table[key]:
+                del table[key]
+    return state
