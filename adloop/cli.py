@@ -44,8 +44,11 @@ def stack_up() -> None:
     except stack.StackError as error:
         console.print(f"[red]stack up failed:[/red] {error}", markup=True, highlight=False)
         raise typer.Exit(1) from error
+    from features import store
+
+    store.apply(get_settings())  # `feast apply`: registry and offline folders ready for the consumer
     _show_status(services)
-    console.print(f"stack ready in {time.monotonic() - started:.1f} s")
+    console.print(f"stack ready in {time.monotonic() - started:.1f} s (Feast repo applied)")
 
 
 @stack_app.command("down")
@@ -66,6 +69,37 @@ def stack_status() -> None:
     _show_status(services)
     if not all(s.running for s in services):
         raise typer.Exit(1)
+
+
+@app.command()
+def consume(
+    idle_exit: float = typer.Option(None, help="Exit after this many idle seconds (default: run forever)."),
+    metrics_port: int = typer.Option(None, help="Port of the Prometheus /metrics endpoint (default: settings)."),
+) -> None:
+    """Run the feature consumer: adloop.events -> user and ad features in Feast (Redis online, parquet offline)."""
+    import redis
+    from prometheus_client import start_http_server
+
+    from streaming.consumer import FeatureConsumer
+
+    settings = get_settings()
+    start_http_server(metrics_port or settings.consumer_metrics_port, addr="127.0.0.1")
+    consumer = FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url))
+    report = consumer.run(idle_exit_s=idle_exit)
+    console.print(
+        f"applied {report.applied}, duplicates {report.duplicates}, replayed {report.replayed}, "
+        f"dead-lettered {sum(report.dead_lettered.values())} {report.dead_lettered or ''}"
+    )
+
+
+@app.command()
+def features(user_id: str) -> None:
+    """Print a user's current online features, read through Feast's get_online_features."""
+    import json
+
+    from features.online import user_features_via_feast
+
+    console.print_json(json.dumps(user_features_via_feast(get_settings(), user_id), default=str))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,13 @@ class Settings(BaseSettings):
     event_partitions: int = 6  # user-keyed: one consumer owns all of a user's events
     kafka_heap: str = "-Xms256m -Xmx512m"
 
+    # Feature consumer
+    consumer_batch_size: int = 2000  # max events per micro-batch
+    consumer_batch_ms: int = 200  # max wait for a micro-batch to fill
+    max_event_bytes: int = 16 * 1024  # larger payloads are dead-lettered as oversized
+    max_future_skew_s: int = 300  # events further ahead of the wall clock are dead-lettered
+    consumer_metrics_port: int = 9108  # Prometheus /metrics of `adloop consume`
+
     # Redis (Feast's online store and the consumer's offsets)
     redis_url: str = "redis://127.0.0.1:6379/0"
 

@@ -1,0 +1,72 @@
+"""Feast definitions: entities, push sources and feature views fed by the streaming consumer.
+
+Feature names come from `streaming.aggregates` (the one place they are computed). Offline
+rows land as parquet files under ${ADLOOP_FEAST_DATA_DIR}/offline/<view>/ (one per micro-batch).
+"""
+
+import os
+from datetime import timedelta
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.types import Array, Float64, Int64, String
+
+from streaming.aggregates import EVENT_TYPES, WINDOWS
+
+OFFLINE_DIR = os.path.join(os.environ["ADLOOP_FEAST_DATA_DIR"], "offline")
+
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING, description="A site visitor.")
+ad = Entity(name="ad", join_keys=["ad_id"], value_type=ValueType.STRING, description="An ad of the catalog.")
+
+user_activity_source = PushSource(
+    name="user_activity_push",
+    batch_source=FileSource(
+        name="user_activity_log", path=os.path.join(OFFLINE_DIR, "user_activity"), timestamp_field="event_timestamp"
+    ),
+)
+ad_performance_source = PushSource(
+    name="ad_performance_push",
+    batch_source=FileSource(
+        name="ad_performance_log", path=os.path.join(OFFLINE_DIR, "ad_performance"), timestamp_field="event_timestamp"
+    ),
+)
+
+user_activity = FeatureView(
+    name="user_activity",
+    entities=[user],
+    ttl=timedelta(days=7),
+    schema=[
+        *[Field(name=f"{kind}_{window}", dtype=Int64) for window in WINDOWS for kind in EVENT_TYPES],
+        Field(name="top_categories", dtype=Array(String), description="Top categories by decayed affinity."),
+        Field(name="top_category_scores", dtype=Array(Float64)),
+        Field(name="recent_items", dtype=Array(String), description="Last items seen, newest last."),
+        Field(name="recent_categories", dtype=Array(String)),
+        Field(name="freq_ad_ids", dtype=Array(String), description="Ads shown to the user in the last 24 h."),
+        Field(name="freq_ad_impressions_24h", dtype=Array(Int64)),
+        Field(name="freq_ad_clicks_24h", dtype=Array(Int64)),
+        Field(name="freq_campaign_ids", dtype=Array(String)),
+        Field(name="freq_campaign_impressions_24h", dtype=Array(Int64)),
+        Field(name="freq_campaign_clicks_24h", dtype=Array(Int64)),
+        Field(name="impressions_total", dtype=Int64),
+        Field(name="clicks_total", dtype=Int64),
+        Field(name="user_ctr", dtype=Float64, description="Smoothed click rate, all time."),
+        Field(name="last_seen_ms", dtype=Int64),
+    ],
+    source=user_activity_source,
+    online=True,
+)
+
+ad_performance = FeatureView(
+    name="ad_performance",
+    entities=[ad],
+    ttl=timedelta(days=7),
+    schema=[
+        *[Field(name=f"ad_{count}_{window}", dtype=Int64) for window in WINDOWS for count in ("impressions", "clicks")],
+        Field(name="ad_ctr_24h", dtype=Float64),
+        Field(name="ad_ctr_7d", dtype=Float64),
+        Field(name="ad_last_seen_ms", dtype=Int64),
+    ],
+    source=ad_performance_source,
+    online=True,
+)
+
+ranker_v1 = FeatureService(name="ranker_v1", features=[user_activity, ad_performance])

@@ -1,0 +1,58 @@
+"""The Feast store of adloop, configured from `adloop.settings` (one way to open it)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from adloop.settings import Settings
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+USER_VIEW = "user_activity"
+AD_VIEW = "ad_performance"
+PUSH_SOURCES = {USER_VIEW: "user_activity_push", AD_VIEW: "ad_performance_push"}
+
+
+def feast_environment(settings: Settings) -> dict[str, str]:
+    """The ${ADLOOP_FEAST_*} values that feature_store.yaml and definitions.py read."""
+    url = urlparse(settings.redis_url)
+    db = (url.path or "/0").lstrip("/") or "0"
+    redis = f"{url.hostname or '127.0.0.1'}:{url.port or 6379},db={db}"
+    if url.password:
+        redis += f",password={url.password}"
+    return {"ADLOOP_FEAST_DATA_DIR": str(settings.feast_data_dir), "ADLOOP_FEAST_REDIS": redis}
+
+
+def open_store(settings: Settings) -> FeatureStore:
+    from feast import FeatureStore
+
+    os.environ.update(feast_environment(settings))
+    return FeatureStore(repo_path=str(settings.feast_repo_path))
+
+
+def apply(settings: Settings) -> FeatureStore:
+    """`feast apply` for this repo: register entities, sources and views (idempotent)."""
+    os.environ.update(feast_environment(settings))
+    for view in (USER_VIEW, AD_VIEW):
+        (settings.feast_data_dir / "offline" / view).mkdir(parents=True, exist_ok=True)
+    import importlib
+
+    from features.repo import definitions
+
+    definitions = importlib.reload(definitions)  # it reads the data folder from the environment at import
+    store = open_store(settings)
+    store.apply(
+        [
+            definitions.user,
+            definitions.ad,
+            definitions.user_activity_source,
+            definitions.ad_performance_source,
+            definitions.user_activity,
+            definitions.ad_performance,
+            definitions.ranker_v1,
+        ]
+    )
+    return store

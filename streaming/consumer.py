@@ -1,0 +1,234 @@
+"""The feature consumer: Kafka micro-batches -> user and ad features in Feast (Redis online, parquet offline).
+
+One batch, in order (poll -> decode -> handle -> sink -> store offsets after the write):
+  1. decode each message; a bad one goes to the dead-letter topic with its reason, a repeated
+     event id is counted and skipped, a message at or below the partition's applied offset
+     (already applied before a crash or rebalance) is skipped;
+  2. fold the events into the users' states (streaming.aggregates, pure);
+  3. append the offline feature rows (one parquet file per view and batch);
+  4. one atomic Redis write: states, seen ids, ad counters and each partition's applied offset;
+  5. push the latest online rows through Feast, then commit the Kafka offsets.
+A crash anywhere replays from the last applied offset: nothing counts twice, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+from adloop.settings import Settings
+from features.sink import FeastSink
+from features.store import AD_VIEW, USER_VIEW
+from streaming import metrics
+from streaming.aggregates import ad_bucket_keys, ad_features, apply_user, prune, user_features
+from streaming.dead_letters import DeadLetters
+from streaming.events import Event, InvalidEvent, parse_event
+from streaming.state_store import StateStore
+
+log = logging.getLogger(__name__)
+GROUP = "adloop-features"
+
+
+@dataclass
+class BatchReport:
+    applied: int = 0
+    duplicates: int = 0
+    replayed: int = 0  # at or below an applied offset: skipped
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+
+
+class FeatureConsumer:
+    """Owns one kafka-python consumer in the group; `run()` until stopped or idle."""
+
+    def __init__(self, settings: Settings, *, redis_client: Any, group: str = GROUP, topic: str | None = None):
+        self.settings = settings
+        self.topic = topic or settings.events_topic
+        self.state = StateStore(redis_client, group=group, topic=self.topic)
+        self.sink = FeastSink(settings)
+        self.dead_letters = DeadLetters(_producer(settings), settings.dlq_topic)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=settings.consumer_batch_size,
+            bootstrap_timeout_ms=5000,
+        )
+        self.applied = self.state.applied_offsets()
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        self.recover_pending()
+
+    def run(self, *, stop: Callable[[], bool] = lambda: False, idle_exit_s: float | None = None) -> BatchReport:
+        """Poll and apply batches until `stop()` or until nothing arrived for `idle_exit_s` seconds."""
+        total = BatchReport()
+        idle_since = time.monotonic()
+        try:
+            while not stop():
+                batch = self.consumer.poll(
+                    timeout_ms=self.settings.consumer_batch_ms, max_records=self.settings.consumer_batch_size
+                )
+                if not batch:
+                    if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                        break
+                    continue
+                idle_since = time.monotonic()
+                _merge(total, self.apply(batch))
+        finally:
+            self.close()
+        return total
+
+    def apply(self, batch: dict[TopicPartition, list[Any]]) -> BatchReport:
+        """Apply one polled batch end to end; returns what it did."""
+        started = time.perf_counter()
+        report = BatchReport()
+        events: list[tuple[TopicPartition, int, Event]] = []
+        last_offsets: dict[int, int] = {}
+        for tp, records in batch.items():
+            applied = self.applied.get(tp.partition, -1)
+            for record in records:
+                last_offsets[tp.partition] = record.offset
+                if record.offset <= applied:
+                    report.replayed += 1
+                    continue
+                try:
+                    event = parse_event(record.value, max_bytes=self.settings.max_event_bytes)
+                    self._check_time(event)
+                except InvalidEvent as error:
+                    self.dead_letters.send(record, error)
+                    report.dead_lettered[error.reason] = report.dead_lettered.get(error.reason, 0) + 1
+                    continue
+                events.append((tp, record.offset, event))
+        events = self._drop_duplicates(events, report)
+        self.dead_letters.flush()  # dead letters are durable before their offsets are stored
+
+        users = self.state.user_states({e.user_id for _, _, e in events})
+        offline: list[tuple[str, int, dict[str, Any]]] = []
+        ad_increments: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        ad_last: dict[str, int] = {}
+        for _, _, event in events:
+            state = apply_user(users[event.user_id], event)
+            offline.append((event.user_id, event.ts_ms, user_features(state)))
+            keys = ad_bucket_keys(event)
+            if keys and event.ad_id:
+                hour, fine, slot = keys
+                ad_increments[event.ad_id][f"h:{hour}:{slot}"] += 1
+                ad_increments[event.ad_id][f"f:{fine}:{slot}"] += 1
+                ad_last[event.ad_id] = max(ad_last.get(event.ad_id, 0), event.ts_ms)
+        for state in users.values():
+            prune(state)
+        if offline:
+            self.sink.write_offline(USER_VIEW, _last_per_entity_and_time(offline), name=_batch_name(batch))
+
+        self.state.commit_batch(
+            states=users,
+            seen_ids=[e.event_id for _, _, e in events],
+            ad_increments=ad_increments,
+            ad_last=ad_last,
+            offsets=last_offsets,
+        )
+        self.applied.update(last_offsets)
+        self.push_online(users, set(ad_last), name=_batch_name(batch))
+        self.consumer.commit(
+            {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1) for p, o in last_offsets.items()}
+        )
+
+        report.applied = len(events)
+        metrics.record_batch(report.applied, report.duplicates, report.dead_lettered, time.perf_counter() - started)
+        return report
+
+    def push_online(self, users: dict[str, Any], ads: set[str], *, name: str) -> None:
+        """Push the latest user rows and the touched ads' rows through Feast, then clear their pending marks."""
+        user_rows = [(u, s.last_ts, user_features(s)) for u, s in users.items()]
+        self.sink.write_online(USER_VIEW, user_rows)
+        ad_rows = [
+            (ad, last, ad_features(hours, fine, last))
+            for ad, (hours, fine, last) in self.state.ad_counters(ads).items()
+        ]
+        self.sink.write_online(AD_VIEW, ad_rows)
+        self.sink.write_offline(AD_VIEW, ad_rows, name=name)
+        self.state.clear_pending(users, ads)
+
+    def recover_pending(self) -> None:
+        """Push rows whose state was stored but whose push a crash interrupted."""
+        users, ads = self.state.pending()
+        if users or ads:
+            log.info(
+                "re-pushing features of %d users and %d ads left pending by an interrupted run", len(users), len(ads)
+            )
+            self.push_online(self.state.user_states(users), ads, name=f"recovered-{int(time.time() * 1000)}")
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+        self.dead_letters.close()
+
+    def _check_time(self, event: Event) -> None:
+        skew_ms = self.settings.max_future_skew_s * 1000
+        if event.ts_ms > time.time() * 1000 + skew_ms:
+            raise InvalidEvent(
+                "future_timestamp", f"ts {event.ts.isoformat()} is more than {self.settings.max_future_skew_s} s ahead"
+            )
+
+    def _drop_duplicates(self, events: list[tuple[TopicPartition, int, Event]], report: BatchReport) -> list:
+        already = self.state.seen([e.event_id for _, _, e in events])
+        kept, ids = [], set()
+        for item in events:
+            event_id = item[2].event_id
+            if event_id in already or event_id in ids:
+                report.duplicates += 1
+                continue
+            ids.add(event_id)
+            kept.append(item)
+        return kept
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Batches are applied and committed inside `poll`'s caller, so a revoke finds nothing in flight."""
+
+    def __init__(self, owner: FeatureConsumer) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.owner.applied = self.owner.state.applied_offsets()  # another consumer may have moved them
+        for tp in assigned:
+            if tp.partition in self.owner.applied:
+                self.owner.consumer.seek(tp, self.owner.applied[tp.partition] + 1)
+        log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+
+def _producer(settings: Settings) -> KafkaProducer:
+    return KafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", bootstrap_timeout_ms=5000, linger_ms=5
+    )
+
+
+def _batch_name(batch: dict[TopicPartition, list[Any]]) -> str:
+    """Deterministic per batch content, so a replay of the same batch overwrites its file."""
+    return "-".join(
+        f"p{tp.partition}o{records[0].offset}-{records[-1].offset}" for tp, records in sorted(batch.items())
+    )
+
+
+def _last_per_entity_and_time(rows: list[tuple[str, int, dict[str, Any]]]) -> list[tuple[str, int, dict[str, Any]]]:
+    """Several events of one user in the same millisecond: keep the state after the last of them."""
+    latest: dict[tuple[str, int], tuple[str, int, dict[str, Any]]] = {}
+    for row in rows:
+        latest[(row[0], row[1])] = row
+    return list(latest.values())
+
+
+def _merge(total: BatchReport, one: BatchReport) -> None:
+    total.applied += one.applied
+    total.duplicates += one.duplicates
+    total.replayed += one.replayed
+    for reason, count in one.dead_lettered.items():
+        total.dead_lettered[reason] = total.dead_lettered.get(reason, 0) + count

@@ -1,0 +1,118 @@
+"""The consumer's state in Redis: user states, seen event ids, ad counters and applied offsets.
+
+`commit_batch` writes everything a micro-batch produced, together with each partition's last
+applied offset, in one MULTI/EXEC: after a crash either all of a batch is there or none of it.
+Keys (prefix `adloop:` by default):
+  state:user:<id>        JSON of streaming.aggregates.UserState
+  seen:<event_id>        a processed event id (expires after `seen_ttl_s`)
+  ad:<id>                hash: `h:<hour bucket>:<0 impressions|1 clicks>` and `f:<5-min bucket>:<0|1>` counters
+  ad_last                sorted set: ad id -> latest event time (ms), only ever raised (ZADD GT)
+  offsets:<group>:<topic> hash: partition -> last applied offset
+  pending:user / pending:ad  ids whose online features are still to be pushed (crash recovery)
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+
+import redis
+
+from streaming.aggregates import UserState
+
+
+class StateStore:
+    def __init__(
+        self, client: redis.Redis, *, group: str, topic: str, prefix: str = "adloop:", seen_ttl_s: int = 8 * 86400
+    ):
+        self.redis = client
+        self.prefix = prefix
+        self.offsets_key = f"{prefix}offsets:{group}:{topic}"
+        self.seen_ttl_s = seen_ttl_s
+
+    # --- reads (one round trip each) --------------------------------------------------------
+
+    def applied_offsets(self) -> dict[int, int]:
+        return {int(p): int(o) for p, o in self.redis.hgetall(self.offsets_key).items()}
+
+    def seen(self, event_ids: list[str]) -> set[str]:
+        if not event_ids:
+            return set()
+        flags = self.redis.mget([f"{self.prefix}seen:{e}" for e in event_ids])
+        return {e for e, flag in zip(event_ids, flags, strict=True) if flag is not None}
+
+    def user_states(self, user_ids: Iterable[str]) -> dict[str, UserState]:
+        ids = list(user_ids)
+        if not ids:
+            return {}
+        blobs = self.redis.mget([f"{self.prefix}state:user:{u}" for u in ids])
+        return {u: UserState.from_json(json.loads(b)) if b else UserState() for u, b in zip(ids, blobs, strict=True)}
+
+    def ad_counters(self, ad_ids: Iterable[str]) -> dict[str, tuple[dict[str, list[int]], dict[str, list[int]], int]]:
+        """Per ad: (hour bucket -> [impressions, clicks], 5-min bucket -> [..], latest event ms)."""
+        ids = list(ad_ids)
+        if not ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for ad in ids:
+            pipe.hgetall(f"{self.prefix}ad:{ad}")
+        pipe.zmscore(f"{self.prefix}ad_last", ids)
+        *hashes, lasts = pipe.execute()
+        result = {}
+        for ad, fields, last in zip(ids, hashes, lasts, strict=True):
+            hours: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+            fine: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+            for field, value in fields.items():
+                kind, bucket, slot = field.decode().split(":")
+                (hours if kind == "h" else fine)[bucket][int(slot)] = int(value)
+            result[ad] = (dict(hours), dict(fine), int(last or 0))
+        return result
+
+    def pending(self) -> tuple[set[str], set[str]]:
+        users, ads = (
+            self.redis.pipeline().smembers(f"{self.prefix}pending:user").smembers(f"{self.prefix}pending:ad").execute()
+        )
+        return {u.decode() for u in users}, {a.decode() for a in ads}
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def commit_batch(
+        self,
+        *,
+        states: dict[str, UserState],
+        seen_ids: list[str],
+        ad_increments: dict[str, dict[str, int]],
+        ad_last: dict[str, int],
+        offsets: dict[int, int],
+    ) -> None:
+        """One atomic write: states, seen ids, ad counters, pending push marks and offsets."""
+        pipe = self.redis.pipeline(transaction=True)
+        if states:
+            pipe.mset(
+                {
+                    f"{self.prefix}state:user:{u}": json.dumps(s.to_json(), separators=(",", ":"))
+                    for u, s in states.items()
+                }
+            )
+            pipe.sadd(f"{self.prefix}pending:user", *states)
+        for event_id in seen_ids:
+            pipe.set(f"{self.prefix}seen:{event_id}", 1, ex=self.seen_ttl_s)
+        for ad, fields in ad_increments.items():
+            for field, amount in fields.items():
+                pipe.hincrby(f"{self.prefix}ad:{ad}", field, amount)
+        if ad_last:
+            pipe.zadd(f"{self.prefix}ad_last", ad_last, gt=True)
+            pipe.sadd(f"{self.prefix}pending:ad", *ad_last)
+        if offsets:
+            pipe.hset(self.offsets_key, mapping={str(p): o for p, o in offsets.items()})
+        pipe.execute()
+
+    def clear_pending(self, users: Iterable[str], ads: Iterable[str]) -> None:
+        users, ads = list(users), list(ads)
+        pipe = self.redis.pipeline(transaction=False)
+        if users:
+            pipe.srem(f"{self.prefix}pending:user", *users)
+        if ads:
+            pipe.srem(f"{self.prefix}pending:ad", *ads)
+        pipe.execute()
