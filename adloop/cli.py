@@ -83,7 +83,7 @@ def consume(
     from streaming.consumer import FeatureConsumer
 
     settings = get_settings()
-    start_http_server(metrics_port or settings.consumer_metrics_port, addr="127.0.0.1")
+    start_http_server(settings.consumer_metrics_port if metrics_port is None else metrics_port, addr="127.0.0.1")
     consumer = FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url))
     report = consumer.run(idle_exit_s=idle_exit)
     console.print(

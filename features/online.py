@@ -12,21 +12,17 @@ from __future__ import annotations
 from typing import Any
 
 from adloop.settings import Settings
-from features.store import AD_VIEW, USER_VIEW, open_store
+from features.store import USER_VIEW, open_store
+
+
+def features_via_feast(settings: Settings, view: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Every feature of `view` for each id, through `get_online_features` (values None where unknown)."""
+    store = open_store(settings)
+    refs = [f"{view}:{f.name}" for f in store.get_feature_view(view).features]
+    key = "user_id" if view == USER_VIEW else "ad_id"
+    rows = store.get_online_features(features=refs, entity_rows=[{key: i} for i in ids]).to_dict()
+    return {entity: {name: values[n] for name, values in rows.items() if name != key} for n, entity in enumerate(ids)}
 
 
 def user_features_via_feast(settings: Settings, user_id: str) -> dict[str, Any]:
-    """All `user_activity` features of one user through `get_online_features` (None where unknown)."""
-    store = open_store(settings)
-    view = store.get_feature_view(USER_VIEW)
-    refs = [f"{USER_VIEW}:{f.name}" for f in view.features]
-    row = store.get_online_features(features=refs, entity_rows=[{"user_id": user_id}]).to_dict()
-    return {name: values[0] for name, values in row.items()}
-
-
-def ad_features_via_feast(settings: Settings, ad_ids: list[str]) -> dict[str, dict[str, Any]]:
-    store = open_store(settings)
-    view = store.get_feature_view(AD_VIEW)
-    refs = [f"{AD_VIEW}:{f.name}" for f in view.features]
-    rows = store.get_online_features(features=refs, entity_rows=[{"ad_id": a} for a in ad_ids]).to_dict()
-    return {ad: {k: v[i] for k, v in rows.items()} for i, ad in enumerate(ad_ids)}
+    return features_via_feast(settings, USER_VIEW, [user_id])[user_id]

@@ -60,6 +60,8 @@ class FeatureConsumer:
             auto_offset_reset="earliest",
             max_poll_records=settings.consumer_batch_size,
             bootstrap_timeout_ms=5000,
+            session_timeout_ms=10_000,  # a crashed member's partitions move on after 10 s, not 45
+            heartbeat_interval_ms=3_000,
         )
         self.applied = self.state.applied_offsets()
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
@@ -75,7 +77,9 @@ class FeatureConsumer:
                     timeout_ms=self.settings.consumer_batch_ms, max_records=self.settings.consumer_batch_size
                 )
                 if not batch:
-                    if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    if not self.consumer.assignment():
+                        idle_since = time.monotonic()  # still joining the group: not idle yet
+                    elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                         break
                     continue
                 idle_since = time.monotonic()

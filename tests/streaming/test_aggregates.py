@@ -1,0 +1,82 @@
+"""The pure state steps against the batch definitions, without services."""
+
+from __future__ import annotations
+
+import random
+
+from streaming.aggregates import UserState, ad_features, apply_user, prune, user_features
+from streaming.events import Event
+from tests.streaming import batch_features
+
+T0 = 1_700_000_000_000
+
+
+def synthetic_events(n: int, users: int, seed: int = 7, step_ms: int = 20_000) -> list[Event]:
+    """A seeded mixed stream (browsing and ad events) in time order."""
+    rng = random.Random(seed)
+    kinds = ["page_view", "page_view", "search", "favorite", "add_to_cart", "purchase", "ad_impression", "ad_click"]
+    events = []
+    for i in range(n):
+        kind = rng.choice(kinds)
+        ad = kind.startswith("ad_")
+        events.append(
+            Event(
+                event_id=f"syn-{seed}-{i}",
+                schema_version=1,
+                event_type=kind,
+                user_id=f"user-{rng.randrange(users)}",
+                ts=T0 + i * step_ms,
+                item_id=None if ad else f"item-{rng.randrange(50)}",
+                category=f"cat-{rng.randrange(6)}",
+                ad_id=f"ad-{rng.randrange(8)}" if ad else None,
+                campaign_id=f"camp-{rng.randrange(3)}" if ad else None,
+            )
+        )
+    return events
+
+
+def fold(events: list[Event]) -> dict[str, UserState]:
+    states: dict[str, UserState] = {}
+    for event in events:
+        apply_user(states.setdefault(event.user_id, UserState()), event)
+    return states
+
+
+def test_streaming_state_equals_the_batch_recomputation() -> None:
+    events = synthetic_events(3000, users=40)  # ~17 h of events: windows of 1 h and 24 h both cut
+    expected = batch_features.user_features(batch_features.frame(events))
+    for user, state in fold(events).items():
+        batch_features.assert_features_equal(expected[user], user_features(state), user)
+
+
+def test_pruning_and_a_json_round_trip_change_no_feature() -> None:
+    events = synthetic_events(1500, users=10, step_ms=400_000)  # a week: buckets fall out of every window
+    for state in fold(events).values():
+        before = user_features(state)
+        again = UserState.from_json(prune(UserState.from_json(state.to_json())).to_json())
+        assert user_features(again) == before
+
+
+def test_windows_follow_event_time() -> None:
+    state = UserState()
+    apply_user(state, Event(event_id="a", schema_version=1, event_type="page_view", user_id="u", ts=T0))
+    apply_user(state, Event(event_id="b", schema_version=1, event_type="page_view", user_id="u", ts=T0 + 2 * 3_600_000))
+    row = user_features(state)
+    assert (row["page_view_1h"], row["page_view_24h"], row["page_view_7d"]) == (1, 2, 2)
+
+
+def test_late_event_counts_in_its_own_bucket_and_does_not_move_now() -> None:
+    state = UserState()
+    apply_user(state, Event(event_id="a", schema_version=1, event_type="page_view", user_id="u", ts=T0 + 5 * 3_600_000))
+    apply_user(state, Event(event_id="b", schema_version=1, event_type="purchase", user_id="u", ts=T0))  # 5 h late
+    row = user_features(state)
+    assert row["last_seen_ms"] == T0 + 5 * 3_600_000
+    assert (row["purchase_1h"], row["purchase_24h"]) == (0, 1)
+
+
+def test_ad_features_smooth_the_click_rate() -> None:
+    hours = {str(T0 // 3_600_000): [100, 10]}
+    fine = {str(T0 // 300_000): [40, 4]}
+    row = ad_features(hours, fine, T0)
+    assert (row["ad_impressions_1h"], row["ad_clicks_1h"], row["ad_impressions_24h"]) == (40, 4, 100)
+    assert row["ad_ctr_24h"] == (10 + 1) / (100 + 20)

@@ -1,0 +1,166 @@
+"""The feature consumer against real Kafka, Redis and Feast."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+import redis
+from kafka import KafkaConsumer
+
+from adloop.settings import Settings
+from features.offline import point_in_time
+from features.online import features_via_feast
+from features.store import AD_VIEW, USER_VIEW
+from streaming.consumer import FeatureConsumer
+from streaming.dead_letters import describe
+from streaming.events import Event
+from tests.streaming import batch_features
+from tests.streaming.conftest import adloop_env, produce
+from tests.streaming.test_aggregates import synthetic_events
+
+pytestmark = pytest.mark.integration
+
+
+def consume_all(settings: Settings, group: str = "test-features") -> object:
+    consumer = FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url), group=group)
+    return consumer.run(idle_exit_s=2)
+
+
+def assert_online_equals_batch(settings: Settings, events: list[Event]) -> None:
+    expected = batch_features.user_features(batch_features.frame(events))
+    online = features_via_feast(settings, USER_VIEW, sorted(expected))
+    for user, features in expected.items():
+        batch_features.assert_features_equal(features, online[user], user)
+
+
+def test_online_and_offline_features_equal_a_batch_recomputation(feature_settings: Settings) -> None:
+    events = synthetic_events(2000, users=30)
+    produce(feature_settings, events)
+    report = consume_all(feature_settings)
+    assert report.applied == len(events)
+    assert_online_equals_batch(feature_settings, events)
+
+    # Ad performance: impressions and clicks per ad over the last 7 days of each ad's events.
+    table = batch_features.frame(events)
+    ads = sorted(table["ad_id"].dropna().unique())
+    online_ads = features_via_feast(feature_settings, AD_VIEW, ads)
+    for ad in ads:
+        mine = table[table["ad_id"] == ad]
+        assert online_ads[ad]["ad_impressions_7d"] == int((mine["type"] == "ad_impression").sum())
+        assert online_ads[ad]["ad_clicks_7d"] == int((mine["type"] == "ad_click").sum())
+
+    # Offline: a point-in-time row sees exactly the events before it, never the ones after.
+    sample = table.iloc[[100, 900, 1500]]
+    rows = pd.DataFrame(
+        {
+            "user_id": sample["user_id"],
+            "ad_id": "none",
+            "event_timestamp": pd.to_datetime(sample["ts"], unit="ms", utc=True),
+        }
+    )
+    joined = point_in_time(feature_settings, rows, views=(USER_VIEW,))
+    for n, (_, event) in enumerate(sample.iterrows()):
+        before = table[(table["user_id"] == event["user_id"]) & (table["ts"] < event["ts"])]
+        expected = batch_features.user_features(before)[event["user_id"]]
+        assert joined.iloc[n]["last_seen_ms"] == expected["last_seen_ms"]
+        assert joined.iloc[n]["page_view_24h"] == expected["page_view_24h"]
+
+
+def test_bad_events_go_to_the_dead_letter_topic_with_their_reason(feature_settings: Settings) -> None:
+    good = synthetic_events(20, users=3, seed=11)
+    valid = json.loads(good[0].to_bytes())
+    far_future = {**valid, "event_id": "future", "ts": int(time.time() * 1000) + 86_400_000}
+    corpus = {
+        "invalid_json": b'{"event_id": "x", ',
+        "not_utf8": b'{"event_id": "\xff\xfe"}',
+        "schema": json.dumps({k: v for k, v in valid.items() if k != "user_id"} | {"event_id": "no-user"}).encode(),
+        "unknown_event_type": json.dumps({**valid, "event_id": "odd", "event_type": "teleport"}).encode(),
+        "future_timestamp": json.dumps(far_future).encode(),
+        "oversized": json.dumps({**valid, "event_id": "big", "context": {"blob": "x" * 20_000}}).encode(),
+    }
+    mistyped = json.dumps({**valid, "event_id": "bad-ts", "ts": "yesterday"}).encode()
+    messages = [*good[:10], *[(b"user-0", raw) for raw in corpus.values()], (b"user-0", mistyped), *good[10:], good[3]]
+    produce(feature_settings, messages)
+    report = consume_all(feature_settings)
+    assert report.applied == len(good)
+    assert report.duplicates == 1
+    assert report.dead_lettered == {**dict.fromkeys(corpus, 1), "schema": 2}
+
+    letters = KafkaConsumer(
+        feature_settings.dlq_topic, bootstrap_servers=feature_settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest", consumer_timeout_ms=5000,
+    )  # fmt: skip
+    received = {bytes(m.value): describe(m.headers) for m in letters}
+    letters.close()
+    for reason, raw in corpus.items():
+        assert received[raw]["reason"] == reason  # the original bytes, unchanged, with why
+        assert received[raw]["source.topic"] == feature_settings.events_topic
+        assert int(received[raw]["source.offset"]) >= 0
+    assert "ts" in received[mistyped]["detail"]  # names the field
+    assert "user_id" in received[corpus["schema"]]["detail"]
+    assert_online_equals_batch(feature_settings, good)
+
+
+def test_a_crash_mid_replay_changes_no_feature(feature_settings: Settings) -> None:
+    events = synthetic_events(6000, users=60, seed=3)
+    produce(feature_settings, events)
+    env = {**os.environ, **adloop_env(feature_settings), "ADLOOP_CONSUMER_BATCH_SIZE": "100"}
+    command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "3", "--metrics-port", "0"]
+    offsets_key = f"adloop:offsets:adloop-features:{feature_settings.events_topic}"
+    client = redis.Redis.from_url(feature_settings.redis_url)
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while sum(int(v) + 1 for v in client.hvals(offsets_key)) < 1500 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    applied_before_crash = sum(int(v) + 1 for v in client.hvals(offsets_key))
+    assert 0 < applied_before_crash < len(events), "the kill must land mid-replay"
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_online_equals_batch(feature_settings, events)
+
+
+def test_two_consumers_in_one_group_share_the_partitions(feature_settings: Settings) -> None:
+    events = synthetic_events(4000, users=80, seed=5)
+    env = {**os.environ, **adloop_env(feature_settings)}
+    command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "6", "--metrics-port", "0"]
+    runs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    logs: list[list[str]] = [[], []]
+    readers = [
+        threading.Thread(target=lambda r=run, log=log: log.extend(r.stdout), daemon=True)
+        for run, log in zip(runs, logs, strict=True)
+    ]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 60
+    while sorted(p for log in logs for p in _last_assignment(log)) != list(range(6)) or not all(
+        map(_last_assignment, logs)
+    ):
+        assert time.monotonic() < deadline, f"both consumers never held partitions: {logs}"
+        time.sleep(0.2)
+    produce(feature_settings, events)  # only now, so that both members share the work
+    for run, reader in zip(runs, readers, strict=True):
+        run.wait(timeout=120)
+        reader.join(timeout=10)
+    applied = [int("".join(log).split("applied ")[-1].split(",")[0]) for log in logs]
+    assert sum(applied) == len(events), logs
+    assert all(n > 0 for n in applied), f"one consumer applied nothing: {applied} {logs}"
+    assert_online_equals_batch(feature_settings, events)
+
+
+def _last_assignment(log: list[str]) -> list[int]:
+    lines = [line for line in list(log) if "partitions assigned: [" in line]
+    return json.loads(lines[-1].split("partitions assigned: ")[1]) if lines else []
