@@ -144,11 +144,21 @@ def simulate(
     max_rate: Annotated[float | None, typer.Option(help="At most R events per second.")] = None,
     topic: Annotated[str | None, typer.Option(help="Kafka topic (default: the events topic of the settings).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write JSONL here instead of sending to Kafka.")] = None,
+    start: Annotated[
+        str | None,
+        typer.Option(help="Event time of the first event: RFC 3339 or 'now' (default: a fixed day, reproducible)."),
+    ] = None,
 ) -> None:
     """Send a SYNTHETIC population's browsing events (source=simulate), users with hidden preferences."""
+    from datetime import UTC, datetime
+
     from streaming.simulate import Population, SimConfig
 
-    population = Population(SimConfig(users=users, seed=seed))
+    config = SimConfig(users=users, seed=seed)
+    if start:
+        first = datetime.now(UTC) if start == "now" else datetime.fromisoformat(start.replace("Z", "+00:00"))
+        config = SimConfig(users=users, seed=seed, start=first if first.tzinfo else first.replace(tzinfo=UTC))
+    population = Population(config)
     console.print(f"[bold yellow]SYNTHETIC[/bold yellow] data: {users:,} simulated users, seed {seed}")
     if out is None:
         _produce(
