@@ -46,3 +46,16 @@ def test_replay_command_sends_the_committed_obd_slice(local_stack: Settings, top
     result = runner.invoke(app, ["replay", str(path), "--format", "obd", "--limit", "50", "--topic", topic])
     assert result.exit_code == 0, result.output
     assert "50 events" in result.output and "ad_impression" in result.output
+
+
+def test_every_json_example_in_the_docs_is_a_valid_event() -> None:
+    import re
+
+    from streaming.events import parse_event
+
+    text = (PROJECT_ROOT / "docs" / "events.md").read_text(encoding="utf-8")
+    examples = re.findall(r"```json\n(.*?)\n```", text, flags=re.S)
+    kinds = {parse_event(example.encode()).event_type.value for example in examples}
+    assert len(examples) == 8
+    assert kinds == {"page_view", "search", "favorite", "add_to_cart", "purchase", "ad_impression", "ad_click",
+                     "conversion"}  # fmt: skip
