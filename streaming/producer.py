@@ -109,12 +109,13 @@ def produce_events(
     failures: list[BaseException] = []
     start = clock()
     first_event_ms: int | None = None
+    last_event: Event | None = None
     reported = 0
     for message in events:
         if isinstance(message, Event):
             if first_event_ms is None:
                 first_event_ms, summary.first_ts = message.ts_ms, _rfc3339(message)
-            summary.last_ts = _rfc3339(message)
+            last_event = message
             due = (message.ts_ms - first_event_ms) / 1000 / speed if speed else 0.0
             key, kind = message.user_id, message.event_type.value
         else:
@@ -134,6 +135,7 @@ def produce_events(
     producer.flush(timeout=flush_timeout)
     summary.seconds = clock() - start
     summary.failed = len(failures)
+    summary.last_ts = _rfc3339(last_event) if last_event else None
     if failures:
         log.error("%d of %d messages were not acknowledged; first error: %r", len(failures), summary.count, failures[0])
     if progress and summary.count > reported:
