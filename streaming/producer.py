@@ -49,8 +49,8 @@ def build_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     try:
         return KafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap_servers.split(","),
-            key_serializer=_serialize_key,
-            value_serializer=_serialize_value,
+            key_serializer=_serializer(_serialize_key),
+            value_serializer=_serializer(_serialize_value),
             **config,
         )
     except KafkaTimeoutError as error:
@@ -141,6 +141,17 @@ def produce_events(
     if progress and summary.count > reported:
         progress(summary.count - reported)
     return summary
+
+
+def _serializer(function: Callable[[Any], bytes | None]) -> Any:
+    """`function` as a kafka-python 3 `Serializer` (plain callables are deprecated there)."""
+    from kafka.serializer import Serializer
+
+    class _Serializer(Serializer):
+        def serialize(self, topic: str, headers: Any, data: Any) -> bytes | None:
+            return function(data)
+
+    return _Serializer()
 
 
 def _serialize_key(key: str | bytes | None) -> bytes | None:
