@@ -203,13 +203,14 @@ def _produce(events, topic: str | None, *, speed, max_rate, total: int | None, l
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from streaming.producer import BrokerUnavailable, build_producer, produce_events
+    from streaming.replay import ReplayFormatError
 
     settings = get_settings()
     topic = topic or settings.events_topic
     try:
         producer = build_producer(settings)
     except BrokerUnavailable as error:
-        console.print(f"[red]{error}[/red]", highlight=False)
+        console.print(str(error), style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from error
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn()]
     try:
@@ -218,6 +219,10 @@ def _produce(events, topic: str | None, *, speed, max_rate, total: int | None, l
             summary = produce_events(
                 producer, topic, events, speed=speed, max_rate=max_rate, progress=lambda n: progress.advance(task, n)
             )
+    except ReplayFormatError as error:
+        message = f"replay stopped at {error} (the events before that line were sent)"
+        console.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
     finally:
         producer.close()
     _show_summary(summary, topic, label)

@@ -59,3 +59,28 @@ def test_every_json_example_in_the_docs_is_a_valid_event() -> None:
     assert len(examples) == 8
     assert kinds == {"page_view", "search", "favorite", "add_to_cart", "purchase", "ad_impression", "ad_click",
                      "conversion"}  # fmt: skip
+
+
+@pytest.mark.integration
+def test_replay_command_stops_on_a_malformed_line_naming_it(local_stack: Settings, topic: str, tmp_path: Path) -> None:
+    path = tmp_path / "ub.csv"
+    path.write_text("1,100,7,pv,1511658000\n1,100,7\n")
+    result = runner.invoke(app, ["replay", str(path), "--format", "taobao", "--topic", topic])
+    assert result.exit_code == 1
+    assert "ub.csv:2: expected 5 comma-separated fields, got 3" in result.output
+
+
+def test_replay_command_without_a_broker_says_how_to_start_it(tmp_path: Path, monkeypatch) -> None:
+    from adloop.settings import get_settings
+    from streaming import producer
+
+    monkeypatch.setenv("ADLOOP_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens on port 1
+    monkeypatch.setitem(producer.PRODUCER_CONFIG, "bootstrap_timeout_ms", 300)
+    get_settings.cache_clear()
+    try:
+        path = PROJECT_ROOT / "data" / "obd" / "random" / "all" / "all.csv"
+        result = runner.invoke(app, ["replay", str(path), "--format", "obd", "--limit", "1"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1
+    assert "no Kafka broker answered at 127.0.0.1:1" in result.output and "adloop stack up" in result.output
