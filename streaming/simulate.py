@@ -6,7 +6,8 @@ time order: page views and searches in categories drawn from the preference, the
 a favorite, add-to-cart or purchase of the item just viewed. `click_probability(user, category)`
 turns the same preference into a click rate, so ads targeted at a user's preferred categories
 get clearly more clicks than random ones; `clicks(user, ad)` draws that click from its own
-seeded generator. Pure: no Kafka here (the CLI sends the events). Every event has
+seeded generator, and `click_event(impression)` turns a served `ad_impression` into the
+user's `ad_click` (or None). Pure: no Kafka here (the CLI sends the events). Every event has
 `source="simulate"` and `context.synthetic = true`.
 """
 
@@ -106,6 +107,22 @@ class Population:
         """Whether the user clicks this ad (anything with a `category` attribute or key), seeded."""
         category = ad.get("category") if isinstance(ad, Mapping) else getattr(ad, "category", None)
         return bool(self._click_rng.random() < self.click_probability(user_id, category))
+
+    def click_event(self, impression: Event, delay: timedelta = timedelta(seconds=1)) -> Event | None:
+        """The user's `ad_click` on a served `ad_impression` (same request, ad, slot), or None: no click."""
+        if impression.event_type is not EventType.ad_impression:
+            raise ValueError(f"expected an ad_impression, got {impression.event_type.value}")
+        if not self.clicks(impression.user_id, impression):
+            return None
+        return impression.model_copy(
+            update={
+                "event_id": f"{impression.event_id}-click",
+                "event_type": EventType.ad_click,
+                "ts": impression.ts + delay,
+                "source": SOURCE,
+                "propensity": None,
+            }
+        )
 
     def events(self, n: int) -> Iterator[Event]:
         """`n` browsing events of the population, in time order (same config -> same events)."""

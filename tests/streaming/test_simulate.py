@@ -51,3 +51,26 @@ def test_clicks_are_seeded() -> None:
         return [population.clicks("sim-u000001", {"category": "shoes"}) for _ in range(200)]
 
     assert draws(1) == draws(1)
+
+
+def test_click_event_answers_a_served_impression() -> None:
+    from datetime import timedelta
+
+    from streaming.events import Event
+
+    population = Population(SimConfig(users=5, seed=2, base_ctr=0.5, max_ctr=1.0))
+    user = population.users[0].user_id
+    impression = Event(event_id="req-1-1", schema_version=1, event_type="ad_impression", user_id=user,
+                       ts="2026-01-05T08:00:00Z", ad_id="ad-9", category=population.preferred_categories(user, 1)[0],
+                       request_id="req-1", slot_id="top", position=1, arm="targeted", source="serving")  # fmt: skip
+    assert population.click_probability(user, impression.category) == 1.0
+    click = population.click_event(impression)
+    assert click is not None
+    assert (click.event_type.value, click.event_id, click.ad_id, click.request_id, click.arm) == (
+        "ad_click",
+        "req-1-1-click",
+        "ad-9",
+        "req-1",
+        "targeted",
+    )
+    assert click.ts - impression.ts == timedelta(seconds=1) and click.source == "simulate"
