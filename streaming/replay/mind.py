@@ -67,7 +67,8 @@ def read_news(path: Path) -> dict[str, tuple[str, str]]:
     if not path.exists():
         return {}
     with open(path, encoding="utf-8", newline="") as file:
-        return {row[0]: (row[1], row[2]) for row in csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE) if row}
+        rows = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return {row[0]: (row[1], row[2]) for row in rows if len(row) >= 3}
 
 
 def _impressions(path: Path) -> Iterator[_Impression]:
