@@ -10,12 +10,14 @@ File format (`data/catalog/ads.csv`, UTF-8, one header row, one ad per row):
 | `advertiser_domain` | advertiser's domain (OpenRTB `adomain`, matched against `badv`)             |
 | `category`          | plain category name: fashion, sports, tech, travel, food, home, beauty, ... |
 | `formats`           | `|`-separated slot formats the creative fits (see `KNOWN_FORMATS`)          |
-| `bid`               | **CPC** bid in USD per click; the auction ranks by pCTR x bid (expected value per impression), and quotes eCPM = 1000 x pCTR x bid |
+| `bid`               | **CPC**: USD per click. The auction ranks by pCTR x bid (expected USD per |
+|                     | impression) and quotes eCPM = 1000 x pCTR x bid (OpenRTB prices are CPM)  |
 | `daily_budget`      | USD per UTC day for this ad; 0 = unlimited                                  |
 | `start_date`        | first day of the flight, `YYYY-MM-DD` (UTC, inclusive); empty = open        |
 | `end_date`          | last day of the flight, inclusive; empty = open                            |
 | `freq_cap_ad`       | max impressions of this ad per user per 24 h; 0 = no cap                    |
-| `freq_cap_campaign` | max impressions of the campaign per user per 24 h; 0 = no cap (the smallest non-zero value over the campaign's rows applies) |
+| `freq_cap_campaign` | max impressions of the campaign per user per 24 h; 0 = no cap (the        |
+|                     | smallest non-zero value over the campaign's rows applies)                 |
 | `deal_ids`          | `|`-separated OpenRTB PMP deal ids this ad may bid into; empty = open auction only |
 | `title`, `image_url`, `landing_url` | the creative                                                |
 
@@ -57,9 +59,23 @@ IAB_CATEGORY = {
     "games": "IAB9-30",
 }
 COLUMNS = (
-    "ad_id", "campaign_id", "advertiser_id", "advertiser_domain", "category", "formats", "bid", "daily_budget",
-    "start_date", "end_date", "freq_cap_ad", "freq_cap_campaign", "deal_ids", "title", "image_url", "landing_url",
-)  # fmt: skip
+    "ad_id",
+    "campaign_id",
+    "advertiser_id",
+    "advertiser_domain",
+    "category",
+    "formats",
+    "bid",
+    "daily_budget",
+    "start_date",
+    "end_date",
+    "freq_cap_ad",
+    "freq_cap_campaign",
+    "deal_ids",
+    "title",
+    "image_url",
+    "landing_url",
+)
 OPEN_START, OPEN_END = -(2**31), 2**31 - 1  # epoch days standing for an open flight
 
 

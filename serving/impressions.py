@@ -27,8 +27,15 @@ BATCH = 500  # records handed to the producer per wake-up
 
 
 class ImpressionLogger:
-    def __init__(self, *, bootstrap_servers: str, topic: str, buffer_size: int = 10_000,
-                 producer_factory: Callable[[], Any] | None = None, retry_s: float = 2.0):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        topic: str,
+        buffer_size: int = 10_000,
+        producer_factory: Callable[[], Any] | None = None,
+        retry_s: float = 2.0,
+    ):
         self.topic = topic
         self.buffer_size = buffer_size
         self.retry_s = retry_s

@@ -17,8 +17,17 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 # Columns of `ad_frame` handed to `predict_ctr`: one numpy array per column, one row per candidate.
-AD_FRAME_COLUMNS = ("ad_id", "campaign_id", "advertiser_id", "category", "bid", "ad_ctr_24h", "ad_ctr_7d",
-                    "ad_impressions_24h", "ad_clicks_24h")  # fmt: skip
+AD_FRAME_COLUMNS = (
+    "ad_id",
+    "campaign_id",
+    "advertiser_id",
+    "category",
+    "bid",
+    "ad_ctr_24h",
+    "ad_ctr_7d",
+    "ad_impressions_24h",
+    "ad_clicks_24h",
+)
 
 
 @runtime_checkable

@@ -122,8 +122,9 @@ def arm_of(user_id: str, *, share: float, salt: str) -> str:
 
 
 class Selector:
-    def __init__(self, state: ServingState, config: SelectionConfig, *, pacer: Pacer, ad_stats: AdStats,
-                 features: GuardedReader):  # fmt: skip
+    def __init__(
+        self, state: ServingState, config: SelectionConfig, *, pacer: Pacer, ad_stats: AdStats, features: GuardedReader
+    ):
         self.state = state  # swapped whole by reload; a request reads it once
         self.config = config
         self.pacer = pacer
@@ -140,9 +141,16 @@ class Selector:
         timings["total_select"] = sum(timings.values())
         return result
 
-    def select_with(self, state: ServingState, request: SelectionRequest, user: dict[str, Any], *,
-                    fallback: str | None = None, now: float | None = None,
-                    timings: dict[str, float] | None = None) -> SelectionResult:  # fmt: skip
+    def select_with(
+        self,
+        state: ServingState,
+        request: SelectionRequest,
+        user: dict[str, Any],
+        *,
+        fallback: str | None = None,
+        now: float | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> SelectionResult:
         """Selection for known user features (tests call this directly)."""
         timings = {} if timings is None else timings
         now = time.time() if now is None else now
@@ -166,8 +174,17 @@ class Selector:
         timings["rank"], clock = _lap(clock)
         slots = self._choose(catalog, request, arm, cands, pctr, slot_masks)
         timings["choose"], clock = _lap(clock)
-        return SelectionResult(request.request_id, request.user_id, arm, model_version, fallback, slots,
-                               int(eligible.sum()), len(cands), timings)  # fmt: skip
+        return SelectionResult(
+            request.request_id,
+            request.user_id,
+            arm,
+            model_version,
+            fallback,
+            slots,
+            int(eligible.sum()),
+            len(cands),
+            timings,
+        )
 
     def charge(self, state: ServingState, result: SelectionResult) -> None:
         """Record the expected spend of what was served (pacing)."""
@@ -193,8 +210,12 @@ class Selector:
         if request.exclude_ad_ids:
             mask[_rows(catalog, request.exclude_ad_ids)] = False
         if request.blocked_categories:
-            blocked = np.array([_blocked(name, iab, request.blocked_categories)
-                                for name, iab in zip(catalog.categories, state.iab, strict=True)])  # fmt: skip
+            blocked = np.array(
+                [
+                    _blocked(name, iab, request.blocked_categories)
+                    for name, iab in zip(catalog.categories, state.iab, strict=True)
+                ]
+            )
             mask &= ~blocked[catalog.category_code]
         if request.blocked_domains:
             codes = [state.domain_code[d.lower()] for d in request.blocked_domains if d.lower() in state.domain_code]
@@ -210,8 +231,9 @@ class Selector:
         if len(ad_rows):
             caps = catalog.cap_ad[ad_rows]
             capped[ad_rows[(caps > 0) & (ad_counts >= caps)]] = True
-        codes, counts = _pairs(catalog.campaign_index, user.get("freq_campaign_ids"),
-                               user.get("freq_campaign_impressions_24h"))  # fmt: skip
+        codes, counts = _pairs(
+            catalog.campaign_index, user.get("freq_campaign_ids"), user.get("freq_campaign_impressions_24h")
+        )
         if len(codes):
             caps = catalog.cap_campaign[codes]
             over = np.zeros(len(catalog.campaign_ids), dtype=bool)
@@ -274,9 +296,20 @@ class Selector:
                 propensity = (1.0 - eps) * (pick == greedy) + eps / n
                 free[pick] = False
                 row = int(cands[pick])
-                picks.append(Choice(row, catalog.ad_ids[row], catalog.campaign_ids[catalog.campaign_code[row]],
-                                    slot.slot_id, rank, float(pctr[pick]), float(catalog.bid[row]),
-                                    float(ecpm[pick]), float(propensity), _deal_of(catalog, row, slot)))  # fmt: skip
+                picks.append(
+                    Choice(
+                        row,
+                        catalog.ad_ids[row],
+                        catalog.campaign_ids[catalog.campaign_code[row]],
+                        slot.slot_id,
+                        rank,
+                        float(pctr[pick]),
+                        float(catalog.bid[row]),
+                        float(ecpm[pick]),
+                        float(propensity),
+                        _deal_of(catalog, row, slot),
+                    )
+                )
             out[slot.slot_id] = picks
         return out
 
@@ -345,7 +378,7 @@ def _rows(catalog: Catalog, ad_ids: list[str]) -> np.ndarray:
 
 
 def _blocked(name: str, iab: str, blocked: list[str]) -> bool:
-    return any(b == name or b == iab or iab.startswith(b + "-") for b in blocked)
+    return any(b in (name, iab) or iab.startswith(b + "-") for b in blocked)
 
 
 def _deal_of(catalog: Catalog, row: int, slot: Slot) -> str | None:
