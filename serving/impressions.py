@@ -46,6 +46,7 @@ class ImpressionLogger:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._producer = None
+        self._healthy = False
         self.counts = {"enqueued": 0, "sent": 0, "dropped_buffer_full": 0, "failed": 0}
         self.last_error: str | None = None
 
@@ -76,11 +77,8 @@ class ImpressionLogger:
 
     @property
     def connected(self) -> bool:
-        producer = self._producer
-        try:
-            return producer is not None and bool(producer.bootstrap_connected())
-        except Exception:
-            return False
+        """A producer exists and the last delivery (or the connect) succeeded."""
+        return self._producer is not None and self._healthy
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -135,6 +133,7 @@ class ImpressionLogger:
     def _connect(self) -> bool:
         try:
             self._producer = self._factory()
+            self._healthy = True
             metrics.KAFKA_CONNECTED.set(1)
             log.info("impression logger connected to Kafka")
             return True
@@ -157,16 +156,20 @@ class ImpressionLogger:
             try:
                 future = self._producer.send(self.topic, key=event.user_id.encode(), value=event.to_bytes())
             except Exception as error:  # metadata unavailable: put the rest back in front, retry later
-                self.last_error = f"send: {error}"
+                self.last_error, self._healthy = f"send: {error}", False
                 with self._lock:
                     self._buffer.extendleft(reversed(batch[i:]))
                 return False
-            future.add_callback(lambda _meta: self._count("sent", 1))
+            future.add_callback(self._sent)
             future.add_errback(self._failed)
         return True
 
+    def _sent(self, _metadata) -> None:
+        self._healthy = True
+        self._count("sent", 1)
+
     def _failed(self, error: Exception) -> None:
-        self.last_error = f"delivery: {error}"
+        self.last_error, self._healthy = f"delivery: {error}", False
         self._count("failed", 1)
 
     def _count(self, outcome: str, n: int) -> None:
@@ -200,7 +203,7 @@ def _kafka_producer(bootstrap_servers: str):
 
     return KafkaProducer(
         bootstrap_servers=bootstrap_servers,
-        acks=1,
+        acks="all",
         linger_ms=5,
         bootstrap_timeout_ms=3000,  # kafka-python 3.x: fail fast when no broker (STACK.md)
         max_block_ms=2000,
