@@ -19,7 +19,7 @@ import redis
 from adloop.settings import Settings
 from serving import metrics
 from serving.catalog import Catalog, load_catalog
-from serving.features_access import AdStats, GuardedReader, RedisJsonReader, run_refresher
+from serving.features_access import AdStats, GuardedReader, RedisJsonReader, request_path_redis, run_refresher
 from serving.impressions import ImpressionLogger
 from serving.pacing import Pacer
 from serving.scoring import EmptyRegistry, FeatureReader, ModelBundle, ModelRegistry
@@ -40,9 +40,7 @@ class Runtime:
     ):
         self.settings = settings
         budget_s = settings.request_budget_ms / 1000
-        self.redis = redis_client or redis.Redis.from_url(
-            settings.redis_url, socket_timeout=budget_s, socket_connect_timeout=budget_s, max_connections=64
-        )
+        self.redis = redis_client or request_path_redis(settings.redis_url, timeout_s=budget_s)
         self.reader = feature_reader or default_reader(self.redis)
         self.registry = registry or default_registry(settings)
         self.logger = ImpressionLogger(

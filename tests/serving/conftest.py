@@ -63,13 +63,14 @@ def make_app(catalog_file: Path, bundle) -> Callable[..., Any]:
     """make_app(reader=..., registry=..., producer_factory=..., **settings) -> (app, settings)."""
     from serving.app import create_app
 
-    def build(*, reader=None, registry="model", producer_factory=None, redis_client=None, **overrides):
+    def build(*, reader="memory", registry="model", producer_factory=None, redis_client=None, **overrides):
         values = {
             "catalog_path": catalog_file,
             "admin_token": "secret",
             "catalog_poll_s": 0,
             "ad_stats_refresh_s": 3600,
             "events_topic": "adloop.test.unused",
+            "control_share": 0.0,
             **overrides,
         }
         settings = Settings(**values)
@@ -77,7 +78,7 @@ def make_app(catalog_file: Path, bundle) -> Callable[..., Any]:
             registry = StaticRegistry({bundle.version: bundle}, bundle.version)
         app = create_app(
             settings,
-            feature_reader=reader or MemoryReader(),
+            feature_reader=MemoryReader() if reader == "memory" else reader,
             registry=registry,
             producer_factory=producer_factory or NoKafka(),
             redis_client=redis_client,
