@@ -175,8 +175,18 @@ def to_selection(req: BidRequest) -> tuple[SelectionRequest, dict[str, tuple[str
             continue
         deals = [d for d in (imp.pmp.deals if imp.pmp else []) if d.bidfloorcur == "USD"]
         private = bool(imp.pmp and imp.pmp.private_auction)
-        floor = min((d.bidfloor for d in deals), default=imp.bidfloor) if private else imp.bidfloor
-        slots.append(Slot(imp.id, shape[0], 1, None, floor, tuple(d.id for d in deals), private))
+        slots.append(
+            Slot(
+                imp.id,
+                shape[0],
+                1,
+                None,
+                imp.bidfloor,
+                tuple(d.id for d in deals),
+                tuple(d.bidfloor for d in deals),
+                private,
+            )
+        )
         shapes[imp.id] = shape
     return _request(req, slots), shapes
 

@@ -45,7 +45,8 @@ class Slot:
     position: int | None = None  # where the slot sits on the page (context only)
     floor_cpm: float = 0.0  # USD; an ad is eligible only if its eCPM reaches it
     deal_ids: tuple[str, ...] = ()  # PMP deals offered for this slot
-    private: bool = False  # private auction: deal ads only
+    deal_floors: tuple[float, ...] = ()  # eCPM floor of each deal (same order)
+    private: bool = False  # private auction: deal ads only, at their deal's floor
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,8 @@ class Selector:
         free = np.ones(len(cands), dtype=bool)  # an ad appears once per request
         out: dict[str, list[Choice]] = {}
         for slot in request.slots:
-            ok_slot = slot_masks[slot.slot_id][cands] & (ecpm >= slot.floor_cpm)
+            floor = _floor(catalog, slot)
+            ok_slot = slot_masks[slot.slot_id][cands] & (ecpm >= (floor if np.isscalar(floor) else floor[cands]))
             picks: list[Choice] = []
             for rank in range(1, slot.count + 1):
                 ok = ok_slot & free
@@ -307,7 +309,7 @@ class Selector:
                         float(catalog.bid[row]),
                         float(ecpm[pick]),
                         float(propensity),
-                        _deal_of(catalog, row, slot),
+                        _deal_of(catalog, row, slot, float(ecpm[pick])),
                     )
                 )
             out[slot.slot_id] = picks
@@ -381,10 +383,23 @@ def _blocked(name: str, iab: str, blocked: list[str]) -> bool:
     return any(b in (name, iab) or iab.startswith(b + "-") for b in blocked)
 
 
-def _deal_of(catalog: Catalog, row: int, slot: Slot) -> str | None:
-    for deal in slot.deal_ids:
+def _floor(catalog: Catalog, slot: Slot) -> float | np.ndarray:
+    """The slot's eCPM floor: a number, or per ad (n,) when deals offer their own floors."""
+    if not slot.deal_ids:
+        return slot.floor_cpm
+    floor = np.full(len(catalog), np.inf if slot.private else slot.floor_cpm)
+    for deal, deal_floor in zip(slot.deal_ids, slot.deal_floors, strict=True):
         rows = catalog.deals.get(deal)
-        if rows is not None and row in rows:
+        if rows is not None:
+            floor[rows] = np.minimum(floor[rows], deal_floor)
+    return floor
+
+
+def _deal_of(catalog: Catalog, row: int, slot: Slot, price: float) -> str | None:
+    """The first offered deal this ad belongs to whose floor its price meets."""
+    for deal, deal_floor in zip(slot.deal_ids, slot.deal_floors, strict=True):
+        rows = catalog.deals.get(deal)
+        if rows is not None and row in rows and price >= deal_floor:
             return deal
     return None
 
