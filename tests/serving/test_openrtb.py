@@ -75,11 +75,16 @@ MOBILE_APP = {  # example 3 "mobile"
     },
     "user": {"id": "ffffffd5135596709273b3a1a07e466ea2bf4fff", "yob": 1984, "gender": "M"},
 }
-NATIVE_REQUEST = {"native": {"ver": "1.2", "assets": [
-    {"id": 123, "required": 1, "title": {"len": 140}},
-    {"id": 128, "required": 0, "img": {"wmin": 836, "hmin": 627, "type": 3}},
-    {"id": 126, "required": 1, "data": {"type": 1, "len": 25}},
-]}}  # fmt: skip
+NATIVE_REQUEST = {
+    "native": {
+        "ver": "1.2",
+        "assets": [
+            {"id": 123, "required": 1, "title": {"len": 140}},
+            {"id": 128, "required": 0, "img": {"wmin": 836, "hmin": 627, "type": 3}},
+            {"id": 126, "required": 1, "data": {"type": 1, "len": 25}},
+        ],
+    }
+}
 NATIVE = {  # example 5 "native"
     "id": "80ce30c53c16e6ede735f123ef6e32361bfc7b22",
     "at": 1,
@@ -93,14 +98,24 @@ PMP = {  # example 4 "expandable creative" with a private marketplace
     "id": "1234567893",
     "at": 2,
     "tmax": 120,
-    "imp": [{"id": "1", "bidfloor": 0.03, "banner": {"w": 300, "h": 250, "pos": 1, "battr": [13], "expdir": [2, 4]},
-             "pmp": {"private_auction": 1, "deals": [
-                 {"id": "AB-Agency1-0001", "at": 1, "bidfloor": 2.5, "wseat": ["Agency1"]},
-                 {"id": "XY-Agency2-0001", "at": 2, "bidfloor": 2, "wseat": ["Agency2"]}]}}],
+    "imp": [
+        {
+            "id": "1",
+            "bidfloor": 0.03,
+            "banner": {"w": 300, "h": 250, "pos": 1, "battr": [13], "expdir": [2, 4]},
+            "pmp": {
+                "private_auction": 1,
+                "deals": [
+                    {"id": "AB-Agency1-0001", "at": 1, "bidfloor": 2.5, "wseat": ["Agency1"]},
+                    {"id": "XY-Agency2-0001", "at": 2, "bidfloor": 2, "wseat": ["Agency2"]},
+                ],
+            },
+        }
+    ],
     "site": {"id": "102855", "domain": "www.foobar.com", "page": "http://www.foobar.com/1234.html"},
     "device": {"ua": "Mozilla/5.0", "ip": "123.145.167.10"},
     "user": {"id": "55816b39711f9b5acf3b90e313ed29e51665623f"},
-}  # fmt: skip
+}
 
 
 def bid(client: TestClient, body: dict):
@@ -147,8 +162,15 @@ def test_pmp_private_auction_bids_a_deal_ad_at_its_floor(make_app, catalog_rows,
     app, _ = make_app()
     with TestClient(app) as client:
         response = bid(client, PMP)
-        open_only = bid(client, {**PMP, "imp": [{**PMP["imp"][0], "pmp": {"private_auction": 1, "deals": [
-            {"id": "unknown-deal", "bidfloor": 1.0}]}}]})  # fmt: skip
+        open_only = bid(
+            client,
+            {
+                **PMP,
+                "imp": [
+                    {**PMP["imp"][0], "pmp": {"private_auction": 1, "deals": [{"id": "unknown-deal", "bidfloor": 1.0}]}}
+                ],
+            },
+        )
     assert response.status_code == 200
     (b,) = response.json()["seatbid"][0]["bid"]
     assert b["dealid"] == "AB-Agency1-0001" and b["adid"] in {r["ad_id"] for r in deal_ads}
