@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Response, status
 
 from serving import metrics
 from serving.deps import RuntimeDep, SettingsDep
-from serving.schemas import ChosenAdOut, Creative, SelectRequest, SelectResponse, SlotOut
+from serving.schemas import SelectRequest, SelectResponse
 from serving.selection import SelectionRequest, Slot
 
 router = APIRouter(prefix="/v1", tags=["selection"])
 
 
 @router.post("/select", response_model=SelectResponse)
-def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: SettingsDep) -> SelectResponse:
+def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: SettingsDep) -> Response:
     """Choose ads for each slot (targeted or control arm); degraded answers are flagged, never errors."""
     started = time.perf_counter()
     _check_limits(body, settings)
@@ -29,37 +30,41 @@ def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: SettingsDep) 
         exclude_ad_ids=body.exclude_ad_ids,
     )
     state, result = runtime.select(request)
-    catalog = state.catalog
+    body = response_body(result, request, state.catalog)
+    metrics.REQUEST_SECONDS.labels("select").observe(time.perf_counter() - started)
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+
+def response_body(result, request: SelectionRequest, catalog) -> dict:
+    """The `SelectResponse` as plain data (serialised once, without re-validating what we built)."""
     slots = [
-        SlotOut(
-            slot_id=s.slot_id,
-            format=s.format,
-            ads=[
-                ChosenAdOut(
-                    ad_id=c.ad_id,
-                    campaign_id=c.campaign_id,
-                    rank=c.rank,
-                    creative=Creative(**catalog.creatives[c.row]),
-                    pctr=c.pctr,
-                    price=c.price,
-                    propensity=c.propensity,
-                )
+        {
+            "slot_id": s.slot_id,
+            "format": s.format,
+            "ads": [
+                {
+                    "ad_id": c.ad_id,
+                    "campaign_id": c.campaign_id,
+                    "rank": c.rank,
+                    "creative": catalog.creatives[c.row],
+                    "pctr": c.pctr,
+                    "price": c.price,
+                    "propensity": c.propensity,
+                }
                 for c in result.slots.get(s.slot_id, [])
             ],
-        )
+        }
         for s in request.slots
     ]
-    response = SelectResponse(
-        request_id=result.request_id,
-        user_id=result.user_id,
-        arm=result.arm,
-        model_version=result.model_version,
-        fallback=result.fallback is not None,
-        fallback_reason=result.fallback,
-        slots=slots,
-    )
-    metrics.REQUEST_SECONDS.labels("select").observe(time.perf_counter() - started)
-    return response
+    return {
+        "request_id": result.request_id,
+        "user_id": result.user_id,
+        "arm": result.arm,
+        "model_version": result.model_version,
+        "fallback": result.fallback is not None,
+        "fallback_reason": result.fallback,
+        "slots": slots,
+    }
 
 
 def _check_limits(body: SelectRequest, settings) -> None:

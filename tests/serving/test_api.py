@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from serving.catalog import generate_catalog, write_catalog
 from serving.features_access import RedisJsonReader, request_path_redis
+from serving.schemas import SelectResponse
 from serving.scoring import EmptyRegistry, ProjectionBundle, StaticRegistry
 from tests.serving.conftest import MemoryReader, free_port
 
@@ -30,6 +31,7 @@ def test_select_answers_each_slot_in_rank_order(make_app) -> None:
         response = select(client, request_id="req-1", context={"device": "mobile", "page_category": "tech"})
     assert response.status_code == 200
     body = response.json()
+    SelectResponse.model_validate(body)  # the documented response model
     assert body["request_id"] == "req-1" and body["fallback"] is False and body["model_version"] == "projection-v1"
     assert [s["slot_id"] for s in body["slots"]] == ["top", "feed"]
     feed = body["slots"][1]["ads"]
