@@ -35,6 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS = 2000
+port_pid: dict[int, int] = {}
 
 
 # --- the app under test (imported by uvicorn in the subprocess) ---------------------------
@@ -182,7 +183,11 @@ def main() -> None:
         ):
             with uvicorn_process(f"bench.serve:{factory}", env) as port:
                 asyncio.run(open_loop(port, path, bodies, 100, 2))  # warm-up, not reported
-                results[name] = {r: asyncio.run(open_loop(port, path, bodies, r, args.seconds)) for r in rates}
+                results[name] = {}
+                for rate in rates:
+                    cpu = server_cpu_s(port_pid[port])
+                    results[name][rate] = asyncio.run(open_loop(port, path, bodies, rate, args.seconds))
+                    results[name][rate]["cpu_ms"] = (server_cpu_s(port_pid[port]) - cpu) * 1000 / (rate * args.seconds)
                 if name == "select":
                     check = json.loads(subprocess_get(port, "/readyz"))
                     check["metrics"] = [
@@ -261,6 +266,7 @@ class uvicorn_process:
         while time.monotonic() < deadline:
             try:
                 subprocess_get(self.port, "/healthz" if "app_factory" in self.target else "/docs")
+                port_pid[self.port] = self.proc.pid
                 return self.port
             except OSError:
                 if self.proc.poll() is not None:
@@ -276,6 +282,12 @@ class uvicorn_process:
             self.proc.kill()
 
 
+def server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def subprocess_get(port: int, path: str) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
@@ -287,7 +299,10 @@ def subprocess_get(port: int, path: str) -> str:
 
 def report(results: dict, rates: list[float], seconds: float, ready: dict) -> None:
     print(f"\nopen-loop, {seconds:.0f} s per rate, loopback, 1 uvicorn worker each; latency from the due time (ms)")
-    print(f"{'target':<10}{'rate':>7}{'sent':>7}{'ok':>7}{'err':>5}{'p50':>9}{'p99':>9}{'achieved/s':>12}")
+    print(
+        f"{'target':<10}{'rate':>7}{'sent':>7}{'ok':>7}{'err':>5}{'p50':>9}{'p99':>9}{'achieved/s':>12}"
+        f"{'server CPU ms/req':>19}"
+    )
     for name, by_rate in results.items():
         for rate in rates:
             r = by_rate[rate]
@@ -304,6 +319,7 @@ def report(results: dict, rates: list[float], seconds: float, ready: dict) -> No
         f"\nserver state after the run: model {ready['checks']['model']['version']}, "
         f"kafka ok={kafka['ok']} buffered={kafka['buffered']}, ads={ready['checks']['catalog']['ads']}"
     )
+    print("  " + "\n  ".join(ready["metrics"]))
 
 
 if __name__ == "__main__":

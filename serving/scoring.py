@@ -78,13 +78,18 @@ class ProjectionBundle:
     def __init__(self, catalog_rows: Sequence[Mapping[str, Any]], *, dim: int = 32, version: str = "projection-v1"):
         self.version = version
         self.dim = dim
+        self._category_vectors: dict[str, np.ndarray] = {}  # built once per category
         self.ad_ids = [str(r["ad_id"]) for r in catalog_rows]
         self.ad_matrix = self.embed_ads(catalog_rows)
 
     def category_vector(self, category: str) -> np.ndarray:
+        cached = self._category_vectors.get(category)
+        if cached is not None:
+            return cached
         seed = int.from_bytes(hashlib.blake2b(category.encode(), digest_size=4).digest(), "little")
         v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-        return v / np.linalg.norm(v)
+        self._category_vectors[category] = v = v / np.linalg.norm(v)
+        return v
 
     def embed_ads(self, ad_rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         out = np.empty((len(ad_rows), self.dim), dtype=np.float32)  # (n, d)
