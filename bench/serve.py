@@ -308,7 +308,7 @@ def report(results: dict, rates: list[float], seconds: float, ready: dict) -> No
             r = by_rate[rate]
             print(
                 f"{name:<10}{rate:>7.0f}{r['sent']:>7}{r['ok']:>7}{r['errors']:>5}{r['p50']:>9.2f}{r['p99']:>9.2f}"
-                f"{r['achieved']:>12.1f}"
+                f"{r['achieved']:>12.1f}{r['cpu_ms']:>19.2f}"
             )
     print("\nratios select / constant (p50, p99):")
     for rate in rates:

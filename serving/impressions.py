@@ -24,6 +24,7 @@ from streaming.events import SCHEMA_VERSION, Event, EventType
 
 log = logging.getLogger(__name__)
 BATCH = 500  # records handed to the producer per wake-up
+SEND_INTERVAL_S = 0.02  # the sender drains the buffer this often (impressions are not latency-critical)
 
 
 class ImpressionLogger:
@@ -69,7 +70,8 @@ class ImpressionLogger:
         if dropped:
             self._count("dropped_buffer_full", dropped)
         metrics.IMPRESSIONS_BUFFERED.set(size)
-        self._wake.set()
+        if size >= BATCH:  # otherwise the sender wakes on its own timer: no thread hand-off per request
+            self._wake.set()
 
     @property
     def buffered(self) -> int:
@@ -121,7 +123,7 @@ class ImpressionLogger:
             if self._producer is None and not self._connect():
                 self._stop.wait(self.retry_s)
                 continue
-            self._wake.wait(0.5)
+            self._wake.wait(SEND_INTERVAL_S)
             self._wake.clear()
             while self._buffer and not self._stop.is_set():
                 if not self._send_batch():
