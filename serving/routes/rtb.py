@@ -19,10 +19,31 @@ router = APIRouter(prefix="/openrtb/2.6", tags=["openrtb"])
 MAX_BODY = 256 * 1024
 
 
+EXAMPLE = {
+    "id": "80ce30c53c16e6ede735f123ef6e32361bfc7b22",
+    "cur": ["USD"],
+    "tmax": 120,
+    "imp": [{"id": "1", "bidfloor": 0.03, "banner": {"w": 300, "h": 250}}],
+    "site": {"id": "102855", "domain": "www.foobar.com", "page": "http://www.foobar.com/1234.html"},
+    "device": {"ua": "Mozilla/5.0", "ip": "123.145.167.10", "geo": {"country": "USA"}},
+    "user": {"id": "55816b39711f9b5acf3b90e313ed29e51665623f"},
+    "bcat": ["IAB25"],
+    "badv": ["example.com"],
+}
+OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "An OpenRTB 2.6 BidRequest (JSON); validated by serving.openrtb.BidRequest.",
+        "content": {"application/json": {"schema": {"type": "object"}, "example": EXAMPLE}},
+    }
+}
+
+
 @router.post(
     "/bid",
     response_model=BidResponse,
-    responses={204: {"description": "No bid."}, 400: {"description": "Invalid BidRequest."}},
+    openapi_extra=OPENAPI_BODY,
+    responses={204: {"description": "No bid."}, 400: {"description": "Invalid BidRequest: detail names the field."}},
 )
 async def bid(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> Response:
     """Bid on each imp we can fill above its floor within tmax; 204 when there is nothing to bid."""

@@ -245,3 +245,15 @@ def test_ads_listing_and_ops_routes(make_app) -> None:
         "adloop_catalog_ads",
     ):
         assert name in metrics
+
+
+def test_catalog_file_change_is_picked_up_without_restart(make_app, catalog_file) -> None:
+    app, _ = make_app(catalog_poll_s=0.1)
+    with TestClient(app) as client:
+        assert client.get("/v1/ads", params={"limit": 1}).json()["total"] == 300
+        write_catalog(generate_catalog(120, seed=5), catalog_file)
+        deadline = time.monotonic() + 5
+        while client.get("/v1/ads", params={"limit": 1}).json()["total"] != 120 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/v1/ads", params={"limit": 1}).json()["total"] == 120
+        assert select(client).status_code == 200
