@@ -107,6 +107,11 @@ class ServingState:
         self.ad_matrix = _align(catalog, model) if model is not None else None  # (n, d) float32
         self.domain_code = {d: i for i, d in enumerate(catalog.advertiser_domains)}
         self.iab = [IAB_CATEGORY.get(c, c) for c in catalog.categories]
+        self.text_columns = {  # (n,) object arrays of ids as text, for the ranker's ad_frame
+            "campaign_id": np.array(catalog.campaign_ids, dtype=object)[catalog.campaign_code],
+            "advertiser_id": np.array(catalog.advertiser_ids, dtype=object)[catalog.advertiser_code],
+            "category": np.array(catalog.categories, dtype=object)[catalog.category_code],
+        }
         self._live: tuple[int, np.ndarray] | None = None
 
     def live(self, day: int) -> np.ndarray:
@@ -261,12 +266,12 @@ class Selector:
                 if np.any(u):
                     sims = state.ad_matrix @ u  # (n,)
                     cands = _top_k(sims, slot_masks.values(), k)
-                    frame = _ad_frame(catalog, cands, self.ad_stats, ctr)
+                    frame = _ad_frame(state, cands, self.ad_stats, ctr)
                     pctr = np.asarray(state.model.predict_ctr(user, frame, request.context, sims[cands]), float)
                     return cands, pctr, None
                 score = ctr * catalog.bid  # unknown user: retrieve by expected value, rank with the model
                 cands = _top_k(score, slot_masks.values(), k)
-                frame = _ad_frame(catalog, cands, self.ad_stats, ctr)
+                frame = _ad_frame(state, cands, self.ad_stats, ctr)
                 zeros = np.zeros(len(cands), dtype=np.float32)
                 pctr = np.asarray(state.model.predict_ctr(user, frame, request.context, zeros), float)
                 return cands, pctr, None
@@ -349,13 +354,13 @@ def _top_k(score: np.ndarray, masks, k: int) -> np.ndarray:
     return np.unique(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
 
 
-def _ad_frame(catalog: Catalog, rows: np.ndarray, stats: AdStats, ctr: np.ndarray) -> dict[str, np.ndarray]:
+def _ad_frame(state: ServingState, rows: np.ndarray, stats: AdStats, ctr: np.ndarray) -> dict[str, np.ndarray]:
+    """`scoring.AD_FRAME_COLUMNS` of the candidate rows (ids as text)."""
+    catalog = state.catalog
     same = stats.catalog_version == catalog.version
     frame = {
         "ad_id": catalog.ad_ids[rows],
-        "campaign_id": catalog.campaign_code[rows],
-        "advertiser_id": catalog.advertiser_code[rows],
-        "category": catalog.category_code[rows],
+        **{name: column[rows] for name, column in state.text_columns.items()},
         "bid": catalog.bid[rows],
         "ad_ctr_24h": ctr[rows],
     }

@@ -7,10 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from serving.catalog import build_catalog
+from serving.catalog import CATEGORIES, build_catalog
 from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
-from serving.scoring import ProjectionBundle
+from serving.scoring import AD_FRAME_COLUMNS, ProjectionBundle
 from serving.selection import (
     FALLBACK_VERSION,
     SelectionConfig,
@@ -218,3 +218,21 @@ def test_reader_failure_is_flagged_not_raised(catalog_rows) -> None:
     result = sel.select(request(Slot("a", "native")))
     assert result.fallback == "features_error" and result.slots["a"]
     assert time.perf_counter() - started < 0.5
+
+
+def test_the_ranker_gets_one_row_per_candidate_with_text_ids(catalog_rows) -> None:
+    sel = make_selector(catalog_rows)
+    seen = {}
+
+    def spy(user, frame, context, scores):
+        seen.update(frame=frame, scores=scores, context=context)
+        return np.full(len(scores), 0.01)
+
+    sel.state.model.predict_ctr = spy
+    sel.select_with(sel.state, request(Slot("a", "native"), context={"device": "mobile"}), TECH_USER, now=NOON)
+    frame = seen["frame"]
+    assert set(frame) == set(AD_FRAME_COLUMNS)
+    assert all(len(col) == len(seen["scores"]) for col in frame.values())
+    row = sel.state.catalog.index[frame["ad_id"][0]]
+    assert frame["campaign_id"][0] == catalog_rows[row]["campaign_id"] and frame["category"][0] in CATEGORIES
+    assert seen["context"] == {"device": "mobile"}
