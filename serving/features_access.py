@@ -97,10 +97,6 @@ class GuardedReader:
             return features, "redis_slow"  # arrived late: used, but flagged
         return features, None
 
-    @property
-    def available(self) -> bool:
-        return time.monotonic() >= self._down_until
-
 
 class AdStats:
     """Ad performance columns aligned with a catalog, swapped atomically on refresh."""

@@ -59,7 +59,6 @@ class SelectionRequest:
     exclude_ad_ids: list[str] = field(default_factory=list)
     blocked_categories: list[str] = field(default_factory=list)  # plain names or IAB codes (prefix match)
     blocked_domains: list[str] = field(default_factory=list)  # advertiser domains
-    deadline: float | None = None  # time.perf_counter() by which the answer is useless
 
 
 @dataclass
