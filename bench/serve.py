@@ -83,24 +83,33 @@ def constant_factory():
 async def open_loop(port: int, path: str, bodies: list[bytes], rate: float, seconds: float) -> dict:
     loop = asyncio.get_running_loop()
     n = int(rate * seconds)
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # (reader, writer, last used)
     latencies: list[float] = []
-    errors = 0
+    errors, kinds = 0, {}
     start = loop.time() + 0.2
     done_at = start
+
+    async def connection() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The most recently used idle connection, skipping any idle longer than uvicorn's 5 s keep-alive."""
+        while idle:
+            reader, writer, used = idle.pop()
+            if loop.time() - used < 4.0:
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection("127.0.0.1", port)
 
     async def one(i: int) -> None:
         nonlocal errors, done_at
         due = start + i / rate
         await asyncio.sleep(max(0.0, due - loop.time()))
         try:
-            reader, writer = idle.pop() if idle else await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await connection()
             body = bodies[i % len(bodies)]
             writer.write(
                 b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
             )
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")  # (ok counts answers; err counts non-200 and failures)
             length = int(
                 next(
                     (ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")), b"0"
@@ -109,11 +118,13 @@ async def open_loop(port: int, path: str, bodies: list[bytes], rate: float, seco
             await reader.readexactly(length)
             if not head.startswith(b"HTTP/1.1 200"):
                 errors += 1
+                kinds[head.split(b"\r\n", 1)[0].decode()] = kinds.get(head.split(b"\r\n", 1)[0].decode(), 0) + 1
             latencies.append(loop.time() - due)
             done_at = max(done_at, loop.time())
-            idle.append((reader, writer))
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+            idle.append((reader, writer, loop.time()))
+        except (OSError, asyncio.IncompleteReadError, ValueError) as error:
             errors += 1
+            kinds[type(error).__name__] = kinds.get(type(error).__name__, 0) + 1
 
     await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), timeout=seconds + 60)
     lat = np.array(latencies) * 1000
@@ -124,6 +135,7 @@ async def open_loop(port: int, path: str, bodies: list[bytes], rate: float, seco
         "p50": float(np.percentile(lat, 50)) if len(lat) else None,
         "p99": float(np.percentile(lat, 99)) if len(lat) else None,
         "achieved": len(lat) / max(1e-9, done_at - start),
+        "error_kinds": kinds,
     }
 
 
@@ -310,6 +322,10 @@ def report(results: dict, rates: list[float], seconds: float, ready: dict) -> No
                 f"{name:<10}{rate:>7.0f}{r['sent']:>7}{r['ok']:>7}{r['errors']:>5}{r['p50']:>9.2f}{r['p99']:>9.2f}"
                 f"{r['achieved']:>12.1f}{r['cpu_ms']:>19.2f}"
             )
+    for name, by_rate in results.items():
+        for rate in rates:
+            if by_rate[rate]["error_kinds"]:
+                print(f"errors {name} {rate:.0f}/s: {by_rate[rate]['error_kinds']}")
     print("\nratios select / constant (p50, p99):")
     for rate in rates:
         s, c = results["select"][rate], results["constant"][rate]
