@@ -126,7 +126,7 @@ class Runtime:
         """(state, result): selection with metrics, pacing charge and impression logging; never raises."""
         state = self.state
         try:
-            result = self.selector.select(request)
+            result = self.selector.select(request, state=state)  # rows of the result index this state
         except Exception:
             log.exception("selection failed; answering with no ads")
             metrics.ERRORS.labels(route, "selection").inc()

@@ -137,8 +137,11 @@ class Selector:
         self.features = features
         self._local = threading.local()
 
-    def select(self, request: SelectionRequest, *, now: float | None = None) -> SelectionResult:
-        state, timings = self.state, {}
+    def select(
+        self, request: SelectionRequest, *, state: ServingState | None = None, now: float | None = None
+    ) -> SelectionResult:
+        """`state`: the snapshot the caller will also use to read the result's rows (default: the current one)."""
+        state, timings = state or self.state, {}
         clock = time.perf_counter()
         user, fallback = self.features.user(request.user_id)
         timings["features"], clock = _lap(clock)
