@@ -8,6 +8,8 @@ COPY streaming streaming
 COPY features features
 COPY serving serving
 COPY models models
+COPY data/catalog data/catalog
+ENV ADLOOP_CATALOG_PATH=/app/data/catalog/ads.csv
 RUN pip install --no-cache-dir . && useradd --create-home adloop && mkdir -p /data && chown adloop /data
 USER adloop
 CMD ["adloop", "--help"]

@@ -253,5 +253,28 @@ def _show_summary(summary, topic: str, label: str) -> None:
     )
 
 
+@app.command("serve")
+def serve(
+    host: str = typer.Option(None, help="Bind address (default: ADLOOP_API_HOST)."),
+    port: int = typer.Option(None, help="Port (default: ADLOOP_API_PORT)."),
+    workers: int = typer.Option(
+        1, min=1, help="Worker processes (each paces budgets on its own: see serving/pacing.py)."
+    ),
+) -> None:
+    """Run the ad-serving API (uvicorn)."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "serving.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        log_level="info",
+        access_log=False,  # one canonical line per request belongs in the app, not per-hit access logs
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -38,6 +38,25 @@ class Settings(BaseSettings):
     # API
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    public_url: str = "http://127.0.0.1:8000"  # base of the OpenRTB billing notice URL (burl)
+    admin_token: str | None = None  # bearer token of POST /v1/admin/reload; unset = admin disabled
+
+    # Serving (ad selection)
+    catalog_path: Path = PROJECT_ROOT / "data" / "catalog" / "ads.csv"
+    catalog_poll_s: float = 5.0  # reload the catalog when its file changes; 0 = only on admin reload
+    serve_top_k: int = 200  # candidates per requested format that reach the ranker
+    serve_epsilon: float = 0.05  # epsilon-greedy exploration per pick
+    control_share: float = 0.1  # share of users (stable hash) served without targeting
+    control_salt: str = "adloop-arm-v1"  # changing it re-draws the arms
+    request_budget_ms: float = 20.0  # user-feature read budget (Redis socket timeout); over it -> fallback
+    redis_retry_after_s: float = 1.0  # after a Redis connection failure, skip Redis this long
+    pacing_slack: float = 0.05  # share of a daily budget spendable ahead of the smooth pace
+    ad_stats_refresh_s: float = 30.0  # how often live ad CTRs are pulled from the online store
+    impression_buffer: int = 10_000  # impressions held while Kafka is down (drop-oldest beyond)
+    max_slots: int = 10  # per request
+    max_count_per_slot: int = 10
+    max_candidate_ids: int = 1000  # length limit of candidate_ad_ids / exclude_ad_ids
+    openrtb_tmax_margin_ms: float = 5.0  # network allowance subtracted from OpenRTB tmax
 
     # Start-up bound for `adloop stack up`, seconds
     stack_start_timeout: float = 60.0

@@ -22,6 +22,7 @@ from features.store import AD_VIEW, USER_VIEW
 from streaming.consumer import FeatureConsumer
 from streaming.dead_letters import describe
 from streaming.events import Event
+from tests.conftest import shared_data
 from tests.streaming import batch_features
 from tests.streaming.conftest import adloop_env, produce
 from tests.streaming.test_aggregates import synthetic_events
@@ -164,3 +165,14 @@ def test_two_consumers_in_one_group_share_the_partitions(feature_settings: Setti
 def _last_assignment(log: list[str]) -> list[int]:
     lines = [line for line in list(log) if "partitions assigned: [" in line]
     return json.loads(lines[-1].split("partitions assigned: ")[1]) if lines else []
+
+
+def test_taobao_replay_features_equal_a_pandas_recomputation(feature_settings: Settings) -> None:
+    from streaming.replay import taobao
+
+    events = list(taobao.read(shared_data("taobao", "UserBehavior_timeslice.csv")))
+    produce(feature_settings, events)
+    settings = feature_settings.model_copy(update={"consumer_batch_size": 5000})
+    report = consume_all(settings)
+    assert report.applied == len(events) == 110_300
+    assert_online_equals_batch(settings, events)  # all 66,454 users, through Feast's get_online_features

@@ -1,0 +1,37 @@
+"""The FastAPI app: `create_app(settings)` builds it; `lifespan` loads catalog, model, Redis pool and the
+Kafka impression logger once onto `app.state.runtime`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from adloop.settings import Settings, get_settings
+from serving.routes import admin, catalog, ops, rtb, select, users
+from serving.runtime import Runtime
+
+
+def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
+    """`overrides` (tests, the benchmark): feature_reader, registry, producer_factory, redis_client."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(settings, **overrides)
+        runtime.start()
+        app.state.runtime = runtime
+        yield
+        runtime.stop()
+
+    app = FastAPI(
+        title="adloop serving",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Ad selection (JSON and OpenRTB 2.6), catalog, features, operations.",
+    )
+    app.state.settings = settings
+    for module in (select, rtb, catalog, users, admin, ops):
+        app.include_router(module.router)
+    return app

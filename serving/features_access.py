@@ -1,0 +1,151 @@
+"""Reading online features in the request path: a time-bounded user read, and an in-memory ad-stats cache.
+
+`GuardedReader.user()` never raises: it returns `(features, fallback_reason)`. The time budget is
+the Redis client's socket timeout (set in `app.lifespan`); after a connection failure Redis is
+skipped for `retry_after_s` so that a dead Redis costs one failed connect per second, not one per
+request. Ad performance (CTR) changes slowly, so it is refreshed in the background into numpy
+columns aligned with the catalog instead of being read per request (STACK.md: never per candidate).
+
+`RedisJsonReader` is a stand-in until `features.online.OnlineFeatureReader` lands (TODO(integrator)):
+one hash per entity (`<prefix>user:<id>`, `<prefix>ad:<id>`), JSON-encoded values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from serving.catalog import Catalog
+from serving.scoring import FeatureReader
+
+log = logging.getLogger(__name__)
+CTR_PRIOR = 0.05  # streaming.aggregates' Beta prior mean: an ad without data
+AD_STAT_COLUMNS = ("ad_ctr_24h", "ad_ctr_7d", "ad_impressions_24h", "ad_clicks_24h")
+
+
+def request_path_redis(url: str, *, timeout_s: float, max_connections: int = 64) -> redis.Redis:
+    """A Redis client for the request path: the socket timeout is the time budget, and no retries
+    (redis-py 7 retries 3 times with up to seconds of back-off by default: wrong for a 20 ms budget)."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=max_connections,
+    )
+
+
+class RedisJsonReader:
+    """Stand-in `FeatureReader`: one HGETALL per user (one round trip), pipelined HGETALLs for ads."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "adloop:serve:"):
+        self.client = client
+        self.prefix = prefix
+
+    def user(self, user_id: str) -> dict[str, Any]:
+        raw = self.client.hgetall(f"{self.prefix}user:{user_id}")
+        return {_text(k): json.loads(v) for k, v in raw.items()}
+
+    def ads(self, ad_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        pipe = self.client.pipeline(transaction=False)
+        for ad_id in ad_ids:
+            pipe.hgetall(f"{self.prefix}ad:{ad_id}")
+        out = {}
+        for ad_id, raw in zip(ad_ids, pipe.execute(), strict=True):
+            if raw:
+                out[ad_id] = {_text(k): json.loads(v) for k, v in raw.items()}
+        return out
+
+    def write_user(self, user_id: str, features: dict[str, Any]) -> None:
+        """Tests and the benchmark seed users with this."""
+        self.client.hset(f"{self.prefix}user:{user_id}", mapping={k: json.dumps(v) for k, v in features.items()})
+
+
+class GuardedReader:
+    """A `FeatureReader` behind a time budget and a circuit breaker; reports why it fell back."""
+
+    def __init__(self, reader: FeatureReader, *, budget_s: float, retry_after_s: float = 1.0):
+        self.reader = reader
+        self.budget_s = budget_s
+        self.retry_after_s = retry_after_s
+        self._down_until = 0.0
+
+    def user(self, user_id: str) -> tuple[dict[str, Any], str | None]:
+        if time.monotonic() < self._down_until:
+            return {}, "redis_down"
+        started = time.perf_counter()
+        try:
+            features = self.reader.user(user_id)
+        except redis.TimeoutError:
+            return {}, "redis_slow"
+        except (redis.ConnectionError, OSError):
+            self._down_until = time.monotonic() + self.retry_after_s
+            return {}, "redis_down"
+        except Exception:  # a broken row must not break the request
+            log.exception("user feature read failed")
+            return {}, "features_error"
+        if time.perf_counter() - started > self.budget_s:
+            return features, "redis_slow"  # arrived late: used, but flagged
+        return features, None
+
+
+class AdStats:
+    """Ad performance columns aligned with a catalog, swapped atomically on refresh."""
+
+    def __init__(self, catalog: Catalog):
+        self.columns = _prior_columns(catalog)
+        self.catalog_version = catalog.version
+        self.refreshed_at: float | None = None
+
+    def refresh(self, reader: FeatureReader, catalog: Catalog, *, chunk: int = 1000) -> None:
+        columns = _prior_columns(catalog)
+        ids = [str(a) for a in catalog.ad_ids]
+        for start in range(0, len(ids), chunk):
+            rows = reader.ads(ids[start : start + chunk])
+            for ad_id, row in rows.items():
+                i = catalog.index.get(ad_id)
+                if i is None:
+                    continue
+                for name in AD_STAT_COLUMNS:
+                    if row.get(name) is not None:
+                        columns[name][i] = float(row[name])
+        self.columns, self.catalog_version, self.refreshed_at = columns, catalog.version, time.time()
+
+    def reset(self, catalog: Catalog) -> None:
+        if catalog.version != self.catalog_version:
+            self.columns, self.catalog_version = _prior_columns(catalog), catalog.version
+
+
+def run_refresher(stats: AdStats, reader: FeatureReader, get_catalog, *, every_s: float, stop: threading.Event):
+    """Background loop (a daemon thread): refresh ad stats every `every_s`; errors are logged, not fatal."""
+    while not stop.is_set():
+        catalog = get_catalog()
+        try:
+            stats.refresh(reader, catalog)
+        except Exception as error:  # Redis down: keep the last values
+            stats.reset(catalog)
+            log.warning("ad stats refresh failed: %s", error)
+        stop.wait(every_s)
+
+
+def _prior_columns(catalog: Catalog) -> dict[str, np.ndarray]:
+    n = len(catalog)
+    return {
+        "ad_ctr_24h": np.full(n, CTR_PRIOR),
+        "ad_ctr_7d": np.full(n, CTR_PRIOR),
+        "ad_impressions_24h": np.zeros(n),
+        "ad_clicks_24h": np.zeros(n),
+    }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,215 @@
+"""Impression logging: every served ad becomes an `ad_impression` event on Kafka, off the request path.
+
+`ImpressionLogger.log()` only appends to a bounded in-memory buffer (a lock and a deque: no I/O,
+no validation) and returns. A daemon thread turns records into `streaming.events.Event`s and hands
+them to kafka-python's producer (key = user id). When Kafka is down the logger still starts; the
+thread retries the connection with a back-off while the buffer holds up to `buffer_size` records;
+past that the oldest are dropped (counted in `adloop_impressions_total{outcome="dropped_buffer_full"}`)
+so that the newest — the ones whose clicks are still to come — survive.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from serving import metrics
+from streaming.events import SCHEMA_VERSION, Event, EventType
+
+log = logging.getLogger(__name__)
+BATCH = 500  # records handed to the producer per wake-up
+SEND_INTERVAL_S = 0.02  # the sender drains the buffer this often (impressions are not latency-critical)
+
+
+class ImpressionLogger:
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        topic: str,
+        buffer_size: int = 10_000,
+        producer_factory: Callable[[], Any] | None = None,
+        retry_s: float = 2.0,
+    ):
+        self.topic = topic
+        self.buffer_size = buffer_size
+        self.retry_s = retry_s
+        self._factory = producer_factory or (lambda: _kafka_producer(bootstrap_servers))
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._producer = None
+        self._healthy = False
+        self.counts = {"enqueued": 0, "sent": 0, "dropped_buffer_full": 0, "failed": 0}
+        self.last_error: str | None = None
+
+    # --- request side -----------------------------------------------------------------------
+
+    def log(self, records: list[dict[str, Any]]) -> None:
+        """Queue impression records (Event fields without event_id / ts); never blocks on Kafka."""
+        if not records:
+            return
+        ts_ms = int(time.time() * 1000)
+        with self._lock:
+            dropped = max(0, len(self._buffer) + len(records) - self.buffer_size)
+            for _ in range(min(dropped, len(self._buffer))):
+                self._buffer.popleft()
+            for record in records[max(0, len(records) - self.buffer_size) :]:
+                record.setdefault("ts", ts_ms)
+                self._buffer.append(record)
+            size = len(self._buffer)
+        self._count("enqueued", len(records))
+        if dropped:
+            self._count("dropped_buffer_full", dropped)
+        metrics.IMPRESSIONS_BUFFERED.set(size)
+        if size >= BATCH:  # otherwise the sender wakes on its own timer: no thread hand-off per request
+            self._wake.set()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def connected(self) -> bool:
+        """A producer exists and the last delivery (or the connect) succeeded."""
+        return self._producer is not None and self._healthy
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="impression-logger", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is buffered (bounded by `timeout`), then stop."""
+        deadline = time.monotonic() + timeout
+        while self._buffer and self._producer is not None and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.02)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(max(0.1, deadline - time.monotonic()))
+        if self._producer is not None:
+            try:
+                self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
+                self._producer.close(timeout=1)
+            except Exception as error:
+                log.warning("closing the impression producer: %s", error)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the buffer is empty and the producer has delivered (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._buffer and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.01)
+        if self._producer is None:
+            return False
+        self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
+        return not self._buffer
+
+    # --- sender thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._producer is None and not self._connect():
+                self._stop.wait(self.retry_s)
+                continue
+            self._wake.wait(SEND_INTERVAL_S)
+            self._wake.clear()
+            while self._buffer and not self._stop.is_set():
+                if not self._send_batch():
+                    self._stop.wait(self.retry_s)
+                    break
+            metrics.KAFKA_CONNECTED.set(1 if self.connected else 0)
+            metrics.IMPRESSIONS_BUFFERED.set(len(self._buffer))
+
+    def _connect(self) -> bool:
+        try:
+            self._producer = self._factory()
+            self._healthy = True
+            metrics.KAFKA_CONNECTED.set(1)
+            log.info("impression logger connected to Kafka")
+            return True
+        except Exception as error:
+            self.last_error = f"connect: {error}"
+            metrics.KAFKA_CONNECTED.set(0)
+            log.warning("Kafka unavailable for impressions (%s); buffering, retry in %.0f s", error, self.retry_s)
+            return False
+
+    def _send_batch(self) -> bool:
+        with self._lock:
+            batch = [self._buffer.popleft() for _ in range(min(BATCH, len(self._buffer)))]
+        for i, record in enumerate(batch):
+            try:
+                event = to_event(record)
+            except Exception as error:  # a record that breaks the contract is a bug: count, log, go on
+                self._count("failed", 1)
+                log.error("impression record breaks the event contract: %s", error)
+                continue
+            try:
+                future = self._producer.send(self.topic, key=event.user_id.encode(), value=event.to_bytes())
+            except Exception as error:  # metadata unavailable: put the rest back in front, retry later
+                self.last_error, self._healthy = f"send: {error}", False
+                with self._lock:
+                    self._buffer.extendleft(reversed(batch[i:]))
+                return False
+            future.add_callback(self._sent)
+            future.add_errback(self._failed)
+        return True
+
+    def _sent(self, _metadata) -> None:
+        self._healthy = True
+        self._count("sent", 1)
+
+    def _failed(self, error: Exception) -> None:
+        self.last_error, self._healthy = f"delivery: {error}", False
+        self._count("failed", 1)
+
+    def _count(self, outcome: str, n: int) -> None:
+        self.counts[outcome] += n
+        metrics.IMPRESSIONS.labels(outcome).inc(n)
+
+
+def to_event(record: dict[str, Any]) -> Event:
+    """An impression record (what `log()` takes) as a contract `Event`."""
+    return Event(
+        event_id=record.get("event_id") or uuid.uuid4().hex,
+        schema_version=SCHEMA_VERSION,
+        event_type=EventType.ad_impression,
+        user_id=record["user_id"],
+        ts=datetime.fromtimestamp(record["ts"] / 1000, tz=UTC),
+        ad_id=record["ad_id"],
+        campaign_id=record.get("campaign_id"),
+        request_id=record.get("request_id"),
+        slot_id=record.get("slot_id"),
+        position=record.get("position"),
+        model_version=record.get("model_version"),
+        arm=record.get("arm"),
+        propensity=record.get("propensity"),
+        source="serve",
+        context=record.get("context") or None,
+    )
+
+
+def _kafka_producer(bootstrap_servers: str):
+    from kafka import KafkaProducer
+
+    return KafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        acks="all",
+        linger_ms=5,
+        bootstrap_timeout_ms=3000,  # kafka-python 3.x: fail fast when no broker (STACK.md)
+        max_block_ms=2000,
+        request_timeout_ms=5000,
+        delivery_timeout_ms=30_000,
+        retries=5,
+    )

@@ -1,0 +1,83 @@
+"""`POST /v1/select`: the website's ad slots ask for ads."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, HTTPException, Response, status
+
+from serving import metrics
+from serving.deps import RuntimeDep, SettingsDep
+from serving.schemas import SelectRequest, SelectResponse
+from serving.selection import SelectionRequest, Slot
+
+router = APIRouter(prefix="/v1", tags=["selection"])
+
+
+@router.post("/select", response_model=SelectResponse)
+def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: SettingsDep) -> Response:
+    """Choose ads for each slot (targeted or control arm); degraded answers are flagged, never errors."""
+    started = time.perf_counter()
+    _check_limits(body, settings)
+    request = SelectionRequest(
+        request_id=body.request_id or uuid.uuid4().hex,
+        user_id=body.user_id,
+        slots=[Slot(s.slot_id, s.format, s.count, s.position) for s in body.slots],
+        context=body.context.model_dump(exclude_none=True),
+        candidate_ad_ids=body.candidate_ad_ids,
+        exclude_ad_ids=body.exclude_ad_ids,
+    )
+    state, result = runtime.select(request)
+    body = response_body(result, request, state.catalog)
+    metrics.REQUEST_SECONDS.labels("select").observe(time.perf_counter() - started)
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+
+def response_body(result, request: SelectionRequest, catalog) -> dict:
+    """The `SelectResponse` as plain data (serialised once, without re-validating what we built)."""
+    slots = [
+        {
+            "slot_id": s.slot_id,
+            "format": s.format,
+            "ads": [
+                {
+                    "ad_id": c.ad_id,
+                    "campaign_id": c.campaign_id,
+                    "rank": c.rank,
+                    "creative": catalog.creatives[c.row],
+                    "pctr": c.pctr,
+                    "price": c.price,
+                    "propensity": c.propensity,
+                }
+                for c in result.slots.get(s.slot_id, [])
+            ],
+        }
+        for s in request.slots
+    ]
+    return {
+        "request_id": result.request_id,
+        "user_id": result.user_id,
+        "arm": result.arm,
+        "model_version": result.model_version,
+        "fallback": result.fallback is not None,
+        "fallback_reason": result.fallback,
+        "slots": slots,
+    }
+
+
+def _check_limits(body: SelectRequest, settings) -> None:
+    problems = []
+    if len(body.slots) > settings.max_slots:
+        problems.append((["body", "slots"], f"at most {settings.max_slots} slots per request, got {len(body.slots)}"))
+    for name in ("candidate_ad_ids", "exclude_ad_ids"):
+        values = getattr(body, name) or []
+        if len(values) > settings.max_candidate_ids:
+            problems.append((["body", name], f"at most {settings.max_candidate_ids} ids, got {len(values)}"))
+    for i, slot in enumerate(body.slots):
+        if slot.count > settings.max_count_per_slot:
+            problems.append((["body", "slots", i, "count"], f"at most {settings.max_count_per_slot}"))
+    if problems:
+        detail = [{"loc": loc, "msg": msg, "type": "value_error.limit"} for loc, msg in problems]
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail)

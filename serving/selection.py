@@ -1,0 +1,416 @@
+"""Ad selection without FastAPI: features -> eligibility -> retrieve -> rank -> choose.
+
+    read user features once (time-bounded; fallback reason on failure)
+    eligibility over the whole catalog, vectorised: flight, budget pacing, slot formats,
+        frequency caps from the user's live `freq_*` features, bcat / badv, candidate and exclude lists
+    arm: a stable blake2b hash of the user id puts `control_share` of users in the control arm
+    targeted: user vector -> top-K eligible ads per requested format by dot product -> pCTR (ranker)
+    control: every eligible ad, uniformly at random (no targeting)
+    choose per slot: argmax of pCTR x bid with epsilon-greedy exploration; the propensity of the
+        chosen ad under this policy is returned (and logged with the impression)
+
+Eligibility is applied before the top-K, not after it: masking the similarity vector costs the
+same, and a user whose top ads are all capped still gets K eligible candidates.
+Fallback (`no_model`, `model_error`, `redis_down`, `redis_slow`, `features_error`): without a
+model, or when the model fails, candidates are ranked by live ad CTR x bid; without features the
+model still ranks (an unknown user) but the result is flagged. No Python loop runs per candidate:
+loops run over slots, picks and the user's own frequency entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serving.catalog import IAB_CATEGORY, Catalog
+from serving.features_access import AdStats, GuardedReader
+from serving.pacing import DAY_S, Pacer
+from serving.scoring import ModelBundle
+
+log = logging.getLogger(__name__)
+FALLBACK_VERSION = "fallback-ctr-x-bid"
+
+
+@dataclass(frozen=True)
+class Slot:
+    slot_id: str
+    format: str
+    count: int = 1
+    position: int | None = None  # where the slot sits on the page (context only)
+    floor_cpm: float = 0.0  # USD; an ad is eligible only if its eCPM reaches it
+    deal_ids: tuple[str, ...] = ()  # PMP deals offered for this slot
+    deal_floors: tuple[float, ...] = ()  # eCPM floor of each deal (same order)
+    private: bool = False  # private auction: deal ads only, at their deal's floor
+
+
+@dataclass(frozen=True)
+class SelectionRequest:
+    request_id: str
+    user_id: str
+    slots: list[Slot]
+    context: dict[str, Any] = field(default_factory=dict)
+    candidate_ad_ids: list[str] | None = None
+    exclude_ad_ids: list[str] = field(default_factory=list)
+    blocked_categories: list[str] = field(default_factory=list)  # plain names or IAB codes (prefix match)
+    blocked_domains: list[str] = field(default_factory=list)  # advertiser domains
+
+
+@dataclass
+class Choice:
+    row: int
+    ad_id: str
+    campaign_id: str
+    slot_id: str
+    rank: int  # 1 = first in its slot
+    pctr: float
+    bid: float  # CPC, USD
+    price: float  # eCPM, USD = 1000 x pCTR x bid
+    propensity: float
+    deal_id: str | None = None
+
+
+@dataclass
+class SelectionResult:
+    request_id: str
+    user_id: str
+    arm: str  # targeted | control
+    model_version: str
+    fallback: str | None
+    slots: dict[str, list[Choice]]
+    n_eligible: int
+    n_candidates: int
+    timings: dict[str, float]  # stage -> seconds
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    top_k: int = 200  # candidates per requested format that reach the ranker
+    epsilon: float = 0.05  # exploration probability per pick
+    control_share: float = 0.1  # share of users in the control arm
+    control_salt: str = "adloop-arm-v1"  # change to re-draw the arms
+
+
+class ServingState:
+    """One catalog with one model (or none), aligned at load time; replaced whole on reload."""
+
+    def __init__(self, catalog: Catalog, model: ModelBundle | None):
+        self.catalog = catalog
+        self.model = model
+        self.model_version = model.version if model is not None else FALLBACK_VERSION
+        self.ad_matrix = _align(catalog, model) if model is not None else None  # (n, d) float32
+        self.domain_code = {d: i for i, d in enumerate(catalog.advertiser_domains)}
+        self.iab = [IAB_CATEGORY.get(c, c) for c in catalog.categories]
+        self.text_columns = {  # (n,) object arrays of ids as text, for the ranker's ad_frame
+            "campaign_id": np.array(catalog.campaign_ids, dtype=object)[catalog.campaign_code],
+            "advertiser_id": np.array(catalog.advertiser_ids, dtype=object)[catalog.advertiser_code],
+            "category": np.array(catalog.categories, dtype=object)[catalog.category_code],
+        }
+        self._live: tuple[int, np.ndarray] | None = None
+
+    def live(self, day: int) -> np.ndarray:
+        cached = self._live
+        if cached is None or cached[0] != day:
+            cached = self._live = (day, self.catalog.live_mask(day))
+        return cached[1]
+
+
+def arm_of(user_id: str, *, share: float, salt: str) -> str:
+    """Stable across processes and restarts: blake2b of salt + user id, as a fraction of 2^64."""
+    digest = hashlib.blake2b(f"{salt}:{user_id}".encode(), digest_size=8).digest()
+    return "control" if int.from_bytes(digest, "big") / 2**64 < share else "targeted"
+
+
+class Selector:
+    def __init__(
+        self, state: ServingState, config: SelectionConfig, *, pacer: Pacer, ad_stats: AdStats, features: GuardedReader
+    ):
+        self.state = state  # swapped whole by reload; a request reads it once
+        self.config = config
+        self.pacer = pacer
+        self.ad_stats = ad_stats
+        self.features = features
+        self._local = threading.local()
+
+    def select(
+        self, request: SelectionRequest, *, state: ServingState | None = None, now: float | None = None
+    ) -> SelectionResult:
+        """`state`: the snapshot the caller will also use to read the result's rows (default: the current one)."""
+        state, timings = state or self.state, {}
+        clock = time.perf_counter()
+        user, fallback = self.features.user(request.user_id)
+        timings["features"], clock = _lap(clock)
+        result = self.select_with(state, request, user, fallback=fallback, now=now, timings=timings)
+        timings["total_select"] = sum(timings.values())
+        return result
+
+    def select_with(
+        self,
+        state: ServingState,
+        request: SelectionRequest,
+        user: dict[str, Any],
+        *,
+        fallback: str | None = None,
+        now: float | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> SelectionResult:
+        """Selection for known user features (tests call this directly)."""
+        timings = {} if timings is None else timings
+        now = time.time() if now is None else now
+        catalog, clock = state.catalog, time.perf_counter()
+        arm = arm_of(request.user_id, share=self.config.control_share, salt=self.config.control_salt)
+        eligible = self._eligible(state, request, user, now)
+        slot_masks = {s.slot_id: self._slot_mask(catalog, s, eligible) for s in request.slots}
+        timings["eligibility"], clock = _lap(clock)
+        ctr = self.ad_stats.columns["ad_ctr_24h"] if self.ad_stats.catalog_version == catalog.version else None
+        if ctr is None:
+            ctr = np.full(len(catalog), 0.05)
+        model_version = state.model_version
+        if arm == "control":
+            cands = np.flatnonzero(eligible)
+            pctr = ctr[cands]
+        else:
+            cands, pctr, reason = self._targeted(state, request, user, eligible, slot_masks, ctr)
+            fallback = fallback or reason
+            if reason is not None:
+                model_version = FALLBACK_VERSION
+        timings["rank"], clock = _lap(clock)
+        slots = self._choose(catalog, request, arm, cands, pctr, slot_masks)
+        timings["choose"], clock = _lap(clock)
+        return SelectionResult(
+            request.request_id,
+            request.user_id,
+            arm,
+            model_version,
+            fallback,
+            slots,
+            int(eligible.sum()),
+            len(cands),
+            timings,
+        )
+
+    def charge(self, state: ServingState, result: SelectionResult) -> None:
+        """Record the expected spend of what was served (pacing)."""
+        chosen = [c for picks in result.slots.values() for c in picks]
+        if chosen:
+            rows = np.fromiter((c.row for c in chosen), dtype=np.int64, count=len(chosen))
+            self.pacer.charge(state.catalog, rows, np.array([c.price / 1000 for c in chosen]))
+
+    # --- steps ------------------------------------------------------------------------------
+
+    def _eligible(self, state: ServingState, request: SelectionRequest, user: dict, now: float) -> np.ndarray:
+        catalog = state.catalog
+        mask = state.live(int(now // DAY_S)) & self.pacer.allowed(catalog, now)
+        formats = {s.format for s in request.slots}
+        any_format = np.zeros(len(catalog), dtype=bool)
+        for f in formats:
+            any_format |= catalog.format_masks[f]
+        mask &= any_format
+        if request.candidate_ad_ids is not None:
+            allowed = np.zeros(len(catalog), dtype=bool)
+            allowed[_rows(catalog, request.candidate_ad_ids)] = True
+            mask &= allowed
+        if request.exclude_ad_ids:
+            mask[_rows(catalog, request.exclude_ad_ids)] = False
+        if request.blocked_categories:
+            blocked = np.array(
+                [
+                    _blocked(name, iab, request.blocked_categories)
+                    for name, iab in zip(catalog.categories, state.iab, strict=True)
+                ]
+            )
+            mask &= ~blocked[catalog.category_code]
+        if request.blocked_domains:
+            codes = [state.domain_code[d.lower()] for d in request.blocked_domains if d.lower() in state.domain_code]
+            if codes:
+                mask &= ~np.isin(catalog.advertiser_code, codes)
+        mask &= ~self._capped(catalog, user)
+        return mask
+
+    def _capped(self, catalog: Catalog, user: dict) -> np.ndarray:
+        """(n,) bool: ads over the user's 24 h frequency cap, per ad or per campaign."""
+        capped = np.zeros(len(catalog), dtype=bool)
+        ad_rows, ad_counts = _pairs(catalog.index, user.get("freq_ad_ids"), user.get("freq_ad_impressions_24h"))
+        if len(ad_rows):
+            caps = catalog.cap_ad[ad_rows]
+            capped[ad_rows[(caps > 0) & (ad_counts >= caps)]] = True
+        codes, counts = _pairs(
+            catalog.campaign_index, user.get("freq_campaign_ids"), user.get("freq_campaign_impressions_24h")
+        )
+        if len(codes):
+            caps = catalog.cap_campaign[codes]
+            over = np.zeros(len(catalog.campaign_ids), dtype=bool)
+            over[codes[(caps > 0) & (counts >= caps)]] = True
+            capped |= over[catalog.campaign_code]
+        return capped
+
+    def _slot_mask(self, catalog: Catalog, slot: Slot, eligible: np.ndarray) -> np.ndarray:
+        mask = eligible & catalog.format_masks[slot.format]
+        if slot.private:
+            in_deal = np.zeros(len(catalog), dtype=bool)
+            for deal in slot.deal_ids:
+                if deal in catalog.deals:
+                    in_deal[catalog.deals[deal]] = True
+            mask &= in_deal
+        return mask
+
+    def _targeted(self, state, request, user, eligible, slot_masks, ctr):
+        """(candidate rows, pCTR, fallback reason): model ranking, or CTR x bid without a model."""
+        catalog, k = state.catalog, self.config.top_k
+        if state.model is not None:
+            try:
+                u = state.model.user_vector(user)  # (d,)
+                if np.any(u):
+                    sims = state.ad_matrix @ u  # (n,)
+                    cands = _top_k(sims, slot_masks.values(), k)
+                    frame = _ad_frame(state, cands, self.ad_stats, ctr)
+                    pctr = np.asarray(state.model.predict_ctr(user, frame, request.context, sims[cands]), float)
+                    return cands, pctr, None
+                score = ctr * catalog.bid  # unknown user: retrieve by expected value, rank with the model
+                cands = _top_k(score, slot_masks.values(), k)
+                frame = _ad_frame(state, cands, self.ad_stats, ctr)
+                zeros = np.zeros(len(cands), dtype=np.float32)
+                pctr = np.asarray(state.model.predict_ctr(user, frame, request.context, zeros), float)
+                return cands, pctr, None
+            except Exception:
+                log.exception("model scoring failed; falling back to CTR x bid")
+                reason = "model_error"
+        else:
+            reason = "no_model"
+        cands = _top_k(ctr * catalog.bid, slot_masks.values(), k)
+        return cands, ctr[cands], reason
+
+    def _choose(self, catalog, request, arm, cands, pctr, slot_masks) -> dict[str, list[Choice]]:
+        rng, eps = self._rng(), (1.0 if arm == "control" else self.config.epsilon)
+        ev = pctr * catalog.bid[cands]  # (c,) expected USD per impression
+        ecpm = 1000.0 * ev
+        free = np.ones(len(cands), dtype=bool)  # an ad appears once per request
+        out: dict[str, list[Choice]] = {}
+        for slot in request.slots:
+            floor = _floor(catalog, slot)
+            ok_slot = slot_masks[slot.slot_id][cands] & (ecpm >= (floor if np.isscalar(floor) else floor[cands]))
+            picks: list[Choice] = []
+            for rank in range(1, slot.count + 1):
+                ok = ok_slot & free
+                n = int(ok.sum())
+                if n == 0:
+                    break
+                greedy = int(np.argmax(np.where(ok, ev, -np.inf)))
+                pick = int(rng.choice(np.flatnonzero(ok))) if rng.random() < eps else greedy
+                propensity = (1.0 - eps) * (pick == greedy) + eps / n
+                free[pick] = False
+                row = int(cands[pick])
+                picks.append(
+                    Choice(
+                        row,
+                        catalog.ad_ids[row],
+                        catalog.campaign_ids[catalog.campaign_code[row]],
+                        slot.slot_id,
+                        rank,
+                        float(pctr[pick]),
+                        float(catalog.bid[row]),
+                        float(ecpm[pick]),
+                        float(propensity),
+                        _deal_of(catalog, row, slot, float(ecpm[pick])),
+                    )
+                )
+            out[slot.slot_id] = picks
+        return out
+
+    def _rng(self) -> np.random.Generator:
+        rng = getattr(self._local, "rng", None)
+        if rng is None:
+            rng = self._local.rng = np.random.default_rng()
+        return rng
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _align(catalog: Catalog, model: ModelBundle) -> np.ndarray:
+    """The model's ad vectors in catalog row order; ads the model has not seen are embedded now."""
+    model_rows = {a: i for i, a in enumerate(model.ad_ids)}
+    rows = np.array([model_rows.get(a, -1) for a in catalog.ad_ids], dtype=np.int64)
+    matrix = np.zeros((len(catalog), model.ad_matrix.shape[1]), dtype=np.float32)  # (n, d)
+    known = rows >= 0
+    matrix[known] = model.ad_matrix[rows[known]]
+    missing = np.flatnonzero(~known)
+    if len(missing):
+        matrix[missing] = model.embed_ads([catalog.describe(int(i)) for i in missing])
+    return matrix
+
+
+def _top_k(score: np.ndarray, masks, k: int) -> np.ndarray:
+    """Union over masks of the k best-scoring rows inside each mask (sorted row indices)."""
+    picked = []
+    for mask in masks:
+        rows = np.flatnonzero(mask)
+        if len(rows) > k:
+            rows = rows[np.argpartition(-score[rows], k - 1)[:k]]
+        picked.append(rows)
+    return np.unique(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
+
+
+def _ad_frame(state: ServingState, rows: np.ndarray, stats: AdStats, ctr: np.ndarray) -> dict[str, np.ndarray]:
+    """`scoring.AD_FRAME_COLUMNS` of the candidate rows (ids as text)."""
+    catalog = state.catalog
+    same = stats.catalog_version == catalog.version
+    frame = {
+        "ad_id": catalog.ad_ids[rows],
+        **{name: column[rows] for name, column in state.text_columns.items()},
+        "bid": catalog.bid[rows],
+        "ad_ctr_24h": ctr[rows],
+    }
+    for name in ("ad_ctr_7d", "ad_impressions_24h", "ad_clicks_24h"):
+        frame[name] = stats.columns[name][rows] if same else np.zeros(len(rows))
+    return frame
+
+
+def _pairs(index: dict[str, int], ids, counts) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (or codes) and counts of the user's frequency entries that the catalog knows."""
+    if not ids or not counts:
+        return np.empty(0, dtype=np.int64), np.empty(0)
+    found = [(index[i], c) for i, c in zip(ids, counts, strict=False) if i in index]
+    if not found:
+        return np.empty(0, dtype=np.int64), np.empty(0)
+    rows, values = zip(*found, strict=True)
+    return np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.float64)
+
+
+def _rows(catalog: Catalog, ad_ids: list[str]) -> np.ndarray:
+    return np.fromiter((catalog.index[a] for a in ad_ids if a in catalog.index), dtype=np.int64)
+
+
+def _blocked(name: str, iab: str, blocked: list[str]) -> bool:
+    return any(b in (name, iab) or iab.startswith(b + "-") for b in blocked)
+
+
+def _floor(catalog: Catalog, slot: Slot) -> float | np.ndarray:
+    """The slot's eCPM floor: a number, or per ad (n,) when deals offer their own floors."""
+    if not slot.deal_ids:
+        return slot.floor_cpm
+    floor = np.full(len(catalog), np.inf if slot.private else slot.floor_cpm)
+    for deal, deal_floor in zip(slot.deal_ids, slot.deal_floors, strict=True):
+        rows = catalog.deals.get(deal)
+        if rows is not None:
+            floor[rows] = np.minimum(floor[rows], deal_floor)
+    return floor
+
+
+def _deal_of(catalog: Catalog, row: int, slot: Slot, price: float) -> str | None:
+    """The first offered deal this ad belongs to whose floor its price meets."""
+    for deal, deal_floor in zip(slot.deal_ids, slot.deal_floors, strict=True):
+        rows = catalog.deals.get(deal)
+        if rows is not None and row in rows and price >= deal_floor:
+            return deal
+    return None
+
+
+def _lap(clock: float) -> tuple[float, float]:
+    now = time.perf_counter()
+    return now - clock, now

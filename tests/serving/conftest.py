@@ -1,0 +1,88 @@
+"""Serving fixtures: a small catalog on disk, an in-memory feature reader, a projection model, an app factory."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adloop.settings import Settings
+from serving.catalog import generate_catalog, write_catalog
+from serving.scoring import ProjectionBundle, StaticRegistry
+
+
+class MemoryReader:
+    """A `FeatureReader` over dicts (unit tests need no Redis)."""
+
+    def __init__(self, users: dict[str, dict[str, Any]] | None = None, ads: dict[str, dict] | None = None):
+        self.users = users or {}
+        self.ad_rows = ads or {}
+
+    def user(self, user_id: str) -> dict[str, Any]:
+        return dict(self.users.get(user_id, {}))
+
+    def ads(self, ad_ids):
+        return {a: self.ad_rows[a] for a in ad_ids if a in self.ad_rows}
+
+
+class NoKafka:
+    """A producer factory for tests that are not about Kafka: the logger buffers (Kafka 'down')."""
+
+    def __call__(self):
+        raise ConnectionError("Kafka is not used in this test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def catalog_rows() -> list[dict[str, str]]:
+    return generate_catalog(300, seed=7)
+
+
+@pytest.fixture
+def catalog_file(tmp_path: Path, catalog_rows) -> Path:
+    path = tmp_path / "ads.csv"
+    write_catalog(catalog_rows, path)
+    return path
+
+
+@pytest.fixture
+def bundle(catalog_rows) -> ProjectionBundle:
+    return ProjectionBundle(catalog_rows)
+
+
+@pytest.fixture
+def make_app(catalog_file: Path, bundle) -> Callable[..., Any]:
+    """make_app(reader=..., registry=..., producer_factory=..., **settings) -> (app, settings)."""
+    from serving.app import create_app
+
+    def build(*, reader="memory", registry="model", producer_factory=None, redis_client=None, **overrides):
+        values = {
+            "catalog_path": catalog_file,
+            "admin_token": "secret",
+            "catalog_poll_s": 0,
+            "ad_stats_refresh_s": 3600,
+            "events_topic": "adloop.test.unused",
+            "control_share": 0.0,
+            **overrides,
+        }
+        settings = Settings(**values)
+        if registry == "model":
+            registry = StaticRegistry({bundle.version: bundle}, bundle.version)
+        app = create_app(
+            settings,
+            feature_reader=MemoryReader() if reader == "memory" else reader,
+            registry=registry,
+            producer_factory=producer_factory or NoKafka(),
+            redis_client=redis_client,
+        )
+        return app, settings
+
+    return build

@@ -1,0 +1,259 @@
+"""`POST /v1/select` and the other JSON routes through `create_app` (TestClient)."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from serving.catalog import generate_catalog, write_catalog
+from serving.features_access import RedisJsonReader, request_path_redis
+from serving.schemas import SelectResponse
+from serving.scoring import EmptyRegistry, ProjectionBundle, StaticRegistry
+from tests.serving.conftest import MemoryReader, free_port
+
+SLOTS = [{"slot_id": "top", "format": "banner_728x90"}, {"slot_id": "feed", "format": "native", "count": 2}]
+TECH = {"top_categories": ["tech"], "top_category_scores": [1.0]}
+
+
+def select(client: TestClient, **body):
+    return client.post("/v1/select", json={"user_id": "u-1", "slots": SLOTS, **body})
+
+
+def test_select_answers_each_slot_in_rank_order(make_app) -> None:
+    app, _ = make_app(reader=MemoryReader({"u-1": TECH}))
+    with TestClient(app) as client:
+        response = select(client, request_id="req-1", context={"device": "mobile", "page_category": "tech"})
+    assert response.status_code == 200
+    body = response.json()
+    SelectResponse.model_validate(body)  # the documented response model
+    assert body["request_id"] == "req-1" and body["fallback"] is False and body["model_version"] == "projection-v1"
+    assert [s["slot_id"] for s in body["slots"]] == ["top", "feed"]
+    feed = body["slots"][1]["ads"]
+    assert [a["rank"] for a in feed] == [1, 2]
+    assert feed[0]["pctr"] * 0 == 0 and feed[0]["creative"]["landing_url"].startswith("https://")
+    assert 0 < feed[0]["propensity"] <= 1 and feed[0]["price"] > 0
+
+
+def test_openapi_has_the_example(make_app) -> None:
+    app, _ = make_app()
+    schema = app.openapi()["components"]["schemas"]["SelectRequest"]
+    assert schema["examples"][0]["slots"][0]["format"] == "banner_728x90"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"slots": SLOTS}, "user_id"),
+        ({"user_id": "u", "slots": [{"slot_id": "a", "format": "banner_1x1"}]}, "format"),
+        ({"user_id": "u", "slots": []}, "slots"),
+        ({"user_id": "u", "slots": [{"slot_id": "a", "format": "native", "count": 0}]}, "count"),
+        ({"user_id": "u", "slots": [{"slot_id": "a", "format": "native"}] * 2}, "slot_id"),
+        ({"user_id": "u", "slots": SLOTS, "context": {"page": {"nested": 1}}}, "context"),
+        ({"user_id": "", "slots": SLOTS}, "user_id"),
+        ({"user_id": "u", "slots": SLOTS, "surprise": 1}, "surprise"),
+    ],
+)
+def test_malformed_requests_name_the_field(make_app, body: dict, field: str) -> None:
+    app, _ = make_app()
+    with TestClient(app) as client:
+        response = client.post("/v1/select", json=body)
+    assert response.status_code == 422
+    assert field in str(response.json()["detail"])
+
+
+def test_limits_name_the_field(make_app) -> None:
+    app, _ = make_app(max_slots=2, max_candidate_ids=3)
+    slots = [{"slot_id": f"s{i}", "format": "native"} for i in range(3)]
+    with TestClient(app) as client:
+        too_many = client.post("/v1/select", json={"user_id": "u", "slots": slots})
+        too_long = select(client, candidate_ad_ids=["a", "b", "c", "d"])
+        not_json = client.post("/v1/select", content=b"{", headers={"content-type": "application/json"})
+    assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["body", "slots"]
+    assert too_long.status_code == 422 and too_long.json()["detail"][0]["loc"] == ["body", "candidate_ad_ids"]
+    assert not_json.status_code == 422
+
+
+def test_candidate_restriction_through_the_api(make_app, catalog_rows) -> None:
+    natives = [r["ad_id"] for r in catalog_rows if "native" in r["formats"] and r["end_date"] > "2027"][:3]
+    app, _ = make_app()
+    with TestClient(app) as client:
+        body = client.post(
+            "/v1/select",
+            json={
+                "user_id": "u",
+                "slots": [{"slot_id": "a", "format": "native", "count": 5}],
+                "candidate_ad_ids": natives,
+                "exclude_ad_ids": natives[:1],
+            },
+        ).json()
+    assert sorted(a["ad_id"] for a in body["slots"][0]["ads"]) == sorted(natives[1:])
+
+
+def test_no_model_is_flagged_with_200(make_app) -> None:
+    app, _ = make_app(registry=EmptyRegistry())
+    with TestClient(app) as client:
+        body = select(client).json()
+    assert body["fallback"] is True and body["fallback_reason"] == "no_model"
+    assert body["slots"][1]["ads"]
+
+
+def test_a_failing_model_never_gives_a_500(make_app, bundle) -> None:
+    def boom(*args, **kwargs):
+        raise RuntimeError("model exploded")
+
+    bundle.predict_ctr = boom
+    app, _ = make_app(reader=MemoryReader({"u-1": TECH}))
+    with TestClient(app) as client:
+        response = select(client)
+        metrics = client.get("/metrics").text
+    assert response.status_code == 200 and response.json()["fallback_reason"] == "model_error"
+    assert 'adloop_fallback_total{reason="model_error"}' in metrics
+
+
+def test_redis_unreachable_falls_back_fast(make_app) -> None:
+    dead = request_path_redis(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05)
+    app, _ = make_app(reader=None, redis_client=dead)
+    with TestClient(app) as client:
+        started = time.perf_counter()
+        bodies = [select(client).json() for _ in range(5)]
+        elapsed = time.perf_counter() - started
+        ready = client.get("/readyz")
+        user = client.get("/v1/users/u-1/features")
+    assert all(b["fallback_reason"] == "redis_down" and b["slots"][1]["ads"] for b in bodies)
+    assert elapsed < 2.0
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"]["ok"] is False
+    assert user.status_code == 503
+
+
+def test_slow_redis_is_cut_by_the_budget(make_app) -> None:
+    with socket.socket() as silent:  # accepts connections (kernel backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        slow = request_path_redis(f"redis://127.0.0.1:{port}/0", timeout_s=0.03)
+        app, _ = make_app(reader=RedisJsonReader(slow), redis_client=slow, request_budget_ms=30)
+        with TestClient(app) as client:
+            started = time.perf_counter()
+            body = select(client).json()
+            elapsed = time.perf_counter() - started
+    assert body["fallback_reason"] == "redis_slow" and body["slots"][0]["ads"]
+    assert elapsed < 0.5
+
+
+@pytest.mark.integration
+def test_real_redis_features_drive_frequency_caps(make_app, local_stack, catalog_rows) -> None:
+    client_redis = redis.Redis.from_url(local_stack.redis_url)
+    reader = RedisJsonReader(client_redis, prefix=f"adloop:test:{uuid.uuid4().hex}:")
+    natives = [r for r in catalog_rows if r["formats"] == "native" and r["end_date"] > "2027"][:4]
+    capped = natives[0]
+    cap = int(capped["freq_cap_ad"]) or 1
+    reader.write_user("u-9", {**TECH, "freq_ad_ids": [capped["ad_id"]], "freq_ad_impressions_24h": [cap + 1]})
+    app, _ = make_app(reader=reader)
+    try:
+        with TestClient(app) as client:
+            body = client.post(
+                "/v1/select",
+                json={
+                    "user_id": "u-9",
+                    "slots": [{"slot_id": "a", "format": "native", "count": 4}],
+                    "candidate_ad_ids": [r["ad_id"] for r in natives],
+                },
+            ).json()
+            features = client.get("/v1/users/u-9/features").json()
+        assert body["fallback"] is False
+        served = {a["ad_id"] for a in body["slots"][0]["ads"]}
+        assert capped["ad_id"] not in served and len(served) == 3
+        assert features["known"] is True and features["features"]["freq_ad_ids"] == [capped["ad_id"]]
+    finally:
+        client_redis.delete(f"{reader.prefix}user:u-9")
+
+
+def test_admin_reload_needs_the_token(make_app) -> None:
+    app, _ = make_app()
+    with TestClient(app) as client:
+        assert client.post("/v1/admin/reload").status_code == 401
+        assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 401
+        ok = client.post("/v1/admin/reload", headers={"Authorization": "Bearer secret"})
+    assert ok.status_code == 200 and ok.json()["ads"] == 300
+    disabled, _ = make_app(admin_token=None)
+    with TestClient(disabled) as client:
+        assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer x"}).status_code == 403
+
+
+def test_reload_under_load_drops_no_request(make_app, catalog_file, bundle) -> None:
+    registry = StaticRegistry({bundle.version: bundle}, bundle.version)
+    rows_b = generate_catalog(400, seed=11)
+    other = ProjectionBundle(rows_b, version="projection-v2")
+    registry.bundles[other.version] = other
+    app, _ = make_app(registry=registry)
+    auth = {"Authorization": "Bearer secret"}
+    with TestClient(app) as client:
+
+        def one(i: int) -> tuple[int, str, int]:
+            r = client.post("/v1/select", json={"user_id": f"u{i}", "slots": SLOTS})
+            body = r.json()
+            return r.status_code, body.get("model_version", ""), sum(len(s["ads"]) for s in body.get("slots", []))
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            futures = [pool.submit(one, i) for i in range(240)]
+            for k in range(4):  # swap catalog file and model back and forth while requests run
+                write_catalog(rows_b if k % 2 == 0 else generate_catalog(300, seed=7), catalog_file)
+                registry.promote(other.version if k % 2 == 0 else bundle.version)
+                assert client.post("/v1/admin/reload", headers=auth).status_code == 200
+                time.sleep(0.05)
+            results = [f.result(timeout=30) for f in futures]
+        final = client.post("/v1/admin/reload", headers=auth).json()
+    assert all(status == 200 for status, _, _ in results)
+    assert all(n == 3 for _, _, n in results)  # every slot filled on either state
+    assert {v for _, v, _ in results} <= {"projection-v1", "projection-v2"}
+    assert final["ads"] == 300 and final["model_version"] == "projection-v1"
+
+
+def test_bad_catalog_reload_keeps_serving(make_app, catalog_file) -> None:
+    app, _ = make_app()
+    with TestClient(app) as client:
+        catalog_file.write_text("ad_id,campaign_id\nx,y\n")
+        failed = client.post("/v1/admin/reload", headers={"Authorization": "Bearer secret"})
+        still = select(client)
+    assert failed.status_code == 422 and "missing columns" in failed.json()["detail"]
+    assert still.status_code == 200 and still.json()["slots"][0]["ads"]
+
+
+def test_ads_listing_and_ops_routes(make_app) -> None:
+    app, _ = make_app()
+    with TestClient(app) as client:
+        listing = client.get("/v1/ads", params={"category": "tech", "format": "native", "limit": 5}).json()
+        bad = client.get("/v1/ads", params={"limit": 0})
+        health = client.get("/healthz")
+        select(client)
+        metrics = client.get("/metrics").text
+    assert 0 < len(listing["ads"]) <= 5 and all(a["category"] == "tech" for a in listing["ads"])
+    assert all("native" in a["formats"] for a in listing["ads"])
+    assert bad.status_code == 422 and "limit" in str(bad.json()["detail"])
+    assert health.json() == {"status": "ok"}
+    for name in (
+        "adloop_stage_seconds_bucket",
+        "adloop_request_seconds",
+        "adloop_impressions_total",
+        'adloop_model_info{loaded="true",version="projection-v1"}',
+        "adloop_catalog_ads",
+    ):
+        assert name in metrics
+
+
+def test_catalog_file_change_is_picked_up_without_restart(make_app, catalog_file) -> None:
+    app, _ = make_app(catalog_poll_s=0.1)
+    with TestClient(app) as client:
+        assert client.get("/v1/ads", params={"limit": 1}).json()["total"] == 300
+        write_catalog(generate_catalog(120, seed=5), catalog_file)
+        deadline = time.monotonic() + 5
+        while client.get("/v1/ads", params={"limit": 1}).json()["total"] != 120 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/v1/ads", params={"limit": 1}).json()["total"] == 120
+        assert select(client).status_code == 200
