@@ -1,0 +1,76 @@
+"""ModelBundle: what serving calls per request (user vector, ad vectors, calibrated click probabilities).
+
+Built once per model version (by the registry's `load` or by training) and shared read-only; every
+per-request method is vectorised over candidates and allocates only the request's own arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import torch
+
+from models.ranker import PlattCalibrator, request_features
+from models.two_tower import AD_ATTRIBUTES, TwoTower, encode_ads, encode_users, to_tensors
+
+
+@dataclass
+class ModelBundle:
+    version: str
+    tower: TwoTower  # in eval mode, on `device`
+    booster: lgb.Booster
+    calibrator: PlattCalibrator
+    feature_names: list[str]  # columns of the ranker, in order
+    ad_ids: list[str]  # row i of ad_matrix is ad_ids[i]
+    ad_matrix: np.ndarray  # (n_ads, dim) float32, L2-normalised
+    compiled: Any | None = None  # lleaves predictor of the raw margin, when available
+    manifest: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def user_vector(self, user_features: Mapping[str, Any]) -> np.ndarray:
+        """(dim,) float32 L2-normalised vector of one user_activity row."""
+        return self.user_vectors([user_features])[0]
+
+    def user_vectors(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """(n, dim) float32 vectors of user_activity rows."""
+        batch = to_tensors(encode_users(rows, self.tower.config), self.device)
+        with torch.inference_mode():
+            return self.tower.user_tower(batch).cpu().numpy()
+
+    def embed_ads(self, ad_rows: pd.DataFrame | Mapping[str, Sequence[Any]]) -> np.ndarray:
+        """(n, dim) float32 vectors of catalog ads (columns ad_id, category, campaign_id, advertiser_id).
+
+        An ad unseen in training gets its vector from its hashed attributes (see models.two_tower).
+        """
+        columns = {c: list(ad_rows[c]) for c in AD_ATTRIBUTES if c in ad_rows}
+        batch = to_tensors(encode_ads(columns, self.tower.config), self.device)
+        with torch.inference_mode():
+            return self.tower.ad_tower(batch).cpu().numpy()
+
+    def predict_ctr(
+        self,
+        user_features: Mapping[str, Any],
+        ad_frame: pd.DataFrame | Mapping[str, Any],
+        context: Mapping[str, Any],
+        embedding_scores: np.ndarray,
+    ) -> np.ndarray:
+        """(n_candidates,) calibrated click probabilities of one request.
+
+        ad_frame: ad_id, category, campaign_id (optional position) and the ad_performance columns of the
+        candidates (absent -> an ad no event has touched). context: ts_ms (request time, epoch ms),
+        optional hour, device, position (default 1: score as if shown first), slate_size.
+        embedding_scores: (n_candidates,) cosine of user_vector and each candidate's ad vector.
+        """
+        x = request_features(user_features, ad_frame, context, embedding_scores, self.feature_names)
+        return self.calibrator(self.predict_margin(x))
+
+    def predict_margin(self, x: np.ndarray) -> np.ndarray:
+        """Raw LightGBM margin of a feature matrix: the compiled predictor when present, else LightGBM."""
+        if self.compiled is not None:
+            return self.compiled.predict(np.ascontiguousarray(x, dtype=np.float64), n_jobs=1)
+        return self.booster.predict(x, raw_score=True, num_threads=1)
