@@ -57,24 +57,29 @@ def evaluate_bundle(bundle: ModelBundle, frame: pd.DataFrame) -> dict[str, Any]:
             "reliability": reliability_table(frame["label"].to_numpy(), probs, 10, "quantile")}  # fmt: skip
 
 
-def evaluation_table(frame: pd.DataFrame, config: TrainConfig | None = None) -> dict[str, Any]:
-    """Train on all days but the last, then score the last: the full model, ablations and baselines."""
+def evaluation_table(
+    frame: pd.DataFrame, config: TrainConfig | None = None, *, ablation: bool = True
+) -> dict[str, Any]:
+    """Train on all days but the last, then score the last: the full model, ablations and baselines.
+
+    Returns rows (scorer -> metrics), the full model's bundle and training report, its reliability
+    table on the holdout and the holdout's size and window.
+    """
     config = config or TrainConfig()
     history, holdout = holdout_split(frame)
     holdout = sort_requests(holdout)
     full, report = train(history, config, version="full")
-    no_emb, _ = train(history, config, features=[f for f in FEATURES if f != "embedding_score"], version="no-emb")
     emb, probs = score_frame(full, holdout)
-    _, probs_no_emb = score_frame(no_emb, holdout)
+    rows = {"full model": metrics_row(holdout, probs, probs)}
+    if ablation:
+        features = [f for f in FEATURES if f != "embedding_score"]
+        no_emb, _ = train(history, config, features=features, version="no-emb")
+        _, probs_no_emb = score_frame(no_emb, holdout)
+        rows["ranker without embedding"] = metrics_row(holdout, probs_no_emb, probs_no_emb)
     popularity = holdout["ad_ctr_7d"].to_numpy(dtype=float)  # live smoothed click rate, as the stream counts it
-    rng = np.random.default_rng(config.seed)
-    rows = {
-        "full model": metrics_row(holdout, probs, probs),
-        "ranker without embedding": metrics_row(holdout, probs_no_emb, probs_no_emb),
-        "embedding score alone": metrics_row(holdout, emb, None),
-        "live popularity": metrics_row(holdout, popularity, popularity),
-        "random": metrics_row(holdout, rng.random(len(holdout)), None),
-    }
+    rows["embedding score alone"] = metrics_row(holdout, emb, None)
+    rows["live popularity"] = metrics_row(holdout, popularity, popularity)
+    rows["random"] = metrics_row(holdout, np.random.default_rng(config.seed).random(len(holdout)), None)
     labels = holdout["label"].to_numpy()
     return {"rows": rows, "bundle": full, "report": report,
             "reliability": reliability_table(labels, probs, 10, "quantile"),
