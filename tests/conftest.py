@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 from adloop import stack
 from adloop.settings import Settings, get_settings
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ADLOOP_SHARED_DATA overrides (a git worktree lives one folder deeper than the checkout ../shared sits beside).
+SHARED_DATA = Path(os.environ.get("ADLOOP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
