@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
+from models.values import as_list, as_number
 from streaming.aggregates import ad_features, smoothed_ctr
 
 USER_COUNTS = [f"{kind}_{w}" for kind in ("page_view", "ad_impression", "ad_click") for w in ("1h", "24h", "7d")]
@@ -96,13 +97,13 @@ def request_features(
     """
     ad_ids = np.asarray(ads["ad_id"], dtype=object)
     n = len(ad_ids)
-    now = float(context.get("ts_ms") or 0)
+    now = as_number(context.get("ts_ms"))
     cols: dict[str, np.ndarray] = {}
     for name in USER_SCALARS:
-        cols[name] = np.full(n, float(user.get(name) or 0.0))
+        cols[name] = np.full(n, as_number(user.get(name)))
     for name in AD_SCALARS:
         cols[name] = _column(ads, name, n, AD_DEFAULTS[name])
-    recent_items = list(user.get("recent_items") or [])
+    recent_items = as_list(user.get("recent_items"))
     cols["user_recent_items"] = np.full(n, float(len(recent_items)))
     cols["user_seconds_since_seen"] = np.full(n, _since(now, user.get("last_seen_ms")))
     ad_seen = _column(ads, "ad_last_seen_ms", n, 0.0)
@@ -118,18 +119,18 @@ def request_features(
     cols["user_ad_impressions_24h"], cols["user_ad_clicks_24h"] = _lookup(user, "ad", ad_ids)
     campaigns = _strings(ads.get("campaign_id"), n)
     cols["user_campaign_impressions_24h"], cols["user_campaign_clicks_24h"] = _lookup(user, "campaign", campaigns)
-    top_categories = list(user.get("top_categories") or [])
-    scores = np.asarray(user.get("top_category_scores") or [], dtype=float)
+    top_categories = as_list(user.get("top_categories"))
+    scores = np.asarray(as_list(user.get("top_category_scores")), dtype=float)
     cols["user_category_affinity"], cols["user_category_rank"] = np.zeros(n), np.full(n, np.nan)
     if top_categories and scores.sum() > 0:
         where = pd.Index(top_categories).get_indexer(categories)
         cols["user_category_affinity"] = np.where(where >= 0, scores[where] / scores.sum(), 0.0)
         cols["user_category_rank"] = np.where(where >= 0, where.astype(float), np.nan)
-    cols["user_recent_category_share"] = _share(list(user.get("recent_categories") or []), categories)
+    cols["user_recent_category_share"] = _share(as_list(user.get("recent_categories")), categories)
     cols["user_viewed_item"] = pd.Index(ad_ids).isin(recent_items).astype(float)
-    cols["position"] = _column(ads, "position", n, float(context.get("position") or 1))
-    cols["slate_size"] = np.full(n, float(context.get("slate_size") or n))
-    cols["hour"] = np.full(n, float(context["hour"]) if context.get("hour") is not None else _hour(now))
+    cols["position"] = _column(ads, "position", n, as_number(context.get("position"), 1.0))
+    cols["slate_size"] = np.full(n, as_number(context.get("slate_size"), float(n)))
+    cols["hour"] = np.full(n, as_number(context.get("hour"), _hour(now)))
     device = context.get("device")
     cols["device_code"] = np.full(n, float(zlib.crc32(str(device).encode()) % 64) if device else np.nan)
     scores_emb = np.nan if embedding_scores is None else np.asarray(embedding_scores, dtype=float)
@@ -257,18 +258,19 @@ def _share(recent: list[str], keys: np.ndarray) -> np.ndarray:
 
 def _lookup(user: Mapping[str, Any], prefix: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """This user's 24 h impressions and clicks of each key (ad or campaign) from the freq_* arrays."""
-    ids = list(user.get(f"freq_{prefix}_ids") or [])
+    ids = as_list(user.get(f"freq_{prefix}_ids"))
     if not ids:
         return np.zeros(len(keys)), np.zeros(len(keys))
     where = pd.Index(ids).get_indexer(keys)
     found = where >= 0
-    impressions = np.asarray(user.get(f"freq_{prefix}_impressions_24h"), dtype=float)
-    clicks = np.asarray(user.get(f"freq_{prefix}_clicks_24h"), dtype=float)
+    impressions = np.asarray(as_list(user.get(f"freq_{prefix}_impressions_24h")), dtype=float)
+    clicks = np.asarray(as_list(user.get(f"freq_{prefix}_clicks_24h")), dtype=float)
     return np.where(found, impressions[where], 0.0), np.where(found, clicks[where], 0.0)
 
 
 def _since(now: float, then: Any) -> float:
-    return (now - float(then)) / 1000.0 if then else np.nan
+    then = as_number(then)
+    return (now - then) / 1000.0 if then else np.nan
 
 
 def _hour(ts_ms: float) -> float:

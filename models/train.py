@@ -79,7 +79,15 @@ def train(frame: pd.DataFrame, config: TrainConfig | None = None, *, features: l
 
 
 def sort_requests(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows by request time, each request's rows contiguous (and in their original order)."""
+    """Rows by request time, each request's rows contiguous (and in their original order).
+
+    A Feast frame's `event_timestamp` (datetime) stands in for `ts` and becomes epoch milliseconds.
+    """
+    if "ts" not in frame and "event_timestamp" in frame:
+        frame = frame.rename(columns={"event_timestamp": "ts"})
+    if pd.api.types.is_datetime64_any_dtype(frame["ts"]):
+        ts = frame["ts"].dt.tz_localize("UTC") if frame["ts"].dt.tz is None else frame["ts"]
+        frame = frame.assign(ts=(ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1))
     order = np.lexsort((np.arange(len(frame)), frame["request_id"].astype(str).to_numpy(), frame["ts"].to_numpy()))
     return frame.iloc[order].reset_index(drop=True)
 

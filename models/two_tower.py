@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from models.values import as_list, as_number
+
 # Activity features of the user tower: names from streaming.aggregates.user_features, log1p-scaled.
 USER_ACTIVITY = ["page_view_24h", "page_view_7d", "ad_impression_24h", "ad_click_24h", "ad_click_7d",
                  "impressions_total", "clicks_total"]  # fmt: skip
@@ -91,9 +93,9 @@ def hash_ids(values: Sequence[Any], buckets: int, salt: str) -> np.ndarray:
 
 def encode_users(rows: Sequence[dict[str, Any]], config: TwoTowerConfig) -> dict[str, np.ndarray]:
     """User-tower inputs of user feature rows (dicts with user_features' names); missing keys are empty/0."""
-    items = [r.get("recent_items") or [] for r in rows]
-    cats = [r.get("recent_categories") or [] for r in rows]
-    activity = np.array([[float(r.get(name) or 0) for name in USER_ACTIVITY] for r in rows], dtype=np.float32)
+    items = [as_list(r.get("recent_items")) for r in rows]
+    cats = [as_list(r.get("recent_categories")) for r in rows]
+    activity = np.array([[as_number(r.get(name)) for name in USER_ACTIVITY] for r in rows], dtype=np.float32)
     return {
         "items": hash_ids([i for row in items for i in row], config.item_buckets, "item:"),
         "item_offsets": _offsets(items),
