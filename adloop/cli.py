@@ -88,8 +88,9 @@ def _print_table(out: dict) -> None:
     from models.evaluate import format_table
 
     holdout = out["holdout"]
-    console.print(f"holdout: last day, {holdout['requests']} requests, {holdout['rows']} candidates", highlight=False)
-    console.print(format_table(out["rows"]), highlight=False, markup=False)
+    days = "last day" if holdout["days"] == 1 else f"last {holdout['days']} days, each by a model of the days before"
+    console.print(f"holdout: {days}; {holdout['requests']} requests, {holdout['rows']} candidates", highlight=False)
+    console.print(format_table(out["rows"]), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("train")
@@ -120,6 +121,7 @@ def train_cmd(
 def evaluate_cmd(
     path: Annotated[Path | None, typer.Argument(help="MIND folder; default ../shared/data/mind.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="A saved version to score PATH's last day.")] = None,
+    days: Annotated[int, typer.Option("--days", help="Holdout days, each scored by a model of the days before.")] = 1,
 ) -> None:
     """The evaluation table (train on earlier days, score the last day prequentially), or one saved version's."""
     from models.evaluate import evaluate_bundle, evaluation_table, format_table, holdout_split, load_mind
@@ -127,7 +129,7 @@ def evaluate_cmd(
 
     frame = load_mind(_mind_path(path))
     if model is None:
-        _print_table(evaluation_table(frame))
+        _print_table(evaluation_table(frame, days=days))
         return
     try:
         bundle = Registry(get_settings().model_registry_path).load(model)
@@ -135,7 +137,7 @@ def evaluate_cmd(
         console.print(f"[red]cannot load {model}:[/red] {error}", highlight=False)
         raise typer.Exit(1) from error
     out = evaluate_bundle(bundle, holdout_split(frame)[1])
-    console.print(format_table({f"{bundle.version}": out["metrics"]}), highlight=False, markup=False)
+    console.print(format_table({f"{bundle.version}": out["metrics"]}), highlight=False, markup=False, soft_wrap=True)
     table = Table("predicted range", "rows", "mean predicted", "observed")
     for row in out["reliability"]:
         table.add_row(f"{row['lo']:.4f}-{row['hi']:.4f}", str(row["rows"]), f"{row['predicted']:.4f}",

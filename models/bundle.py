@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.ranker import PlattCalibrator, request_features
+from models.ranker import PlattCalibrator, base_margin, request_features
 from models.two_tower import AD_ATTRIBUTES, TwoTower, encode_ads, encode_users, to_tensors
 
 
@@ -28,6 +28,7 @@ class ModelBundle:
     feature_names: list[str]  # columns of the ranker, in order
     ad_ids: list[str]  # row i of ad_matrix is ad_ids[i]
     ad_matrix: np.ndarray  # (n_ads, dim) float32, L2-normalised
+    offset_feature: str | None = None  # margin = logit(this feature) + trees (models.ranker.base_margin)
     compiled: Any | None = None  # lleaves predictor of the raw margin, when available
     manifest: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -70,7 +71,9 @@ class ModelBundle:
         return self.calibrator(self.predict_margin(x))
 
     def predict_margin(self, x: np.ndarray) -> np.ndarray:
-        """Raw LightGBM margin of a feature matrix: the compiled predictor when present, else LightGBM."""
+        """Margin (log-odds before calibration) of a feature matrix: base margin + the trees' raw score,
+        from the compiled predictor when present, else LightGBM."""
+        offset = base_margin(x, self.feature_names, self.offset_feature)
         if self.compiled is not None:
-            return self.compiled.predict(np.ascontiguousarray(x, dtype=np.float64), n_jobs=1)
-        return self.booster.predict(x, raw_score=True, num_threads=1)
+            return offset + self.compiled.predict(np.ascontiguousarray(x, dtype=np.float64), n_jobs=1)
+        return offset + self.booster.predict(x, raw_score=True, num_threads=1)

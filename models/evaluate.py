@@ -16,14 +16,14 @@ import pandas as pd
 from models.bundle import ModelBundle
 from models.metrics import ece, group_metrics, logloss, reliability_table
 from models.ranker import FEATURES, frame_features
-from models.train import TrainConfig, sort_requests, train
+from models.train import TrainConfig, normalise_frame, sort_requests, train
 
 COLUMNS = ["group_auc", "mrr", "ndcg@5", "ndcg@10", "logloss", "ece"]
 
 
 def holdout_split(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(earlier days, last day) by UTC calendar day of the request time."""
-    day = pd.to_datetime(frame["ts"], unit="ms", utc=True).dt.floor("D")
+    day = _days(frame)
     last = day == day.max()
     return frame[~last].reset_index(drop=True), frame[last].reset_index(drop=True)
 
@@ -58,32 +58,41 @@ def evaluate_bundle(bundle: ModelBundle, frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def evaluation_table(
-    frame: pd.DataFrame, config: TrainConfig | None = None, *, ablation: bool = True
+    frame: pd.DataFrame, config: TrainConfig | None = None, *, ablation: bool = True, days: int = 1
 ) -> dict[str, Any]:
-    """Train on all days but the last, then score the last: the full model, ablations and baselines.
+    """Score each of the last `days` days with models trained on all days before it; metrics pooled.
 
-    Returns rows (scorer -> metrics), the full model's bundle and training report, its reliability
-    table on the holdout and the holdout's size and window.
+    Rows: the full model, the ranker without the embedding score (if `ablation`), the embedding score
+    alone, live popularity and random. Also returns the bundle and training report of the last day's
+    model (trained on every day but the last), its reliability table, and the holdout's size and window.
     """
     config = config or TrainConfig()
-    history, holdout = holdout_split(frame)
-    holdout = sort_requests(holdout)
-    full, report = train(history, config, version="full")
-    emb, probs = score_frame(full, holdout)
+    frame = normalise_frame(frame)
+    calendar = _days(frame)
+    scored = []
+    for day in np.unique(calendar)[-days:]:
+        history, holdout = frame[calendar < day], sort_requests(frame[calendar == day])
+        full, report = train(history, config, version="full")
+        emb, probs = score_frame(full, holdout)
+        holdout = holdout.assign(_emb=emb, _full=probs)
+        if ablation:
+            features = [f for f in FEATURES if f != "embedding_score"]
+            no_emb, _ = train(history, config, features=features, version="no-emb")
+            holdout["_no_emb"] = score_frame(no_emb, holdout)[1]
+        scored.append(holdout)
+    holdout = pd.concat(scored, ignore_index=True)
+    probs = holdout["_full"].to_numpy()
     rows = {"full model": metrics_row(holdout, probs, probs)}
     if ablation:
-        features = [f for f in FEATURES if f != "embedding_score"]
-        no_emb, _ = train(history, config, features=features, version="no-emb")
-        _, probs_no_emb = score_frame(no_emb, holdout)
-        rows["ranker without embedding"] = metrics_row(holdout, probs_no_emb, probs_no_emb)
+        rows["ranker without embedding"] = metrics_row(holdout, holdout["_no_emb"], holdout["_no_emb"])
     popularity = holdout["ad_ctr_7d"].to_numpy(dtype=float)  # live smoothed click rate, as the stream counts it
-    rows["embedding score alone"] = metrics_row(holdout, emb, None)
+    rows["embedding score alone"] = metrics_row(holdout, holdout["_emb"].to_numpy(), None)
     rows["live popularity"] = metrics_row(holdout, popularity, popularity)
     rows["random"] = metrics_row(holdout, np.random.default_rng(config.seed).random(len(holdout)), None)
     labels = holdout["label"].to_numpy()
     return {"rows": rows, "bundle": full, "report": report,
             "reliability": reliability_table(labels, probs, 10, "quantile"),
-            "holdout": {"requests": int(holdout["request_id"].nunique()), "rows": len(holdout),
+            "holdout": {"days": days, "requests": int(holdout["request_id"].nunique()), "rows": len(holdout),
                         "from_ms": int(holdout["ts"].min()), "to_ms": int(holdout["ts"].max())}}  # fmt: skip
 
 
@@ -94,6 +103,11 @@ def format_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = COL
         cells = ["n/a" if np.isnan(row[c]) else f"{row[c]:.4f}" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _days(frame: pd.DataFrame) -> np.ndarray:
+    """UTC calendar day (days since the epoch) of each row's request time."""
+    return normalise_frame(frame)["ts"].to_numpy() // 86_400_000
 
 
 def load_mind(path: str | Path, limit: int | None = None) -> pd.DataFrame:

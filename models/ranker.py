@@ -55,6 +55,7 @@ DERIVED = {  # name -> what it is computed from (documented in the manifest)
 }
 FEATURES = [*USER_SCALARS, *AD_SCALARS, *DERIVED]
 AD_DEFAULTS = ad_features({}, {}, 0)  # the row of an ad no event has touched yet
+OFFSET_FEATURE = "ad_ctr_7d"  # the ranker boosts from logit(this), the live click rate (see base_margin)
 
 PARAMS = {  # flat, as LightGBM's python-guide keeps them
     "objective": "binary",
@@ -156,6 +157,14 @@ def frame_features(frame: pd.DataFrame, embedding_scores: np.ndarray | None, fea
     return np.vstack(blocks) if blocks else np.zeros((0, len(features)))
 
 
+def base_margin(x: np.ndarray, features: Sequence[str], offset: str | None = OFFSET_FEATURE) -> np.ndarray:
+    """logit of the `offset` feature's column (the live click rate): where the trees start from; 0 if none."""
+    if offset is None or offset not in features:
+        return np.zeros(len(x))
+    p = np.clip(x[:, list(features).index(offset)], 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
 def train_ranker(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -166,10 +175,15 @@ def train_ranker(
     seed: int = 0,
     num_boost_round: int = 600,
 ) -> lgb.Booster:
-    """Binary LightGBM with early stopping on the (later) validation slice."""
+    """Binary LightGBM boosted from logit(live click rate), early stopping on the (later) validation slice.
+
+    Starting from the stream's own click rate (init_score) the trees learn corrections to it, and early
+    stopping keeps only those that hold on later data. Predict with `base_margin(x) + raw score`.
+    """
     params = {**PARAMS, "seed": seed}
-    train_set = lgb.Dataset(x_train, y_train, feature_name=list(features), free_raw_data=False)
-    valid_set = lgb.Dataset(x_valid, y_valid, reference=train_set)
+    train_set = lgb.Dataset(x_train, y_train, feature_name=list(features), free_raw_data=False,
+                            init_score=base_margin(x_train, features))  # fmt: skip
+    valid_set = lgb.Dataset(x_valid, y_valid, reference=train_set, init_score=base_margin(x_valid, features))
     return lgb.train(params, train_set, num_boost_round=num_boost_round, valid_sets=[valid_set],
                      callbacks=[lgb.early_stopping(40, verbose=False)])  # fmt: skip
 

@@ -70,6 +70,7 @@ class Registry:
                 "training": report,
                 "metrics": metrics or {},
                 "features": [{"name": f, "source": feature_source(f)} for f in bundle.feature_names],
+                "ranker_offset": bundle.offset_feature,  # margin = logit(this feature) + trees; null: trees only
                 "artifacts": {name: _sha256(tmp / name) for name in ARTIFACTS},
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
@@ -209,7 +210,8 @@ def _read_bundle(folder: Path, manifest: dict[str, Any]) -> ModelBundle:
         raise ValueError("ranker.txt's features differ from the manifest's feature list")
     return ModelBundle(version=manifest["version"], tower=tower, booster=booster,
                        calibrator=PlattCalibrator.load(folder / "calibrator.json"), feature_names=features,
-                       ad_ids=ad_ids, ad_matrix=ad_matrix, manifest=manifest, device=device)  # fmt: skip
+                       ad_ids=ad_ids, ad_matrix=ad_matrix, offset_feature=manifest.get("ranker_offset"),
+                       manifest=manifest, device=device)  # fmt: skip
 
 
 def _checked_compile(bundle: ModelBundle, folder: Path) -> Any | None:

@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from models.bundle import ModelBundle
-from models.ranker import FEATURES, PlattCalibrator, frame_features, train_ranker
+from models.ranker import FEATURES, OFFSET_FEATURE, PlattCalibrator, frame_features, train_ranker
 from models.two_tower import AD_ATTRIBUTES, TwoTower, TwoTowerConfig, default_device, encode_ads, encode_users
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,12 @@ def train(frame: pd.DataFrame, config: TrainConfig | None = None, *, features: l
     rpart = part[part > 0]
     booster = train_ranker(x[rpart == 1], y[rpart == 1], x[rpart == 2], y[rpart == 2], features=features,
                            seed=config.seed, num_boost_round=config.num_boost_round)  # fmt: skip
-    margins = booster.predict(x[rpart == 3], raw_score=True, num_threads=1)
-    calibrator = PlattCalibrator.fit(margins, y[rpart == 3])
     catalog = ad_catalog(frame)
-    bundle = ModelBundle(version=version, tower=tower, booster=booster, calibrator=calibrator,
+    bundle = ModelBundle(version=version, tower=tower, booster=booster, calibrator=PlattCalibrator(),
                          feature_names=features, ad_ids=catalog["ad_id"].tolist(), ad_matrix=np.zeros((0, 0)),
+                         offset_feature=OFFSET_FEATURE if OFFSET_FEATURE in features else None,
                          device=device)  # fmt: skip
+    bundle.calibrator = PlattCalibrator.fit(bundle.predict_margin(x[rpart == 3]), y[rpart == 3])
     bundle.ad_matrix = bundle.embed_ads(catalog)
     report = {
         "seed": config.seed,
@@ -78,16 +78,19 @@ def train(frame: pd.DataFrame, config: TrainConfig | None = None, *, features: l
     return bundle, report
 
 
-def sort_requests(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows by request time, each request's rows contiguous (and in their original order).
-
-    A Feast frame's `event_timestamp` (datetime) stands in for `ts` and becomes epoch milliseconds.
-    """
+def normalise_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """`ts` as epoch milliseconds; a Feast frame's `event_timestamp` (datetime, UTC if naive) stands in for it."""
     if "ts" not in frame and "event_timestamp" in frame:
         frame = frame.rename(columns={"event_timestamp": "ts"})
     if pd.api.types.is_datetime64_any_dtype(frame["ts"]):
         ts = frame["ts"].dt.tz_localize("UTC") if frame["ts"].dt.tz is None else frame["ts"]
         frame = frame.assign(ts=(ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1))
+    return frame
+
+
+def sort_requests(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows by request time (see normalise_frame), each request's rows contiguous, in their original order."""
+    frame = normalise_frame(frame)
     order = np.lexsort((np.arange(len(frame)), frame["request_id"].astype(str).to_numpy(), frame["ts"].to_numpy()))
     return frame.iloc[order].reset_index(drop=True)
 
