@@ -89,8 +89,17 @@ def _print_table(out: dict) -> None:
 
     holdout = out["holdout"]
     days = "last day" if holdout["days"] == 1 else f"last {holdout['days']} days, each by a model of the days before"
-    console.print(f"holdout: {days}; {holdout['requests']} requests, {holdout['rows']} candidates", highlight=False)
+    console.print(f"holdout: {days}; {holdout['requests']} requests, {holdout['rows']} candidates", soft_wrap=True)
     console.print(format_table(out["rows"]), highlight=False, markup=False, soft_wrap=True)
+    _print_reliability(out["reliability"])
+
+
+def _print_reliability(rows: list[dict]) -> None:
+    table = Table("full model: predicted range", "rows", "mean predicted", "observed click rate")
+    for row in rows:
+        table.add_row(f"{row['lo']:.4f}-{row['hi']:.4f}", str(row["rows"]), f"{row['predicted']:.4f}",
+                      f"{row['observed']:.4f}")  # fmt: skip
+    console.print(table)
 
 
 @app.command("train")
@@ -138,11 +147,7 @@ def evaluate_cmd(
         raise typer.Exit(1) from error
     out = evaluate_bundle(bundle, holdout_split(frame)[1])
     console.print(format_table({f"{bundle.version}": out["metrics"]}), highlight=False, markup=False, soft_wrap=True)
-    table = Table("predicted range", "rows", "mean predicted", "observed")
-    for row in out["reliability"]:
-        table.add_row(f"{row['lo']:.4f}-{row['hi']:.4f}", str(row["rows"]), f"{row['predicted']:.4f}",
-                      f"{row['observed']:.4f}")  # fmt: skip
-    console.print(table)
+    _print_reliability(out["reliability"])
 
 
 @models_app.command("list")
