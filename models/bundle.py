@@ -53,6 +53,19 @@ class ModelBundle:
         with torch.inference_mode():
             return self.tower.ad_tower(batch).cpu().numpy()
 
+    def set_catalog(self, ad_rows: pd.DataFrame | Mapping[str, Sequence[Any]]) -> None:
+        """Replace ad_ids / ad_matrix with a catalog's vectors (at load or on a catalog change, not per request)."""
+        self.ad_matrix = self.embed_ads(ad_rows)
+        self.ad_ids = [str(a) for a in ad_rows["ad_id"]]
+
+    def nearest(self, user_vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices into ad_ids, cosine scores) of the k ads most similar to a user vector, best first."""
+        scores = self.ad_matrix @ user_vector  # (n_ads,)
+        k = min(k, scores.size)
+        top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return top, scores[top]
+
     def predict_ctr(
         self,
         user_features: Mapping[str, Any],
@@ -64,7 +77,8 @@ class ModelBundle:
 
         ad_frame: ad_id, category, campaign_id (optional position) and the ad_performance columns of the
         candidates (absent -> an ad no event has touched). context: ts_ms (request time, epoch ms),
-        optional hour, device, position (default 1: score as if shown first), slate_size.
+        optional hour (default: from ts_ms, UTC), device, position (default 1: score as if shown first),
+        slate_size (number of ads shown together; default: the number of candidates).
         embedding_scores: (n_candidates,) cosine of user_vector and each candidate's ad vector.
         """
         x = request_features(user_features, ad_frame, context, embedding_scores, self.feature_names)

@@ -78,6 +78,9 @@ def test_vectors_are_unit_length_and_batch_one_matches_batch(trained):
     np.testing.assert_allclose(bundle.user_vector(users[3]), batch[3], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(bundle.ad_matrix, axis=1), 1.0, rtol=1e-5)
     assert bundle.ad_matrix.dtype == np.float32 and bundle.ad_matrix.shape[0] == len(bundle.ad_ids)
+    top, scores = bundle.nearest(batch[0], 5)
+    np.testing.assert_allclose(scores, np.sort(bundle.ad_matrix @ batch[0])[::-1][:5], rtol=1e-6)
+    np.testing.assert_allclose(bundle.ad_matrix[top] @ batch[0], scores, rtol=1e-6)
 
 
 def test_unseen_ad_gets_a_vector_from_its_attributes(trained):
