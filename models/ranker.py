@@ -133,7 +133,8 @@ def request_features(
     cols["slate_size"] = np.full(n, as_number(context.get("slate_size"), float(n)))
     cols["hour"] = np.full(n, as_number(context.get("hour"), _hour(now)))
     device = context.get("device")
-    cols["device_code"] = np.full(n, float(zlib.crc32(str(device).encode()) % 64) if device else np.nan)
+    known = isinstance(device, str) and device != ""
+    cols["device_code"] = np.full(n, float(zlib.crc32(device.encode()) % 64) if known else np.nan)
     scores_emb = np.nan if embedding_scores is None else np.asarray(embedding_scores, dtype=float)
     cols["embedding_score"] = np.broadcast_to(scores_emb, (n,))
     return np.column_stack([cols[name] for name in features]) if n else np.zeros((0, len(features)))

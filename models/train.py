@@ -97,8 +97,7 @@ def sort_requests(frame: pd.DataFrame) -> pd.DataFrame:
 
 def split_requests(frame: pd.DataFrame, config: TrainConfig) -> np.ndarray:
     """Per row 0..3 (two-tower, trees, valid, calibration) by its request's rank in time."""
-    first = frame.groupby("request_id", sort=False)["ts"].transform("min").to_numpy()
-    requests = pd.Series(first, index=frame["request_id"].to_numpy()).groupby(level=0).first().sort_values()
+    requests = frame.groupby("request_id", sort=False)["ts"].min().sort_values(kind="stable")  # request -> time
     rank = pd.Series(np.arange(len(requests)) / max(len(requests), 1), index=requests.index)
     share = rank.reindex(frame["request_id"].to_numpy()).to_numpy()
     bounds = np.cumsum([config.tower_share, 1 - config.tower_share - config.valid_share - config.calibration_share,
