@@ -276,6 +276,8 @@ def serve(
         log_level="info",
         access_log=False,  # one canonical line per request belongs in the app, not per-hit access logs
     )
+
+
 def _mind_path(path: Path | None) -> Path:
     """The MIND folder: the argument, else ../shared/data/mind from here or from the project root."""
     from adloop.settings import PROJECT_ROOT
