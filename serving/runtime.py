@@ -225,13 +225,14 @@ def impression_records(result: SelectionResult, request: SelectionRequest) -> li
                     "user_id": result.user_id,
                     "ad_id": c.ad_id,
                     "campaign_id": c.campaign_id,
+                    "category": c.category,
                     "request_id": result.request_id,
                     "slot_id": slot_id,
                     "position": c.rank,
                     "model_version": result.model_version,
                     "arm": result.arm,
                     "propensity": c.propensity,
-                    "context": context,
+                    "context": {**context, "advertiser_id": c.advertiser_id},
                     "ts": int(time.time() * 1000),
                 }
             )

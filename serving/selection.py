@@ -73,6 +73,8 @@ class Choice:
     price: float  # eCPM, USD = 1000 x pCTR x bid
     propensity: float
     deal_id: str | None = None
+    category: str | None = None  # logged with the impression: the ranker's training rows need it
+    advertiser_id: str | None = None
 
 
 @dataclass
@@ -323,6 +325,8 @@ class Selector:
                         float(ecpm[pick]),
                         float(propensity),
                         _deal_of(catalog, row, slot, float(ecpm[pick])),
+                        catalog.categories[catalog.category_code[row]],
+                        catalog.advertiser_ids[catalog.advertiser_code[row]],
                     )
                 )
             out[slot.slot_id] = picks
@@ -365,7 +369,8 @@ def _top_k(score: np.ndarray, masks, k: int) -> np.ndarray:
 def _ad_frame(state: ServingState, rows: np.ndarray, stats: AdStats, ctr: np.ndarray) -> dict[str, np.ndarray]:
     """`scoring.AD_FRAME_COLUMNS` of the candidate rows (ids as text)."""
     catalog = state.catalog
-    same = stats.catalog_version == catalog.version
+    columns = stats.columns  # one read: a refresh swaps the whole dict, possibly for another catalog
+    same = stats.catalog_version == catalog.version and len(columns["ad_ctr_7d"]) == len(catalog)
     frame = {
         "ad_id": catalog.ad_ids[rows],
         **{name: column[rows] for name, column in state.text_columns.items()},
@@ -374,7 +379,7 @@ def _ad_frame(state: ServingState, rows: np.ndarray, stats: AdStats, ctr: np.nda
     }
     for name in AD_STAT_COLUMNS:
         if name != "ad_ctr_24h":
-            frame[name] = stats.columns[name][rows] if same else np.zeros(len(rows))
+            frame[name] = columns[name][rows] if same else np.zeros(len(rows))
     return frame
 
 
