@@ -312,8 +312,28 @@ def _print_reliability(rows: list[dict]) -> None:
 def train_cmd(
     data: Annotated[Path | None, typer.Option("--data", help="MIND folder; default ../shared/data/mind.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the two-tower, sampling and LightGBM.")] = 0,
+    from_log: Annotated[
+        bool, typer.Option("--from-log", help="Train on the impressions and clicks logged on Kafka, through Feast.")
+    ] = False,
+    click_window: Annotated[float, typer.Option(help="--from-log: a click counts within this many seconds.")] = 1800,
+    promote: Annotated[bool, typer.Option(help="--from-log: promote the new version.")] = False,
 ) -> None:
-    """Train on all days but the last of the MIND stream, evaluate on the last, save a version (not promoted)."""
+    """Train a version: on the MIND stream (default; all days but the last, evaluated on the last), or on
+    the served log (--from-log: labelled impressions joined with point-in-time Feast features)."""
+    if from_log:
+        from models.retrain import train_from_log
+        from streaming.log import read_events
+
+        settings = get_settings()
+        try:
+            done = train_from_log(
+                settings, read_events(settings), click_window_s=click_window, seed=seed, promote=promote
+            )
+        except ValueError as error:
+            console.print(f"[red]cannot train:[/red] {error}", highlight=False)
+            raise typer.Exit(1) from error
+        console.print_json(data={k: v for k, v in done.items() if k != "reliability"})
+        return
     from models.evaluate import evaluation_table, load_mind
     from models.registry import Registry
     from models.train import TrainConfig

@@ -24,10 +24,9 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from adloop.settings import Settings
-from features.store import AD_VIEW, USER_VIEW, open_store
+from features.store import AD_VIEW, JOIN_KEYS, USER_VIEW, open_store
 
 ENTITY_KEY_VERSION = 3
-JOIN_KEYS = {USER_VIEW: "user_id", AD_VIEW: "ad_id"}
 
 
 @dataclass(frozen=True)

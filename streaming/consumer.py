@@ -6,8 +6,9 @@ One batch, in order (poll -> decode -> handle -> sink -> store offsets after the
      (already applied before a crash or rebalance) is skipped;
   2. fold the events into the users' states (streaming.aggregates, pure);
   3. append the batch's rows to the offline store (one parquet file per view and batch, read by
-     Feast): one row per user and ad touched, stamped with its latest event time, i.e. exactly
-     the rows that serving reads online after this batch;
+     Feast): one row per user and ad touched, stamped with its latest event time (the rows
+     serving reads online after this batch), plus a user's state just before each ad impression
+     (what the ranker saw), so point-in-time training rows do not depend on batch sizes;
   4. one atomic Redis write: states, seen ids, ad counters, the latest online rows in Feast's
      own layout (features/online.py) and each partition's applied offset;
   5. commit the Kafka offsets.
@@ -33,7 +34,7 @@ from features.store import AD_VIEW, USER_VIEW
 from streaming import metrics
 from streaming.aggregates import ad_bucket_keys, ad_features, apply_user, prune, user_features
 from streaming.dead_letters import DeadLetters
-from streaming.events import Event, InvalidEvent, parse_event
+from streaming.events import Event, EventType, InvalidEvent, parse_event
 from streaming.state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,18 @@ class FeatureConsumer:
         users = self.state.user_states({e.user_id for _, _, e in events})
         ad_increments: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         ad_last: dict[str, int] = {}
+        snapshots: dict[tuple[str, int], tuple[str, int, dict[str, Any]]] = {}
         for _, _, event in events:
-            apply_user(users[event.user_id], event)
+            state = users[event.user_id]
+            seen_until = (event.user_id, state.last_ts)
+            if (
+                event.event_type == EventType.ad_impression
+                and 0 < state.last_ts < event.ts_ms
+                and seen_until not in snapshots
+            ):
+                # What the ranker saw for this impression: a training row exact whatever the batch size.
+                snapshots[seen_until] = (event.user_id, state.last_ts, user_features(state))
+            apply_user(state, event)
             keys = ad_bucket_keys(event)
             if keys and event.ad_id:
                 hour, fine, slot = keys
@@ -134,7 +145,7 @@ class FeatureConsumer:
         user_rows = [(u, s.last_ts, user_features(s)) for u, s in users.items()]
         ad_rows = self._ad_rows(ad_increments, ad_last)
         name = _batch_name(batch)
-        self.sink.write_offline(USER_VIEW, user_rows, name=name)
+        self.sink.write_offline(USER_VIEW, [*snapshots.values(), *user_rows], name=name)
         self.sink.write_offline(AD_VIEW, ad_rows, name=name)
 
         def online(pipe: Any) -> None:

@@ -23,9 +23,8 @@ from streaming.aggregates import UserState, apply_user, user_features
 from streaming.consumer import FeatureConsumer
 from streaming.dead_letters import describe
 from streaming.events import Event
-from tests.conftest import shared_data
+from tests.conftest import adloop_env, produce, shared_data
 from tests.streaming import batch_features
-from tests.streaming.conftest import adloop_env, produce
 from tests.streaming.test_aggregates import synthetic_events
 
 pytestmark = pytest.mark.integration
