@@ -74,3 +74,37 @@ def test_training_rows_never_see_their_own_click_and_the_model_learns_the_prefer
     done = train_from_log(feature_settings, logged, seed=3, promote=True)
     assert Registry(feature_settings.model_registry_path).promoted() == done["version"]
     assert done["holdout"]["group_auc"] > 0.75, done["holdout"]  # the favourite category is learnable
+
+
+def test_served_with_the_trained_model_and_live_features(feature_settings: Settings, tmp_path) -> None:
+    """Collect -> learn -> serve: the API ranks with the promoted model over the user's Feast features."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    events = served_log(900, seed=2)
+    produce(feature_settings, events)
+    FeatureConsumer(feature_settings, redis_client=redis.Redis.from_url(feature_settings.redis_url)).run(idle_exit_s=2)
+    version = train_from_log(feature_settings, list(read_events(feature_settings)), seed=1, promote=True)["version"]
+
+    catalog = tmp_path / "ads.csv"
+    header = "ad_id,campaign_id,advertiser_id,advertiser_domain,category,formats,bid,daily_budget,start_date,end_date,"
+    header += "freq_cap_ad,freq_cap_campaign,deal_ids,title,image_url,landing_url\n"
+    rows = [f"ad-{c}-{n},camp-{c},adv-{c},{c}.example.com,{c},native,1.0,0,,,0,0,,{c} {n},https://x/{n}.jpg,https://x/{n}"
+            for c in CATEGORIES for n in range(3)]  # fmt: skip
+    catalog.write_text(header + "\n".join(rows) + "\n")
+    settings = feature_settings.model_copy(update={"catalog_path": catalog, "serve_epsilon": 0.0, "control_share": 0.0})
+
+    wins = 0
+    with TestClient(create_app(settings)) as client:
+        for n in range(40):
+            user = f"user-{n}"
+            favourite = CATEGORIES[n % len(CATEGORIES)]
+            body = {"user_id": user, "slots": [{"slot_id": "s", "format": "native"}]}
+            answer = client.post("/v1/select", json=body)
+            assert answer.status_code == 200, answer.text
+            chosen = answer.json()["slots"][0]["ads"][0]
+            assert answer.json()["fallback"] is False, answer.json()
+            assert answer.json()["model_version"] == version
+            wins += chosen["ad_id"].startswith(f"ad-{favourite}-")
+    assert wins >= 30, f"the favourite category won only {wins} of 40 requests"  # random would win ~10
