@@ -159,6 +159,7 @@ def main() -> None:
     from serving.catalog import generate_catalog, write_catalog
 
     base = get_settings()
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="adloop-bench-"))
     topic = f"adloop.bench.{uuid.uuid4().hex[:8]}"
     settings = base.model_copy(
@@ -214,17 +215,30 @@ def main() -> None:
                     results[name][rate]["cpu_ms"] = (tree_cpu_s(port_pid[port]) - cpu) * 1000 / (rate * args.seconds)
                 if name == "select":
                     state = json.loads(subprocess_get(port, "/readyz"))
-                    state["metrics"] = [
-                        ln
-                        for ln in subprocess_get(port, "/metrics").splitlines()
-                        if ln.startswith(("adloop_fallback_total", "adloop_impressions_total"))
-                    ]
+                    state["metrics"] = server_metrics(subprocess_get(port, "/metrics"))
     finally:
         client.flushdb()
         admin.delete_topics([topic])
         admin.close()
         shutil.rmtree(work, ignore_errors=True)
+    print(f"\n1-min load average (other processes share these cores): {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after, on {os.cpu_count()} cores")  # fmt: skip
     report(results, rates, args.seconds, state)
+
+
+def server_metrics(text: str) -> list[str]:
+    """Fallback and impression counters, and the mean handler / selection-stage time over the whole run."""
+    lines = [ln for ln in text.splitlines() if ln.startswith(("adloop_fallback_total", "adloop_impressions_total"))]
+    sums: dict[str, float] = {}
+    for ln in text.splitlines():
+        if ln.startswith(("adloop_stage_seconds_", "adloop_request_seconds_")) and not ln.startswith("#"):
+            name, value = ln.rsplit(" ", 1)
+            sums[name] = float(value)
+    for name, total in sums.items():
+        if "_sum{" in name and sums.get(name.replace("_sum{", "_count{")):
+            mean_ms = 1000 * total / sums[name.replace("_sum{", "_count{")]
+            lines.append(f"mean {name.replace('_sum', '')}: {mean_ms:.3f} ms")
+    return lines
 
 
 def seed_features(settings, client, ads: list[dict]) -> tuple[list[str], dict[str, dict]]:
