@@ -13,15 +13,18 @@ What runs (all on 127.0.0.1, bounded in count and time):
 - `feast serve` (one worker, no access log, no worker recycling) on the same registry and Redis db:
   POST /get-online-features of 10 `user_activity` features for the same users at the same rates.
 
-The client is open loop: request i is due at t0 + i / rate whatever happened before, and its latency is
-measured from that due time (no coordinated omission); raw asyncio keep-alive connections, bodies built
-in advance, so that the client stays cheap on a 2-core machine it shares with the server.
+The three servers run side by side (idle while another is loaded); each rate loads them one after the
+other, so that other load on a shared machine drifts over all three alike. The client is open loop:
+request i is due at t0 + i / rate whatever happened before, and its latency is measured from that due
+time (no coordinated omission); raw asyncio keep-alive connections, bodies built in advance, so that
+the client stays cheap on a 2-core machine it shares with the servers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -200,22 +203,21 @@ def main() -> None:
             "constant": lambda: uvicorn_process("bench.serve:constant_factory", env),
             "feast": lambda: feast_process(settings),
         }
-        for name, server in servers.items():
-            bodies, path = targets[name]
-            with server() as port:
-                if name == "select":
-                    check_app_reads_feast_layout(port, users[0], seeded)
-                if name == "feast":
-                    check_feast_answers(port, users[0], seeded)
-                asyncio.run(open_loop(port, path, bodies, 100, 2))  # warm-up, not reported
-                results[name] = {}
-                for rate in rates:
+        with contextlib.ExitStack() as running:  # all three up at once; each rate runs them back to back
+            ports = {name: running.enter_context(server()) for name, server in servers.items()}
+            check_app_reads_feast_layout(ports["select"], users[0], seeded)
+            check_feast_answers(ports["feast"], users[0], seeded)
+            for name, port in ports.items():
+                asyncio.run(open_loop(port, targets[name][1], targets[name][0], 100, 2))  # warm-up, not reported
+            results = {name: {} for name in ports}
+            for rate in rates:
+                for name, port in ports.items():
+                    bodies, path = targets[name]
                     cpu = tree_cpu_s(port_pid[port])
                     results[name][rate] = asyncio.run(open_loop(port, path, bodies, rate, args.seconds))
                     results[name][rate]["cpu_ms"] = (tree_cpu_s(port_pid[port]) - cpu) * 1000 / (rate * args.seconds)
-                if name == "select":
-                    state = json.loads(subprocess_get(port, "/readyz"))
-                    state["metrics"] = server_metrics(subprocess_get(port, "/metrics"))
+            state = json.loads(subprocess_get(ports["select"], "/readyz"))
+            state["metrics"] = server_metrics(subprocess_get(ports["select"], "/metrics"))
     finally:
         client.flushdb()
         admin.delete_topics([topic])
