@@ -1,28 +1,35 @@
-"""Open-loop load on the serving API, against a constant FastAPI endpoint (and `feast serve`) as baselines.
+"""Open-loop load on the serving API, against a constant FastAPI endpoint and `feast serve` as baselines.
 
     PYTHONPATH=. .venv/bin/python bench/serve.py [--rates 100,250,500] [--seconds 10]
 
 What runs (all on 127.0.0.1, bounded in count and time):
-- the app under uvicorn (one worker, a subprocess) with a 10,000-ad generated catalog, a
-  projection model (32-d), real Redis holding the users' features (one read per request), impressions
-  logged to a fresh Kafka topic (deleted afterwards); each request is one native slot of 2 ads, so
-  200 candidates are ranked;
+- the app under uvicorn (one worker, a subprocess) with a 10,000-ad generated catalog, a projection
+  model (32-d) and the default feature reader (`OnlineFeatureReader`: one HMGET per request in Feast's
+  own Redis layout); 2,000 users' `user_activity` rows and the ads' `ad_performance` rows are written
+  in that layout to Redis db 7 (emptied before and after) with a Feast registry applied in a temporary
+  folder; impressions are logged to a fresh Kafka topic (deleted afterwards); each request is one
+  native slot of 2 ads, so 200 candidates are ranked;
 - a FastAPI endpoint returning a constant, under the same uvicorn settings;
-- `feast serve` get-online-features for the same user: TODO(integrator) once features/repo is on main
-  (start `feast serve` on the repo, point the same client at POST /get-online-features).
+- `feast serve` (one worker, no access log, no worker recycling) on the same registry and Redis db:
+  POST /get-online-features of 10 `user_activity` features for the same users at the same rates.
 
-The client is open loop: request i is due at t0 + i / rate whatever happened before, and its latency is
-measured from that due time (no coordinated omission); raw asyncio keep-alive connections, bodies built
-in advance, so that the client stays cheap on a 2-core machine it shares with the server.
+The three servers run side by side (idle while another is loaded); each rate loads them one after the
+other, so that other load on a shared machine drifts over all three alike. The client is open loop:
+request i is due at t0 + i / rate whatever happened before, and its latency is measured from that due
+time (no coordinated omission); raw asyncio keep-alive connections, bodies built in advance, so that
+the client stays cheap on a 2-core machine it shares with the servers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +42,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS = 2000
+BENCH_REDIS_DB = 7  # emptied before and after the run
+FEAST_FEATURES = ("top_categories", "top_category_scores", "recent_items", "recent_categories", "freq_ad_ids",
+                  "freq_ad_impressions_24h", "freq_campaign_ids", "freq_campaign_impressions_24h", "user_ctr",
+                  "last_seen_ms")  # fmt: skip
 port_pid: dict[int, int] = {}
 
 
@@ -42,26 +53,19 @@ port_pid: dict[int, int] = {}
 
 
 def app_factory():
-    """`uvicorn bench.serve:app_factory --factory`: the real app with the benchmark's catalog, model, users."""
+    """`uvicorn bench.serve:app_factory --factory`: the real app (default Redis client and feature reader,
+    from ADLOOP_REDIS_URL and ADLOOP_FEAST_DATA_DIR) with the benchmark's catalog and projection model."""
     import csv
 
     from adloop.settings import Settings
     from serving.app import create_app
-    from serving.features_access import RedisJsonReader, request_path_redis
     from serving.scoring import ProjectionBundle, StaticRegistry
 
     settings = Settings()
     with open(settings.catalog_path, encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     bundle = ProjectionBundle(rows, version="bench-projection-v1")
-    client = request_path_redis(settings.redis_url, timeout_s=settings.request_budget_ms / 1000)
-    reader = RedisJsonReader(client, prefix=os.environ["BENCH_USER_PREFIX"])
-    return create_app(
-        settings,
-        feature_reader=reader,
-        registry=StaticRegistry({bundle.version: bundle}, bundle.version),
-        redis_client=client,
-    )
+    return create_app(settings, registry=StaticRegistry({bundle.version: bundle}, bundle.version))
 
 
 def constant_factory():
@@ -154,21 +158,142 @@ def main() -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
 
     from adloop.settings import get_settings
-    from serving.catalog import CATEGORIES, generate_catalog, write_catalog
-    from serving.features_access import RedisJsonReader
+    from features import store
+    from serving.catalog import generate_catalog, write_catalog
 
-    settings = get_settings()
+    base = get_settings()
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="adloop-bench-"))
-    catalog_path = work / "ads.csv"
-    rows = generate_catalog(10_000, seed=7)
-    write_catalog(rows, catalog_path)
-    prefix = f"adloop:bench:{uuid.uuid4().hex[:8]}:"
     topic = f"adloop.bench.{uuid.uuid4().hex[:8]}"
+    settings = base.model_copy(
+        update={
+            "redis_url": base.redis_url.rsplit("/", 1)[0] + f"/{BENCH_REDIS_DB}",
+            "feast_data_dir": work / "feast",
+            "catalog_path": work / "ads.csv",
+            "events_topic": topic,
+        }
+    )
+    ads = generate_catalog(10_000, seed=7)
+    write_catalog(ads, settings.catalog_path)
     client = redis.Redis.from_url(settings.redis_url)
+    client.flushdb()
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
     admin.create_topics([NewTopic(topic, 3, 1)])
-    users = seed_users(RedisJsonReader(client, prefix=prefix), rows, CATEGORIES)
-    bodies = [
+    results: dict[str, dict[float, dict]] = {}
+    try:
+        store.apply(settings)
+        users, seeded = seed_features(settings, client, ads)
+        targets = {
+            "select": (select_bodies(users), "/v1/select"),
+            "constant": (select_bodies(users), "/constant"),
+            "feast": (feast_bodies(users), "/get-online-features"),
+        }
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "ADLOOP_REDIS_URL": settings.redis_url,
+            "ADLOOP_FEAST_DATA_DIR": str(settings.feast_data_dir),
+            "ADLOOP_CATALOG_PATH": str(settings.catalog_path),
+            "ADLOOP_EVENTS_TOPIC": topic,
+            "ADLOOP_CATALOG_POLL_S": "0",
+            "ADLOOP_SERVE_TOP_K": "200",
+        }
+        servers = {
+            "select": lambda: uvicorn_process("bench.serve:app_factory", env),
+            "constant": lambda: uvicorn_process("bench.serve:constant_factory", env),
+            "feast": lambda: feast_process(settings),
+        }
+        with contextlib.ExitStack() as running:  # all three up at once; each rate runs them back to back
+            ports = {name: running.enter_context(server()) for name, server in servers.items()}
+            check_app_reads_feast_layout(ports["select"], users[0], seeded)
+            check_feast_answers(ports["feast"], users[0], seeded)
+            for name, port in ports.items():
+                asyncio.run(open_loop(port, targets[name][1], targets[name][0], 100, 2))  # warm-up, not reported
+            results = {name: {} for name in ports}
+            for rate in rates:
+                for name, port in ports.items():
+                    bodies, path = targets[name]
+                    cpu = tree_cpu_s(port_pid[port])
+                    results[name][rate] = asyncio.run(open_loop(port, path, bodies, rate, args.seconds))
+                    results[name][rate]["cpu_ms"] = (tree_cpu_s(port_pid[port]) - cpu) * 1000 / (rate * args.seconds)
+            state = json.loads(subprocess_get(ports["select"], "/readyz"))
+            state["metrics"] = server_metrics(subprocess_get(ports["select"], "/metrics"))
+    finally:
+        client.flushdb()
+        admin.delete_topics([topic])
+        admin.close()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n1-min load average (other processes share these cores): {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after, on {os.cpu_count()} cores")  # fmt: skip
+    report(results, rates, args.seconds, state)
+
+
+def server_metrics(text: str) -> list[str]:
+    """Fallback and impression counters, and the mean handler / selection-stage time over the whole run."""
+    lines = [ln for ln in text.splitlines() if ln.startswith(("adloop_fallback_total", "adloop_impressions_total"))]
+    sums: dict[str, float] = {}
+    for ln in text.splitlines():
+        if ln.startswith(("adloop_stage_seconds_", "adloop_request_seconds_")) and not ln.startswith("#"):
+            name, value = ln.rsplit(" ", 1)
+            sums[name] = float(value)
+    for name, total in sums.items():
+        if "_sum{" in name and sums.get(name.replace("_sum{", "_count{")):
+            mean_ms = 1000 * total / sums[name.replace("_sum{", "_count{")]
+            lines.append(f"mean {name.replace('_sum', '')}: {mean_ms:.3f} ms")
+    return lines
+
+
+def seed_features(settings, client, ads: list[dict]) -> tuple[list[str], dict[str, dict]]:
+    """Every user's full `user_activity` row and every ad's `ad_performance` row, written in Feast's layout
+    (the consumer's write path); returns the user ids and their rows."""
+    from features.online import FeastLayout, write_rows
+    from features.store import AD_VIEW, USER_VIEW
+    from serving.catalog import CATEGORIES
+    from streaming.aggregates import EVENT_TYPES, RECENT_N, TOP_CATEGORIES_N, WINDOWS, ad_features, smoothed_ctr
+
+    rng = random.Random(1)
+    now_ms = int(time.time() * 1000)
+    layout = FeastLayout.from_settings(settings)
+    users = [f"bench-user-{i}" for i in range(USERS)]
+    rows: dict[str, dict] = {}
+    for user in users:
+        cats = rng.sample(CATEGORIES, min(TOP_CATEGORIES_N, len(CATEGORIES)))
+        shown = rng.sample(ads, rng.randint(5, 15))
+        scales = zip(WINDOWS, (3, 40, 200), strict=True)  # event counts per 1 h, 24 h, 7 d
+        row = {f"{kind}_{w}": rng.randint(0, scale) for w, scale in scales for kind in EVENT_TYPES}
+        row["top_categories"] = cats
+        row["top_category_scores"] = sorted((round(rng.uniform(0.1, 8.0), 3) for _ in cats), reverse=True)
+        row["recent_items"] = [f"item-{rng.randrange(10**6)}" for _ in range(RECENT_N)]
+        row["recent_categories"] = [rng.choice(cats[:4]) for _ in range(RECENT_N)]
+        row["freq_ad_ids"] = [a["ad_id"] for a in shown]
+        row["freq_ad_impressions_24h"] = [rng.randint(1, 6) for _ in shown]
+        row["freq_ad_clicks_24h"] = [int(rng.random() < 0.1) for _ in shown]
+        row["freq_campaign_ids"] = sorted({a["campaign_id"] for a in shown})
+        row["freq_campaign_impressions_24h"] = [rng.randint(1, 12) for _ in row["freq_campaign_ids"]]
+        row["freq_campaign_clicks_24h"] = [int(rng.random() < 0.2) for _ in row["freq_campaign_ids"]]
+        row["impressions_total"] = rng.randint(20, 500)
+        row["clicks_total"] = rng.randint(0, row["impressions_total"] // 10)
+        row["user_ctr"] = smoothed_ctr(row["clicks_total"], row["impressions_total"])
+        row["last_seen_ms"] = now_ms - rng.randrange(3_600_000)
+        rows[user] = row
+    missing = set(layout.views[USER_VIEW].features) ^ set(next(iter(rows.values())))
+    assert not missing, f"seeded rows differ from the user_activity view: {sorted(missing)}"
+    pipe = client.pipeline(transaction=False)
+    write_rows(pipe, layout, USER_VIEW, [(u, r["last_seen_ms"], r) for u, r in rows.items()])
+    ad_rows = [(a["ad_id"], now_ms, ad_features(_ad_hours(rng, now_ms), {}, now_ms)) for a in ads]
+    write_rows(pipe, layout, AD_VIEW, ad_rows)
+    pipe.execute()
+    return users, rows
+
+
+def _ad_hours(rng: random.Random, now_ms: int) -> dict[str, list[int]]:
+    """A day of hourly [impressions, clicks] counters of one ad."""
+    hour = now_ms // 3_600_000
+    return {str(hour - h): [rng.randint(0, 300), rng.randint(0, 15)] for h in range(24)}
+
+
+def select_bodies(users: list[str]) -> list[bytes]:
+    return [
         json.dumps(
             {
                 "user_id": u,
@@ -178,64 +303,58 @@ def main() -> None:
         ).encode()
         for u in users
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "ADLOOP_CATALOG_PATH": str(catalog_path),
-        "ADLOOP_EVENTS_TOPIC": topic,
-        "ADLOOP_CATALOG_POLL_S": "0",
-        "ADLOOP_SERVE_TOP_K": "200",
-        "BENCH_USER_PREFIX": prefix,
-    }
-    results: dict[str, dict[float, dict]] = {}
-    try:
-        for name, factory, path in (
-            ("select", "app_factory", "/v1/select"),
-            ("constant", "constant_factory", "/constant"),
-        ):
-            with uvicorn_process(f"bench.serve:{factory}", env) as port:
-                asyncio.run(open_loop(port, path, bodies, 100, 2))  # warm-up, not reported
-                results[name] = {}
-                for rate in rates:
-                    cpu = server_cpu_s(port_pid[port])
-                    results[name][rate] = asyncio.run(open_loop(port, path, bodies, rate, args.seconds))
-                    results[name][rate]["cpu_ms"] = (server_cpu_s(port_pid[port]) - cpu) * 1000 / (rate * args.seconds)
-                if name == "select":
-                    check = json.loads(subprocess_get(port, "/readyz"))
-                    check["metrics"] = [
-                        ln
-                        for ln in subprocess_get(port, "/metrics").splitlines()
-                        if ln.startswith(("adloop_fallback_total", "adloop_impressions_total"))
-                    ]
-        print("TODO(integrator): feast serve get-online-features for the same user (features/repo not on main yet)")
-    finally:
-        for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            client.delete(key)
-        admin.delete_topics([topic])
-        admin.close()
-    report(results, rates, args.seconds, check)
 
 
-def seed_users(reader, rows, categories) -> list[str]:
-    rng = random.Random(1)
-    pipe = reader.client.pipeline(transaction=False)
-    users = [f"bench-user-{i}" for i in range(USERS)]
-    for user in users:
-        cats = rng.sample(categories, 3)
-        ads = rng.sample(rows, 10)
-        features = {
-            "top_categories": cats,
-            "top_category_scores": [3.0, 2.0, 1.0],
-            "recent_items": [f"item-{rng.randrange(10**6)}" for _ in range(20)],
-            "freq_ad_ids": [a["ad_id"] for a in ads],
-            "freq_ad_impressions_24h": [rng.randint(1, 6) for _ in ads],
-            "freq_campaign_ids": sorted({a["campaign_id"] for a in ads}),
-            "user_ctr": 0.05,
-        }
-        features["freq_campaign_impressions_24h"] = [rng.randint(1, 12) for _ in features["freq_campaign_ids"]]
-        pipe.hset(f"{reader.prefix}user:{user}", mapping={k: json.dumps(v) for k, v in features.items()})
-    pipe.execute()
-    return users
+def feast_bodies(users: list[str]) -> list[bytes]:
+    features = [f"user_activity:{f}" for f in FEAST_FEATURES]
+    return [json.dumps({"features": features, "entities": {"user_id": [u]}}).encode() for u in users]
+
+
+def check_app_reads_feast_layout(port: int, user: str, seeded: dict[str, dict]) -> None:
+    """Before timing: the app's default reader decodes the seeded row (not the empty stand-in fallback)."""
+    answer = json.loads(subprocess_get(port, f"/v1/users/{user}/features"))
+    got, want = answer["features"], seeded[user]
+    assert answer["known"] and got["top_categories"] == want["top_categories"], f"app read {answer}"
+    assert got["freq_ad_ids"] == want["freq_ad_ids"] and len(got) == len(want), f"app read {answer}"
+
+
+def check_feast_answers(port: int, user: str, seeded: dict[str, dict]) -> None:
+    """Before timing: feast serve answers 200 with the seeded values for a seeded user."""
+    status, body = http_post(port, "/get-online-features", feast_bodies([user])[0])
+    assert status == 200, f"feast serve answered {status}: {body[:500]!r}"
+    answer = json.loads(body)
+    names = answer["metadata"]["feature_names"]
+    values = {n: r["values"][0] for n, r in zip(names, answer["results"], strict=True)}
+    statuses = {n: r["statuses"][0] for n, r in zip(names, answer["results"], strict=True)}
+    assert all(statuses[f] == "PRESENT" for f in FEAST_FEATURES), f"feast serve statuses: {statuses}"
+    assert values["top_categories"] == seeded[user]["top_categories"], f"feast serve values: {values}"
+    assert values["recent_items"] == seeded[user]["recent_items"], f"feast serve values: {values}"
+
+
+class feast_process:
+    """`feast -c <repo> serve` on a free loopback port (one worker, no access log, workers not recycled),
+    waited for (GET /health) and stopped (SIGTERM to its process group, then SIGKILL)."""
+
+    def __init__(self, settings):
+        from features.store import feast_environment
+
+        self.settings = settings
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **feast_environment(settings)}
+
+    def __enter__(self) -> int:
+        self.port = free_port()
+        feast = Path(sys.executable).with_name("feast")
+        self.proc = subprocess.Popen(
+            [str(feast), "-c", str(self.settings.feast_repo_path), "serve", "-h", "127.0.0.1", "-p", str(self.port),
+             "-w", "1", "--no-access-log", "--max-requests", "0", "--max-requests-jitter", "0"],
+            env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        wait_until_answers(self.proc, self.port, "/health", "feast serve")
+        port_pid[self.port] = self.proc.pid
+        return self.port
+
+    def __exit__(self, *exc) -> None:
+        stop_group(self.proc)
 
 
 class uvicorn_process:
@@ -245,59 +364,73 @@ class uvicorn_process:
         self.target, self.env = target, env
 
     def __enter__(self) -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                self.target,
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-            ],
-            env=self.env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                subprocess_get(self.port, "/healthz" if "app_factory" in self.target else "/docs")
-                port_pid[self.port] = self.proc.pid
-                return self.port
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"uvicorn exited: {self.proc.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.3)
-        raise RuntimeError("uvicorn did not answer within 60 s")
+            [sys.executable, "-m", "uvicorn", self.target, "--factory", "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1", "--no-access-log", "--log-level", "warning", "--loop", "uvloop",
+             "--http", "httptools"],
+            env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        path = "/healthz" if "app_factory" in self.target else "/docs"
+        wait_until_answers(self.proc, self.port, path, "uvicorn")
+        port_pid[self.port] = self.proc.pid
+        return self.port
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
+        stop_group(self.proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_answers(proc: subprocess.Popen, port: int, path: str, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+            subprocess_get(port, path)
+            return
+        except (OSError, IndexError):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited: {proc.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.3)
+    stop_group(proc)
+    raise RuntimeError(f"{what} did not answer within {timeout_s:.0f} s")
 
 
-def server_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group (gunicorn's workers included), SIGKILL after 10 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (gunicorn's worker), from /proc."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile
+                continue
+    children: dict[int, list[int]] = {}
+    for p, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(p)
+    todo, total = [pid], 0.0
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += (int(stats[p][11]) + int(stats[p][12])) / os.sysconf("SC_CLK_TCK")
+        todo.extend(children.get(p, []))
+    return total
 
 
 def subprocess_get(port: int, path: str) -> str:
@@ -309,8 +442,22 @@ def subprocess_get(port: int, path: str) -> str:
     return data.split(b"\r\n\r\n", 1)[1].decode()
 
 
-def report(results: dict, rates: list[float], seconds: float, ready: dict) -> None:
-    print(f"\nopen-loop, {seconds:.0f} s per rate, loopback, 1 uvicorn worker each; latency from the due time (ms)")
+def http_post(port: int, path: str, body: bytes) -> tuple[int, bytes]:
+    """(status, body) of one JSON POST on a fresh connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), payload
+
+
+def report(results: dict, rates: list[float], seconds: float, state: dict) -> None:
+    print(f"\nopen-loop, {seconds:.0f} s per rate, loopback, 1 server worker each; latency from the due time (ms)")
     print(
         f"{'target':<10}{'rate':>7}{'sent':>7}{'ok':>7}{'err':>5}{'p50':>9}{'p99':>9}{'achieved/s':>12}"
         f"{'server CPU ms/req':>19}"
@@ -319,23 +466,44 @@ def report(results: dict, rates: list[float], seconds: float, ready: dict) -> No
         for rate in rates:
             r = by_rate[rate]
             print(
-                f"{name:<10}{rate:>7.0f}{r['sent']:>7}{r['ok']:>7}{r['errors']:>5}{r['p50']:>9.2f}{r['p99']:>9.2f}"
+                f"{name:<10}{rate:>7.0f}{r['sent']:>7}{r['ok']:>7}{r['errors']:>5}{_ms(r['p50']):>9}{_ms(r['p99']):>9}"
                 f"{r['achieved']:>12.1f}{r['cpu_ms']:>19.2f}"
             )
     for name, by_rate in results.items():
         for rate in rates:
             if by_rate[rate]["error_kinds"]:
                 print(f"errors {name} {rate:.0f}/s: {by_rate[rate]['error_kinds']}")
-    print("\nratios select / constant (p50, p99):")
+    print("\nratios of p99 (of p50 in brackets):")
     for rate in rates:
-        s, c = results["select"][rate], results["constant"][rate]
-        print(f"  {rate:>5.0f}/s  p50 x{s['p50'] / c['p50']:.2f}  p99 x{s['p99'] / c['p99']:.2f}")
-    kafka = ready["checks"]["kafka"]
+        s, c, f = results["select"][rate], results["constant"][rate], results["feast"][rate]
+        print(
+            f"  {rate:>5.0f}/s  select/constant x{_ratio(s['p99'], c['p99'])} (x{_ratio(s['p50'], c['p50'])})"
+            f"  select/feast x{_ratio(s['p99'], f['p99'])} (x{_ratio(s['p50'], f['p50'])})"
+        )
+    top = max(rates)
+    s, c, f = results["select"][top], results["constant"][top], results["feast"][top]
+    checks = {
+        "select p99 <= 2x constant p99": s["p99"] is not None and s["p99"] <= 2 * c["p99"],
+        "select p99 <= 0.3x feast serve p99": s["p99"] is not None and s["p99"] <= 0.3 * f["p99"],
+        f"select achieved >= {top:.0f}/s (within 1%), no errors": s["achieved"] >= 0.99 * top and not s["errors"],
+    }
+    print(f"\nissue targets at {top:.0f}/s:")
+    for what, met in checks.items():
+        print(f"  {'met    ' if met else 'NOT met'}  {what}")
+    kafka = state["checks"]["kafka"]
     print(
-        f"\nserver state after the run: model {ready['checks']['model']['version']}, "
-        f"kafka ok={kafka['ok']} buffered={kafka['buffered']}, ads={ready['checks']['catalog']['ads']}"
+        f"\nserver state after the run: model {state['checks']['model']['version']}, "
+        f"kafka ok={kafka['ok']} buffered={kafka['buffered']}, ads={state['checks']['catalog']['ads']}"
     )
-    print("  " + "\n  ".join(ready["metrics"]))
+    print("  " + "\n  ".join(state["metrics"]))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}"
 
 
 if __name__ == "__main__":
