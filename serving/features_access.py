@@ -6,13 +6,11 @@ skipped for `retry_after_s` so that a dead Redis costs one failed connect per se
 request. Ad performance (CTR) changes slowly, so it is refreshed in the background into numpy
 columns aligned with the catalog instead of being read per request (STACK.md: never per candidate).
 
-`RedisJsonReader` is a stand-in until `features.online.OnlineFeatureReader` lands (TODO(integrator)):
-one hash per entity (`<prefix>user:<id>`, `<prefix>ad:<id>`), JSON-encoded values.
+The reader itself is `features.online.OnlineFeatureReader` (Feast's own Redis layout).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -43,30 +41,14 @@ def request_path_redis(url: str, *, timeout_s: float, max_connections: int = 64)
     )
 
 
-class RedisJsonReader:
-    """Stand-in `FeatureReader`: one HGETALL per user (one round trip), pipelined HGETALLs for ads."""
-
-    def __init__(self, client: redis.Redis, *, prefix: str = "adloop:serve:"):
-        self.client = client
-        self.prefix = prefix
+class NoFeatures:
+    """The reader while no Feast registry exists: every user and ad is unknown (serving answers with defaults)."""
 
     def user(self, user_id: str) -> dict[str, Any]:
-        raw = self.client.hgetall(f"{self.prefix}user:{user_id}")
-        return {_text(k): json.loads(v) for k, v in raw.items()}
+        return {}
 
     def ads(self, ad_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        pipe = self.client.pipeline(transaction=False)
-        for ad_id in ad_ids:
-            pipe.hgetall(f"{self.prefix}ad:{ad_id}")
-        out = {}
-        for ad_id, raw in zip(ad_ids, pipe.execute(), strict=True):
-            if raw:
-                out[ad_id] = {_text(k): json.loads(v) for k, v in raw.items()}
-        return out
-
-    def write_user(self, user_id: str, features: dict[str, Any]) -> None:
-        """Tests and the benchmark seed users with this."""
-        self.client.hset(f"{self.prefix}user:{user_id}", mapping={k: json.dumps(v) for k, v in features.items()})
+        return {}
 
 
 class GuardedReader:

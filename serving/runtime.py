@@ -19,7 +19,7 @@ import redis
 from adloop.settings import Settings
 from serving import metrics
 from serving.catalog import Catalog, load_catalog
-from serving.features_access import AdStats, GuardedReader, RedisJsonReader, request_path_redis, run_refresher
+from serving.features_access import AdStats, GuardedReader, NoFeatures, request_path_redis, run_refresher
 from serving.impressions import ImpressionLogger
 from serving.pacing import Pacer
 from serving.scoring import FeatureReader, ModelBundle, ModelRegistry
@@ -247,7 +247,7 @@ def default_reader(client: redis.Redis, settings: Settings) -> FeatureReader:
         return OnlineFeatureReader(client, FeastLayout.from_settings(settings))
     except Exception as error:  # no registry yet (`adloop stack up` applies it): serve with defaults
         log.warning("Feast registry unavailable (%s): user features default to empty; run `adloop stack up`", error)
-        return RedisJsonReader(client)
+        return NoFeatures()
 
 
 def default_registry(settings: Settings) -> ModelRegistry:

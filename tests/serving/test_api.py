@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from features.online import FeastLayout, OnlineFeatureReader, write_rows
 from serving.catalog import generate_catalog, write_catalog
-from serving.features_access import RedisJsonReader, request_path_redis
+from serving.features_access import request_path_redis
 from serving.schemas import SelectResponse
 from serving.scoring import EmptyRegistry, ProjectionBundle, StaticRegistry
 from tests.serving.conftest import MemoryReader, free_port
@@ -131,13 +131,15 @@ def test_redis_unreachable_falls_back_fast(make_app) -> None:
     assert user.status_code == 503
 
 
-def test_slow_redis_is_cut_by_the_budget(make_app) -> None:
+def test_slow_redis_is_cut_by_the_budget(make_app, feature_settings) -> None:
+    feast_settings = feature_settings
     with socket.socket() as silent:  # accepts connections (kernel backlog), never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         port = silent.getsockname()[1]
         slow = request_path_redis(f"redis://127.0.0.1:{port}/0", timeout_s=0.03)
-        app, _ = make_app(reader=RedisJsonReader(slow), redis_client=slow, request_budget_ms=30)
+        reader = OnlineFeatureReader(slow, FeastLayout.from_settings(feast_settings))
+        app, _ = make_app(reader=reader, redis_client=slow, request_budget_ms=30)
         with TestClient(app) as client:
             started = time.perf_counter()
             body = select(client).json()
@@ -147,31 +149,32 @@ def test_slow_redis_is_cut_by_the_budget(make_app) -> None:
 
 
 @pytest.mark.integration
-def test_real_redis_features_drive_frequency_caps(make_app, local_stack, catalog_rows) -> None:
-    client_redis = redis.Redis.from_url(local_stack.redis_url)
-    reader = RedisJsonReader(client_redis, prefix=f"adloop:test:{uuid.uuid4().hex}:")
+def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, catalog_rows) -> None:
+    client_redis = redis.Redis.from_url(feature_settings.redis_url)
+    layout = FeastLayout.from_settings(feature_settings)
+    reader = OnlineFeatureReader(client_redis, layout)
     natives = [r for r in catalog_rows if r["formats"] == "native" and r["end_date"] > "2027"][:4]
     capped = natives[0]
     cap = int(capped["freq_cap_ad"]) or 1
-    reader.write_user("u-9", {**TECH, "freq_ad_ids": [capped["ad_id"]], "freq_ad_impressions_24h": [cap + 1]})
+    pipe = client_redis.pipeline()  # the user's row in Feast's own layout, as the consumer writes it
+    row = {**TECH, "freq_ad_ids": [capped["ad_id"]], "freq_ad_impressions_24h": [cap + 1]}
+    write_rows(pipe, layout, "user_activity", [("u-9", 1, row)])
+    pipe.execute()
     app, _ = make_app(reader=reader)
-    try:
-        with TestClient(app) as client:
-            body = client.post(
-                "/v1/select",
-                json={
-                    "user_id": "u-9",
-                    "slots": [{"slot_id": "a", "format": "native", "count": 4}],
-                    "candidate_ad_ids": [r["ad_id"] for r in natives],
-                },
-            ).json()
-            features = client.get("/v1/users/u-9/features").json()
-        assert body["fallback"] is False
-        served = {a["ad_id"] for a in body["slots"][0]["ads"]}
-        assert capped["ad_id"] not in served and len(served) == 3
-        assert features["known"] is True and features["features"]["freq_ad_ids"] == [capped["ad_id"]]
-    finally:
-        client_redis.delete(f"{reader.prefix}user:u-9")
+    with TestClient(app) as client:
+        body = client.post(
+            "/v1/select",
+            json={
+                "user_id": "u-9",
+                "slots": [{"slot_id": "a", "format": "native", "count": 4}],
+                "candidate_ad_ids": [r["ad_id"] for r in natives],
+            },
+        ).json()
+        features = client.get("/v1/users/u-9/features").json()
+    assert body["fallback"] is False
+    served = {a["ad_id"] for a in body["slots"][0]["ads"]}
+    assert capped["ad_id"] not in served and len(served) == 3
+    assert features["known"] is True and features["features"]["freq_ad_ids"] == [capped["ad_id"]]
 
 
 def test_admin_reload_needs_the_token(make_app) -> None:
