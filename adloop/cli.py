@@ -372,8 +372,10 @@ def demo(
     reports.render(console, data)
     for path in reports.write_charts(data, settings.report_dir):
         console.print(f"chart: {path}")
-    console.print(f"the demo's API has stopped; `adloop serve` then http://127.0.0.1:{settings.api_port}/dashboard "
-                  "shows the same outcomes (use --hold S to keep the demo's dashboard up)")
+    console.print(
+        f"the demo's API has stopped; `adloop serve` then http://127.0.0.1:{settings.api_port}/dashboard "
+        "shows the same outcomes (use --hold S to keep the demo's dashboard up)"
+    )
 
 
 @app.command("serve")

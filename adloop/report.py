@@ -8,6 +8,7 @@ with matplotlib (Agg backend: no display needed).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def write_charts(report: Report, folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,9 +95,10 @@ def write_charts(report: Report, folder: Path) -> list[Path]:
     for arm, colour in (("targeted", "#2f6fdd"), ("control", "#e0792b")):
         rows = [r for r in report.over_time if r["arm"] == arm]
         if rows:
-            ax.plot([r[report.bucket][11:16] for r in rows], [100 * r["ctr"] for r in rows], "o-", color=colour,
-                    label=arm)  # fmt: skip
+            times = [datetime.fromisoformat(r[report.bucket].replace("Z", "+00:00")) for r in rows]
+            ax.plot(times, [100 * r["ctr"] for r in rows], "o-", color=colour, label=arm)
     ax.set(title=f"Click rate per {report.bucket} by arm", ylabel="CTR (%)", xlabel=f"{report.bucket} (UTC)")
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
     ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     ax.legend()
     fig.tight_layout()

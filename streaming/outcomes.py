@@ -121,7 +121,8 @@ class OutcomeStore:
         keys = [f'{DIMENSIONS[g]} AS "{g}"' for g in group_by]
         select = ", ".join([*keys, "count(*) AS impressions", "count(c.request_id) AS clicks",
                             "count(v.request_id) AS conversions"])  # fmt: skip
-        group = f"GROUP BY {', '.join(str(i + 1) for i in range(len(group_by)))} ORDER BY 1" if group_by else ""
+        positions = ", ".join(str(i + 1) for i in range(len(group_by)))
+        group = f"GROUP BY {positions} ORDER BY {positions}" if group_by else ""
         sql = f"""
             WITH i AS (SELECT * FROM events WHERE event_type = 'ad_impression' {where}),
             c AS (SELECT DISTINCT request_id, ad_id FROM events WHERE event_type = 'ad_click'),
