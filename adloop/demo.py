@@ -59,6 +59,7 @@ class DemoConfig:
     control_share: float = 0.2  # share of users served without targeting (a demo wants a visible control)
     ads: int = 200  # demo catalog size
     hold_s: float = 0.0  # keep the API (and dashboard) up this long after traffic
+    folder: Path | None = None  # demo catalog and process logs (default: <stack_dir>/demo)
 
 
 @dataclass
@@ -109,7 +110,7 @@ def run(settings: Settings, config: DemoConfig, *, on_step: Callable[[str], None
     from features import store as feature_store
     from streaming.outcomes import OutcomeStore
 
-    folder = Path(settings.stack_dir) / "demo"
+    folder = config.folder or Path(settings.stack_dir) / "demo"
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     on_step("stack up: Kafka (KRaft) + Redis")
     stack.up(settings)
@@ -358,7 +359,7 @@ def _wait_ready(base: str, started: dict[str, subprocess.Popen]) -> None:
     while time.monotonic() < deadline:
         for name, process in started.items():
             if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode} (see .stack/demo/logs)")
+                raise RuntimeError(f"{name} exited with {process.returncode} (see the demo folder's logs/)")
         with suppress(httpx.HTTPError):
             if httpx.get(base + "/healthz", timeout=1.0).status_code == 200:
                 return
