@@ -34,21 +34,24 @@ def test_counts_equal_the_events_produced_and_a_replay_counts_once(outcome_setti
         clicked = i % 4 == 0
         clicks += clicked
         events += impression(i, arm="control" if i % 5 == 0 else "targeted", clicked=clicked, minute=i // 20)
+    first = events[0]
+    conversion = first.model_copy(update={"event_id": "conv-0", "event_type": EventType.conversion, "price": 30.0})
+    events.append(conversion)  # joins impression 0 by request_id + ad_id
     browsing = Event(event_id="pv-1", schema_version=1, event_type=EventType.page_view, user_id="u1", ts=T0)
     send(outcome_settings, [*events, browsing, ("u1", b"{not json")])
     send(outcome_settings, [("u1", b"{not json")], topic=outcome_settings.dlq_topic)
 
     store = OutcomeStore(outcome_settings.outcomes_path)
     report = OutcomeLander(outcome_settings, store).run(idle_exit_s=2.0)
-    assert (report.landed, report.skipped, report.invalid, report.dead_letters) == (60 + clicks, 1, 1, 1)
+    assert (report.landed, report.skipped, report.invalid, report.dead_letters) == (61 + clicks, 1, 1, 1)
     total = store.outcomes()[0]
-    assert (total["impressions"], total["clicks"]) == (60, clicks)
+    assert (total["impressions"], total["clicks"], total["conversions"]) == (60, clicks, 1)
     assert store.counts()["dlq:unknown"] == 1
 
     # the same events again, read by a fresh group from the start: nothing counts twice
     send(outcome_settings, events)
     again = OutcomeLander(outcome_settings, store, group="adloop-outcomes-test-2").run(idle_exit_s=2.0)
-    assert again.landed == 0 and again.duplicates == 2 * (60 + clicks)
+    assert again.landed == 0 and again.duplicates == 2 * (61 + clicks)
     assert store.outcomes()[0]["impressions"] == 60
 
     by_arm = {r["arm"]: r for r in store.outcomes(["arm"])}
