@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from adloop.settings import Settings
 from streaming.events import AD_EVENTS, Event, InvalidEvent, parse_event
@@ -100,17 +101,17 @@ class OutcomeStore:
 
     def write(self, events: Sequence[Event], dead_letters: Sequence[tuple[str, int, int, str]] = ()) -> int:
         """Insert events (and dead letters) once; returns how many events were new."""
-        rows = [_row(e) for e in events]
         with self._connect() as db:
-            before = db.execute("SELECT count(*) FROM events").fetchone()[0]
-            if rows:
-                marks = ", ".join("?" * len(COLUMNS))
-                db.executemany(f"INSERT OR IGNORE INTO events VALUES ({marks})", rows)
+            before = db.execute("SELECT count(*) FROM events").fetchall()[0][0]
+            if events:  # one columnar insert (executemany runs a statement per row: ~1 ms each)
+                db.register("batch", _table(events))
+                db.execute("INSERT OR IGNORE INTO events SELECT * FROM batch")
+                db.unregister("batch")
             if dead_letters:
                 db.executemany(
                     "INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?, ?, now())", [list(d) for d in dead_letters]
                 )
-            return db.execute("SELECT count(*) FROM events").fetchone()[0] - before
+            return db.execute("SELECT count(*) FROM events").fetchall()[0][0] - before
 
     def outcomes(self, group_by: Sequence[str] = (), filters: Filters | None = None) -> list[dict[str, Any]]:
         """Impressions, clicks, CTR and conversions per group (no group: one total row)."""
@@ -249,6 +250,15 @@ class OutcomeLander:
         report.duplicates += len(events) - new
         report.dead_letters += len(dead)
         self.consumer.commit()  # the offsets of what poll returned: all of it is in the store now
+
+
+def _table(events: Sequence[Event]) -> pa.Table:
+    """The events as an Arrow table in `COLUMNS` order (`ts` as UTC microseconds)."""
+    unique = {e.event_id: e for e in reversed(events)}  # a repeated id inside one batch: the first one counts
+    rows = [_row(e) for e in reversed(unique.values())]
+    types = {"ts": pa.timestamp("us", tz="UTC"), "position": pa.int32(), "propensity": pa.float64()}
+    return pa.table({name: pa.array([r[i] for r in rows], type=types.get(name, pa.string()))
+                     for i, name in enumerate(COLUMNS)})  # fmt: skip
 
 
 def _row(event: Event) -> list[Any]:

@@ -64,3 +64,14 @@ def test_counts_equal_the_events_produced_and_a_replay_counts_once(outcome_setti
     segments = store.outcomes(["segment"])
     assert {r["segment"].split("/")[1] for r in segments} == {"mobile", "desktop"}
     assert sum(r["impressions"] for r in segments) == 60
+
+
+def test_store_counts_a_repeated_event_id_once_within_and_across_batches(tmp_path):
+    store = OutcomeStore(tmp_path / "o.duckdb")
+    store.setup()
+    events = [e for i in range(3) for e in impression(i, arm="targeted", clicked=True)]
+    assert store.write([*events, *events]) == 6  # the first copy of each id counts
+    assert store.write(events) == 0
+    total = store.outcomes()[0]
+    assert (total["impressions"], total["clicks"], total["ctr"]) == (3, 3, 1.0)
+    assert store.outcomes(["arm"], Filters(arm="control")) == []
