@@ -3,11 +3,12 @@
   stack up (real Kafka + Redis) and `feast apply`
   -> a demo catalog whose ad categories are the simulator's (so hidden preferences can show)
   -> the SYNTHETIC population's browsing to Kafka (features to learn from)
-  -> [HOOK train_and_promote: the integrator wires models/ here; without it serving uses its fallback]
   -> subprocesses: feature consumer (`adloop consume`), outcomes lander (`adloop land`), API (`adloop serve`)
-  -> traffic: simulated users ask `POST /v1/select`; each served ad may be clicked by the user's hidden
-     preference (`Population.click_event`), clicks go to Kafka; the API logs the impressions itself
-  -> [HOOK retrain: train_and_promote again, then POST /v1/admin/reload]
+  -> traffic, first half: simulated users ask `POST /v1/select`; each served ad may be clicked by the
+     user's hidden preference (`Population.click_event`), clicks go to Kafka; the API logs the impressions
+  -> [HOOK train_and_promote: labelled impressions + point-in-time features -> models/ -> promote; then
+     POST /v1/admin/reload. Without models/ it returns None and serving keeps its fallback]
+  -> traffic, second half (the new model's version is on every impression: the report compares them)
   -> wait until the lander has every impression and click, stop everything started, report.
 
 This module is an entry point (like the CLI): it assembles processes and talks to the API over HTTP.
@@ -17,6 +18,7 @@ Progress goes through `on_step(text)` so the CLI decides how to show it.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import os
 import secrets
@@ -28,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -79,26 +81,69 @@ class DemoResult:
     model_version: str | None  # the promoted version, None when no training is wired
     dashboard_url: str
     folder: Path
+    since: datetime  # start of this run's traffic: the report's filter
 
 
 # --- HOOK(integrator) ----------------------------------------------------------------------------
 
 
-def train_and_promote(settings: Settings) -> str | None:
-    """HOOK(integrator): train on what the feature consumer and the outcomes store hold, register the
-    version under `settings.model_registry_path`, promote it, return its version (None: nothing trained).
+def train_and_promote(settings: Settings, catalog_path: Path) -> str | None:
+    """HOOK(integrator): train on the labelled impressions so far (`training_frame`), save the version in
+    the registry under `settings.model_registry_path`, promote it and return its name; None: nothing
+    trained (serving keeps its fallback, `fallback-ctr-x-bid`, flagged `no_model`).
 
-    models/ is not on main yet, so this returns None and serving ranks with its fallback
-    (`fallback-ctr-x-bid`, flagged `no_model`). Wire it to the models package, e.g.
-    `models.train.train(frame)` on `features.offline` training rows + `models.registry.Registry(path).promote(v)`.
+    main has no `models.train` / `models.registry` yet, so this returns None. The body below is
+    written against the learn branch's API as read at 485d837 (`train(frame, version=) -> (bundle,
+    report)`, `Registry(root).save(bundle, report=) -> version`, `Registry.promote(version)`) and has
+    not run here: check it when merging models/ (the demo test then asserts the lift).
     """
-    try:
-        import models.train  # noqa: F401  (present once the integrator merges models/)
-    except ImportError:
-        log.info("models/ has no training yet: serving keeps its fallback ranking")
+    if not all(importlib.util.find_spec(m) for m in ("models.train", "models.registry")):
+        log.info("no models.train / models.registry on this branch: serving keeps its fallback ranking")
         return None
-    log.warning("models.train exists but adloop.demo.train_and_promote is not wired yet (HOOK(integrator))")
-    return None
+    from models.registry import Registry
+    from models.train import train
+
+    try:
+        frame = training_frame(settings, catalog_path)
+        if frame.empty or frame["label"].sum() == 0:
+            log.warning("no clicks to learn from yet: not training")
+            return None
+        bundle, report = train(frame, version="demo")
+        registry = Registry(settings.model_registry_path)
+        version = registry.save(bundle, report=report)
+        registry.promote(version)
+        return version
+    except Exception:  # a failed training must not stop the demo: serving keeps what it has
+        log.exception("training failed; serving keeps its current ranking")
+        return None
+
+
+def training_frame(settings: Settings, catalog_path: Path) -> Any:
+    """One row per served impression: its label and context (outcomes store), the user and ad features as
+    serving saw them (Feast point-in-time join) and the ad's catalog attributes (category, advertiser)."""
+    import pandas as pd
+
+    from features.offline import point_in_time
+    from features.store import AD_VIEW, USER_VIEW
+    from streaming.outcomes import OutcomeStore
+
+    rows = OutcomeStore(settings.outcomes_path).labelled_impressions()
+    if rows.empty:
+        return rows
+    # Join each view on its own entity's distinct (id, time) pairs, then merge back: Feast's dask join
+    # keeps one row per (entity, timestamp), so the second ad of a request lost its features, and a row
+    # one view lacks (an ad's first impressions) came back from point_in_time with no features at all.
+    rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True).astype("datetime64[ns, UTC]")
+    joined = rows
+    for view, key in ((USER_VIEW, "user_id"), (AD_VIEW, "ad_id")):
+        pairs = rows[[key, "event_timestamp"]].drop_duplicates(ignore_index=True)
+        features = point_in_time(settings, pairs, views=(view,))
+        features["event_timestamp"] = pd.to_datetime(features["event_timestamp"], utc=True).astype(
+            "datetime64[ns, UTC]"
+        )
+        joined = joined.merge(features, on=[key, "event_timestamp"], how="left", validate="many_to_one")
+    catalog = pd.read_csv(catalog_path, usecols=["ad_id", "category", "advertiser_id"], dtype=str)
+    return joined.merge(catalog, on="ad_id", how="left")
 
 
 # --- the demo -------------------------------------------------------------------------------------
@@ -121,33 +166,40 @@ def run(settings: Settings, config: DemoConfig, *, on_step: Callable[[str], None
     n_browsing = config.browsing_events * config.users
     on_step(f"SYNTHETIC population: {config.users:,} users, seed {config.seed}; {n_browsing:,} browsing events")
     _send_browsing(settings, population, n_browsing)
-    on_step("train and promote a model (HOOK)")
-    version = train_and_promote(settings)
-    on_step(f"model: {version or 'none promoted: serving ranks by its fallback (ad CTR x bid)'}")
-
     port = _free_port()
     token = secrets.token_hex(8)
     env = _environment(settings, catalog_path=catalog_path, port=port, token=token, config=config)
     base = f"http://127.0.0.1:{port}"
+    store = OutcomeStore(settings.outcomes_path)
+    since = datetime.now(UTC)  # this run's impressions (the store keeps earlier runs')
     with _processes(folder / "logs", env, port) as started:
         on_step(f"started: {', '.join(started)}; waiting for the API")
         _wait_ready(base, started)
         on_step(f"dashboard: {base}/dashboard  (API {base}/docs)")
-        on_step(f"traffic: {config.minutes:g} min at up to {config.requests_per_second:g} requests/s")
-        traffic = drive_http(base, settings, population, categories, config)
+        phase = replace(config, minutes=config.minutes / 2,
+                        max_requests=None if config.max_requests is None else config.max_requests // 2)  # fmt: skip
+        on_step(f"traffic 1/2: {phase.minutes:g} min at up to {config.requests_per_second:g} requests/s")
+        traffic = drive_http(base, settings, population, categories, phase)
+        on_step("train on what was served and clicked, promote, reload (HOOK)")
+        wait_landed(store, traffic, since=since, timeout_s=CATCH_UP_TIMEOUT_S)
+        version = train_and_promote(settings, catalog_path)
+        if version:
+            _post(base + "/v1/admin/reload", None, token=token)
+        on_step(f"model: {version or 'none promoted: serving ranks by its fallback (ad CTR x bid)'}")
+        left = None if config.max_requests is None else config.max_requests - traffic.requests
+        phase = replace(phase, seed=config.seed + 1, max_requests=left)
+        on_step(f"traffic 2/2: {phase.minutes:g} min")
+        traffic = merge(traffic, drive_http(base, settings, population, categories, phase))
         on_step(
             f"traffic done: {traffic.requests:,} requests, {sum(traffic.impressions.values()):,} ads served, "
             f"{sum(traffic.clicks.values()):,} clicks"
         )
-        on_step("retrain and reload (HOOK)")
-        if train_and_promote(settings):
-            _post(base + "/v1/admin/reload", None, token=token)
         on_step("waiting for the outcomes lander to catch up")
-        landed = wait_landed(OutcomeStore(settings.outcomes_path), traffic, timeout_s=CATCH_UP_TIMEOUT_S)
+        landed = wait_landed(store, traffic, since=since, timeout_s=CATCH_UP_TIMEOUT_S)
         if config.hold_s > 0:
             on_step(f"holding the API {config.hold_s:g} s for the dashboard: {base}/dashboard")
             time.sleep(config.hold_s)
-    return DemoResult(traffic, landed, version, f"{base}/dashboard", folder)
+    return DemoResult(traffic, landed, version, f"{base}/dashboard", folder, since)
 
 
 def drive(
@@ -226,12 +278,27 @@ def drive_http(base: str, settings: Settings, population: Population, categories
         producer.close()
 
 
-def wait_landed(store, traffic: TrafficReport, *, timeout_s: float) -> dict[str, int]:
-    """Poll the outcomes store until it holds every served impression and produced click (or time runs out)."""
+def merge(a: TrafficReport, b: TrafficReport) -> TrafficReport:
+    """Two phases' traffic as one report."""
+    return TrafficReport(
+        a.requests + b.requests,
+        a.impressions + b.impressions,
+        a.clicks + b.clicks,
+        a.fallbacks + b.fallbacks,
+        a.model_versions + b.model_versions,
+        a.errors + b.errors,
+    )
+
+
+def wait_landed(store, traffic: TrafficReport, *, since: datetime, timeout_s: float) -> dict[str, int]:
+    """Poll the outcomes store until it holds every impression served and click produced since `since`
+    (or time runs out); returns what it holds."""
+    from streaming.outcomes import Filters
+
     want = (sum(traffic.impressions.values()), sum(traffic.clicks.values()))
     deadline = time.monotonic() + timeout_s
     while True:
-        total = store.outcomes()[0]
+        total = store.outcomes([], Filters(start=since))[0]
         got = (total["impressions"], total["clicks"])
         if got == want or time.monotonic() > deadline:
             return {"impressions": got[0], "clicks": got[1]}
