@@ -20,6 +20,8 @@ stack_app = typer.Typer(help="The local stack: real Kafka (KRaft) and Redis on l
 app.add_typer(stack_app, name="stack")
 events_app = typer.Typer(help="The event contract (schema_version 1).", no_args_is_help=True)
 app.add_typer(events_app, name="events")
+models_app = typer.Typer(help="The model registry: list, promote, roll back versions.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 console = Console()
 
 
@@ -399,6 +401,143 @@ def serve(
         log_level="info",
         access_log=False,  # one canonical line per request belongs in the app, not per-hit access logs
     )
+
+
+def _mind_path(path: Path | None) -> Path:
+    """The MIND folder: the argument, else ../shared/data/mind from here or from the project root."""
+    from adloop.settings import PROJECT_ROOT
+
+    candidates = [path] if path else [Path("../shared/data/mind"), PROJECT_ROOT.parent / "shared" / "data" / "mind"]
+    for candidate in candidates:
+        if (candidate / "behaviors.tsv").is_file():
+            return candidate
+    console.print(f"[red]no MIND data:[/red] none of {', '.join(map(str, candidates))} holds behaviors.tsv")
+    raise typer.Exit(2)
+
+
+def _print_table(out: dict) -> None:
+    from models.evaluate import format_table
+
+    holdout = out["holdout"]
+    days = "last day" if holdout["days"] == 1 else f"last {holdout['days']} days, each by a model of the days before"
+    console.print(f"holdout: {days}; {holdout['requests']} requests, {holdout['rows']} candidates", soft_wrap=True)
+    console.print(format_table(out["rows"]), highlight=False, markup=False, soft_wrap=True)
+    _print_reliability(out["reliability"])
+
+
+def _print_reliability(rows: list[dict]) -> None:
+    table = Table("full model: predicted range", "rows", "mean predicted", "observed click rate")
+    for row in rows:
+        table.add_row(f"{row['lo']:.4f}-{row['hi']:.4f}", str(row["rows"]), f"{row['predicted']:.4f}",
+                      f"{row['observed']:.4f}")  # fmt: skip
+    console.print(table)
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[Path | None, typer.Option("--data", help="MIND folder; default ../shared/data/mind.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the two-tower, sampling and LightGBM.")] = 0,
+    from_log: Annotated[
+        bool, typer.Option("--from-log", help="Train on the impressions and clicks logged on Kafka, through Feast.")
+    ] = False,
+    click_window: Annotated[float, typer.Option(help="--from-log: a click counts within this many seconds.")] = 1800,
+    promote: Annotated[bool, typer.Option(help="--from-log: promote the new version.")] = False,
+) -> None:
+    """Train a version: on the MIND stream (default; all days but the last, evaluated on the last), or on
+    the served log (--from-log: labelled impressions joined with point-in-time Feast features)."""
+    if from_log:
+        from models.retrain import train_from_log
+        from streaming.log import read_events
+
+        settings = get_settings()
+        try:
+            done = train_from_log(
+                settings, read_events(settings), click_window_s=click_window, seed=seed, promote=promote
+            )
+        except ValueError as error:
+            console.print(f"[red]cannot train:[/red] {error}", highlight=False)
+            raise typer.Exit(1) from error
+        console.print_json(data={k: v for k, v in done.items() if k != "reliability"})
+        return
+    from models.evaluate import evaluation_table, load_mind
+    from models.registry import Registry
+    from models.train import TrainConfig
+    from models.two_tower import TwoTowerConfig
+
+    started = time.monotonic()
+    frame = load_mind(_mind_path(data))
+    config = TrainConfig(seed=seed, tower=TwoTowerConfig(seed=seed))
+    out = evaluation_table(frame, config, ablation=False)
+    registry = Registry(get_settings().model_registry_path)
+    version = registry.save(
+        out["bundle"], report=out["report"], metrics=out["rows"] | {"reliability": out["reliability"]}
+    )
+    _print_table(out)
+    console.print(f"saved {version} in {registry.root} ({time.monotonic() - started:.1f} s); "
+                  f"promote it with `adloop models promote {version}`", highlight=False)  # fmt: skip
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    path: Annotated[Path | None, typer.Argument(help="MIND folder; default ../shared/data/mind.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="A saved version to score PATH's last day.")] = None,
+    days: Annotated[int, typer.Option("--days", help="Holdout days, each scored by a model of the days before.")] = 1,
+) -> None:
+    """The evaluation table (train on earlier days, score the last day prequentially), or one saved version's."""
+    from models.evaluate import evaluate_bundle, evaluation_table, format_table, holdout_split, load_mind
+    from models.registry import Registry, RegistryError
+
+    frame = load_mind(_mind_path(path))
+    if model is None:
+        _print_table(evaluation_table(frame, days=days))
+        return
+    try:
+        bundle = Registry(get_settings().model_registry_path).load(model)
+    except RegistryError as error:
+        console.print(f"[red]cannot load {model}:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from error
+    out = evaluate_bundle(bundle, holdout_split(frame)[1])
+    console.print(format_table({f"{bundle.version}": out["metrics"]}), highlight=False, markup=False, soft_wrap=True)
+    _print_reliability(out["reliability"])
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Every saved version, with its holdout group AUC; * marks the promoted one."""
+    from models.registry import Registry
+
+    table = Table("", "version", "created (UTC)", "group AUC", "manifest")
+    for row in Registry(get_settings().model_registry_path).list():
+        auc = f"{row['group_auc']:.4f}" if row["group_auc"] is not None else "-"
+        table.add_row("*" if row["promoted"] else "", row["version"], row["created_at"] or "-", auc,
+                      "ok" if row["ok"] else "unreadable")  # fmt: skip
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(version: str = typer.Argument(..., help="The version to serve, e.g. v0003.")) -> None:
+    """Validate a version (load every artifact) and make it the promoted one."""
+    from models.registry import Registry, RegistryError
+
+    try:
+        Registry(get_settings().model_registry_path).promote(version)
+    except RegistryError as error:
+        console.print(f"[red]not promoted:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from error
+    console.print(f"promoted {version}")
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Promote the previously promoted version again."""
+    from models.registry import Registry, RegistryError
+
+    try:
+        version = Registry(get_settings().model_registry_path).rollback()
+    except RegistryError as error:
+        console.print(f"[red]no rollback:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from error
+    console.print(f"promoted {version} again")
 
 
 if __name__ == "__main__":

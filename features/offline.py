@@ -10,9 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from adloop.settings import Settings
-from features.store import AD_VIEW, USER_VIEW, open_store
-
-ROW_ID = "_row"
+from features.store import AD_VIEW, JOIN_KEYS, USER_VIEW, open_store
 
 
 def point_in_time(
@@ -20,19 +18,20 @@ def point_in_time(
 ) -> pd.DataFrame:
     """`rows` joined with the features of `views` as of 1 ms before each row's event_timestamp."""
     store = open_store(settings)
-    entity = rows.copy()
-    entity[ROW_ID] = range(len(entity))
-    decided_at = pd.to_datetime(entity["event_timestamp"], utc=True)
+    decided_at = pd.to_datetime(rows["event_timestamp"], utc=True)
     # Strictly before the decision: a state written at the decision's own millisecond (e.g. by
     # the impression being labelled) must not leak into its row.
-    entity["event_timestamp"] = decided_at - pd.Timedelta(milliseconds=1)
-    refs = [f"{view}:{f.name}" for view in views for f in store.get_feature_view(view).features]
-    joined = store.get_historical_features(entity_df=entity, features=refs).to_df()
-    # Feast's dask store drops entity rows older than the entity's first feature row; put them
-    # back (with no features, which is what serving had) so no labelled row is lost.
-    joined = joined.set_index(ROW_ID).reindex(range(len(entity)))
-    restored = joined.index[joined["event_timestamp"].isna()]
-    for column in entity.columns.drop(ROW_ID):
-        joined.loc[restored, column] = entity.set_index(ROW_ID).loc[restored, column]
+    joined = rows.assign(event_timestamp=decided_at - pd.Timedelta(milliseconds=1)).reset_index(drop=True)
+    for view in views:
+        key = JOIN_KEYS[view]
+        refs = [f"{view}:{f.name}" for f in store.get_feature_view(view).features]
+        # Feast's dask store keeps one row per (key, time) and drops a row older than its entity's
+        # first feature row: ask once per distinct (key, time) and left-join the answers back, so
+        # every row keeps its place (with no features where serving had none).
+        asked = joined[[key, "event_timestamp"]].drop_duplicates()
+        found = store.get_historical_features(entity_df=asked, features=refs).to_df()
+        found["event_timestamp"] = pd.to_datetime(found["event_timestamp"], utc=True)
+        names = [ref.split(":", 1)[1] for ref in refs]
+        joined = joined.merge(found[[key, "event_timestamp", *names]], on=[key, "event_timestamp"], how="left")
     joined["event_timestamp"] = decided_at.to_numpy()
-    return joined.reset_index(drop=True)
+    return joined

@@ -19,9 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from adloop.settings import Settings
-from features.store import AD_VIEW, PUSH_SOURCES, USER_VIEW, open_store
-
-ENTITY_KEYS = {USER_VIEW: "user_id", AD_VIEW: "ad_id"}
+from features.store import JOIN_KEYS, PUSH_SOURCES, open_store
 
 
 class FeastSink:
@@ -50,6 +48,6 @@ class FeastSink:
 
 def _frame(view: str, rows: Sequence[tuple[str, int, dict[str, Any]]]) -> pd.DataFrame:
     frame = pd.DataFrame([features for _, _, features in rows])
-    frame.insert(0, ENTITY_KEYS[view], [entity for entity, _, _ in rows])
+    frame.insert(0, JOIN_KEYS[view], [entity for entity, _, _ in rows])
     frame["event_timestamp"] = pd.to_datetime([ts for _, ts, _ in rows], unit="ms", utc=True)
     return frame

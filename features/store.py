@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 USER_VIEW = "user_activity"
 AD_VIEW = "ad_performance"
+JOIN_KEYS = {USER_VIEW: "user_id", AD_VIEW: "ad_id"}
 PUSH_SOURCES = {USER_VIEW: "user_activity_push", AD_VIEW: "ad_performance_push"}
 
 

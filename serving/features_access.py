@@ -25,11 +25,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from serving.catalog import Catalog
-from serving.scoring import FeatureReader
+from serving.scoring import AD_STAT_COLUMNS, FeatureReader
 
 log = logging.getLogger(__name__)
 CTR_PRIOR = 0.05  # streaming.aggregates' Beta prior mean: an ad without data
-AD_STAT_COLUMNS = ("ad_ctr_24h", "ad_ctr_7d", "ad_impressions_24h", "ad_clicks_24h")
 
 
 def request_path_redis(url: str, *, timeout_s: float, max_connections: int = 64) -> redis.Redis:
@@ -139,12 +138,7 @@ def run_refresher(stats: AdStats, reader: FeatureReader, get_catalog, *, every_s
 
 def _prior_columns(catalog: Catalog) -> dict[str, np.ndarray]:
     n = len(catalog)
-    return {
-        "ad_ctr_24h": np.full(n, CTR_PRIOR),
-        "ad_ctr_7d": np.full(n, CTR_PRIOR),
-        "ad_impressions_24h": np.zeros(n),
-        "ad_clicks_24h": np.zeros(n),
-    }
+    return {name: np.full(n, CTR_PRIOR if name.startswith("ad_ctr") else 0.0) for name in AD_STAT_COLUMNS}
 
 
 def _text(value: bytes | str) -> str:

@@ -22,7 +22,7 @@ from serving.catalog import Catalog, load_catalog
 from serving.features_access import AdStats, GuardedReader, RedisJsonReader, request_path_redis, run_refresher
 from serving.impressions import ImpressionLogger
 from serving.pacing import Pacer
-from serving.scoring import EmptyRegistry, FeatureReader, ModelBundle, ModelRegistry
+from serving.scoring import FeatureReader, ModelBundle, ModelRegistry
 from serving.selection import SelectionConfig, SelectionRequest, SelectionResult, Selector, ServingState
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Runtime:
         self.settings = settings
         budget_s = settings.request_budget_ms / 1000
         self.redis = redis_client or request_path_redis(settings.redis_url, timeout_s=budget_s)
-        self.reader = feature_reader or default_reader(self.redis)
+        self.reader = feature_reader or default_reader(self.redis, settings)
         self.registry = registry or default_registry(settings)
         self.logger = ImpressionLogger(
             bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -225,32 +225,32 @@ def impression_records(result: SelectionResult, request: SelectionRequest) -> li
                     "user_id": result.user_id,
                     "ad_id": c.ad_id,
                     "campaign_id": c.campaign_id,
+                    "category": c.category,
                     "request_id": result.request_id,
                     "slot_id": slot_id,
                     "position": c.rank,
                     "model_version": result.model_version,
                     "arm": result.arm,
                     "propensity": c.propensity,
-                    "context": context,
+                    "context": {**context, "advertiser_id": c.advertiser_id},
                     "ts": int(time.time() * 1000),
                 }
             )
     return records
 
 
-def default_reader(client: redis.Redis) -> FeatureReader:
-    try:  # TODO(integrator): check the constructor once features/online.py lands
-        from features.online import OnlineFeatureReader  # type: ignore[import-not-found]
+def default_reader(client: redis.Redis, settings: Settings) -> FeatureReader:
+    """Feast's Redis layout read directly (features/online.py); the layout comes from the Feast registry."""
+    from features.online import FeastLayout, OnlineFeatureReader
 
-        return OnlineFeatureReader(client)
-    except ImportError:
+    try:
+        return OnlineFeatureReader(client, FeastLayout.from_settings(settings))
+    except Exception as error:  # no registry yet (`adloop stack up` applies it): serve with defaults
+        log.warning("Feast registry unavailable (%s): user features default to empty; run `adloop stack up`", error)
         return RedisJsonReader(client)
 
 
 def default_registry(settings: Settings) -> ModelRegistry:
-    try:  # TODO(integrator): check the constructor once models/registry.py lands
-        from models.registry import Registry  # type: ignore[import-not-found]
+    from models.registry import Registry
 
-        return Registry(settings.model_registry_path)
-    except ImportError:
-        return EmptyRegistry()
+    return Registry(settings.model_registry_path)

@@ -16,18 +16,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-# Columns of `ad_frame` handed to `predict_ctr`: one numpy array per column, one row per candidate.
-AD_FRAME_COLUMNS = (
-    "ad_id",
-    "campaign_id",
-    "advertiser_id",
-    "category",
-    "bid",
+# Every `ad_performance` feature (features/repo), cached per ad by serving and passed to the ranker.
+AD_STAT_COLUMNS = (
+    *(f"ad_{count}_{window}" for window in ("1h", "24h", "7d") for count in ("impressions", "clicks")),
     "ad_ctr_24h",
     "ad_ctr_7d",
-    "ad_impressions_24h",
-    "ad_clicks_24h",
+    "ad_last_seen_ms",
 )
+# Columns of `ad_frame` handed to `predict_ctr`: one numpy array per column, one row per candidate.
+AD_FRAME_COLUMNS = ("ad_id", "campaign_id", "advertiser_id", "category", "bid", *AD_STAT_COLUMNS)
 
 
 @runtime_checkable

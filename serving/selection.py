@@ -31,7 +31,7 @@ import numpy as np
 from serving.catalog import IAB_CATEGORY, Catalog
 from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
-from serving.scoring import ModelBundle
+from serving.scoring import AD_STAT_COLUMNS, ModelBundle
 
 log = logging.getLogger(__name__)
 FALLBACK_VERSION = "fallback-ctr-x-bid"
@@ -73,6 +73,8 @@ class Choice:
     price: float  # eCPM, USD = 1000 x pCTR x bid
     propensity: float
     deal_id: str | None = None
+    category: str | None = None  # logged with the impression: the ranker's training rows need it
+    advertiser_id: str | None = None
 
 
 @dataclass
@@ -175,7 +177,7 @@ class Selector:
             cands = np.flatnonzero(eligible)
             pctr = ctr[cands]
         else:
-            cands, pctr, reason = self._targeted(state, request, user, eligible, slot_masks, ctr)
+            cands, pctr, reason = self._targeted(state, request, user, eligible, slot_masks, ctr, now)
             fallback = fallback or reason
             if reason is not None:
                 model_version = FALLBACK_VERSION
@@ -259,9 +261,15 @@ class Selector:
             mask &= in_deal
         return mask
 
-    def _targeted(self, state, request, user, eligible, slot_masks, ctr):
+    def _targeted(self, state, request, user, eligible, slot_masks, ctr, now):
         """(candidate rows, pCTR, fallback reason): model ranking, or CTR x bid without a model."""
         catalog, k = state.catalog, self.config.top_k
+        # The ranker's context: request time and the number of ads shown together.
+        context = {
+            **request.context,
+            "ts_ms": int(now * 1000),
+            "slate_size": sum(s.count for s in request.slots),
+        }
         if state.model is not None:
             try:
                 u = state.model.user_vector(user)  # (d,)
@@ -269,13 +277,13 @@ class Selector:
                     sims = state.ad_matrix @ u  # (n,)
                     cands = _top_k(sims, slot_masks.values(), k)
                     frame = _ad_frame(state, cands, self.ad_stats, ctr)
-                    pctr = np.asarray(state.model.predict_ctr(user, frame, request.context, sims[cands]), float)
+                    pctr = np.asarray(state.model.predict_ctr(user, frame, context, sims[cands]), float)
                     return cands, pctr, None
                 score = ctr * catalog.bid  # unknown user: retrieve by expected value, rank with the model
                 cands = _top_k(score, slot_masks.values(), k)
                 frame = _ad_frame(state, cands, self.ad_stats, ctr)
                 zeros = np.zeros(len(cands), dtype=np.float32)
-                pctr = np.asarray(state.model.predict_ctr(user, frame, request.context, zeros), float)
+                pctr = np.asarray(state.model.predict_ctr(user, frame, context, zeros), float)
                 return cands, pctr, None
             except Exception:
                 log.exception("model scoring failed; falling back to CTR x bid")
@@ -317,6 +325,8 @@ class Selector:
                         float(ecpm[pick]),
                         float(propensity),
                         _deal_of(catalog, row, slot, float(ecpm[pick])),
+                        catalog.categories[catalog.category_code[row]],
+                        catalog.advertiser_ids[catalog.advertiser_code[row]],
                     )
                 )
             out[slot.slot_id] = picks
@@ -359,15 +369,17 @@ def _top_k(score: np.ndarray, masks, k: int) -> np.ndarray:
 def _ad_frame(state: ServingState, rows: np.ndarray, stats: AdStats, ctr: np.ndarray) -> dict[str, np.ndarray]:
     """`scoring.AD_FRAME_COLUMNS` of the candidate rows (ids as text)."""
     catalog = state.catalog
-    same = stats.catalog_version == catalog.version
+    columns = stats.columns  # one read: a refresh swaps the whole dict, possibly for another catalog
+    same = stats.catalog_version == catalog.version and len(columns["ad_ctr_7d"]) == len(catalog)
     frame = {
         "ad_id": catalog.ad_ids[rows],
         **{name: column[rows] for name, column in state.text_columns.items()},
         "bid": catalog.bid[rows],
         "ad_ctr_24h": ctr[rows],
     }
-    for name in ("ad_ctr_7d", "ad_impressions_24h", "ad_clicks_24h"):
-        frame[name] = stats.columns[name][rows] if same else np.zeros(len(rows))
+    for name in AD_STAT_COLUMNS:
+        if name != "ad_ctr_24h":
+            frame[name] = columns[name][rows] if same else np.zeros(len(rows))
     return frame
 
 

@@ -5,9 +5,13 @@ One batch, in order (poll -> decode -> handle -> sink -> store offsets after the
      event id is counted and skipped, a message at or below the partition's applied offset
      (already applied before a crash or rebalance) is skipped;
   2. fold the events into the users' states (streaming.aggregates, pure);
-  3. append the offline feature rows (one parquet file per view and batch);
-  4. one atomic Redis write: states, seen ids, ad counters and each partition's applied offset;
-  5. push the latest online rows through Feast, then commit the Kafka offsets.
+  3. append the batch's rows to the offline store (one parquet file per view and batch, read by
+     Feast): one row per user and ad touched, stamped with its latest event time (the rows
+     serving reads online after this batch), plus a user's state just before each ad impression
+     (what the ranker saw), so point-in-time training rows do not depend on batch sizes;
+  4. one atomic Redis write: states, seen ids, ad counters, the latest online rows in Feast's
+     own layout (features/online.py) and each partition's applied offset;
+  5. commit the Kafka offsets.
 A crash anywhere replays from the last applied offset: nothing counts twice, nothing is lost.
 """
 
@@ -24,12 +28,13 @@ from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartitio
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from adloop.settings import Settings
+from features.online import FeastLayout, write_rows
 from features.sink import FeastSink
 from features.store import AD_VIEW, USER_VIEW
 from streaming import metrics
 from streaming.aggregates import ad_bucket_keys, ad_features, apply_user, prune, user_features
 from streaming.dead_letters import DeadLetters
-from streaming.events import Event, InvalidEvent, parse_event
+from streaming.events import Event, EventType, InvalidEvent, parse_event
 from streaming.state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -64,8 +69,9 @@ class FeatureConsumer:
             heartbeat_interval_ms=3_000,
         )
         self.applied = self.state.applied_offsets()
+        self.layout = FeastLayout.from_settings(settings)
+        self.touched_ads: set[str] = set()
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
-        self.recover_pending()
 
     def run(self, *, stop: Callable[[], bool] = lambda: False, idle_exit_s: float | None = None) -> BatchReport:
         """Poll and apply batches until `stop()` or until nothing arrived for `idle_exit_s` seconds."""
@@ -77,6 +83,7 @@ class FeatureConsumer:
                     timeout_ms=self.settings.consumer_batch_ms, max_records=self.settings.consumer_batch_size
                 )
                 if not batch:
+                    self.refresh_ads()
                     if not self.consumer.assignment():
                         idle_since = time.monotonic()  # still joining the group: not idle yet
                     elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
@@ -113,12 +120,20 @@ class FeatureConsumer:
         self.dead_letters.flush()  # dead letters are durable before their offsets are stored
 
         users = self.state.user_states({e.user_id for _, _, e in events})
-        offline: list[tuple[str, int, dict[str, Any]]] = []
         ad_increments: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         ad_last: dict[str, int] = {}
+        snapshots: dict[tuple[str, int], tuple[str, int, dict[str, Any]]] = {}
         for _, _, event in events:
-            state = apply_user(users[event.user_id], event)
-            offline.append((event.user_id, event.ts_ms, user_features(state)))
+            state = users[event.user_id]
+            seen_until = (event.user_id, state.last_ts)
+            if (
+                event.event_type == EventType.ad_impression
+                and 0 < state.last_ts < event.ts_ms
+                and seen_until not in snapshots
+            ):
+                # What the ranker saw for this impression: a training row exact whatever the batch size.
+                snapshots[seen_until] = (event.user_id, state.last_ts, user_features(state))
+            apply_user(state, event)
             keys = ad_bucket_keys(event)
             if keys and event.ad_id:
                 hour, fine, slot = keys
@@ -127,8 +142,15 @@ class FeatureConsumer:
                 ad_last[event.ad_id] = max(ad_last.get(event.ad_id, 0), event.ts_ms)
         for state in users.values():
             prune(state)
-        if offline:
-            self.sink.write_offline(USER_VIEW, _last_per_entity_and_time(offline), name=_batch_name(batch))
+        user_rows = [(u, s.last_ts, user_features(s)) for u, s in users.items()]
+        ad_rows = self._ad_rows(ad_increments, ad_last)
+        name = _batch_name(batch)
+        self.sink.write_offline(USER_VIEW, [*snapshots.values(), *user_rows], name=name)
+        self.sink.write_offline(AD_VIEW, ad_rows, name=name)
+
+        def online(pipe: Any) -> None:
+            write_rows(pipe, self.layout, USER_VIEW, user_rows)
+            write_rows(pipe, self.layout, AD_VIEW, ad_rows)
 
         self.state.commit_batch(
             states=users,
@@ -136,9 +158,10 @@ class FeatureConsumer:
             ad_increments=ad_increments,
             ad_last=ad_last,
             offsets=last_offsets,
+            online=online,
         )
         self.applied.update(last_offsets)
-        self.push_online(users, set(ad_last), name=_batch_name(batch))
+        self.touched_ads.update(ad_last)
         self.consumer.commit(
             {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1) for p, o in last_offsets.items()}
         )
@@ -147,26 +170,32 @@ class FeatureConsumer:
         metrics.record_batch(report.applied, report.duplicates, report.dead_lettered, time.perf_counter() - started)
         return report
 
-    def push_online(self, users: dict[str, Any], ads: set[str], *, name: str) -> None:
-        """Push the latest user rows and the touched ads' rows through Feast, then clear their pending marks."""
-        user_rows = [(u, s.last_ts, user_features(s)) for u, s in users.items()]
-        self.sink.write_online(USER_VIEW, user_rows)
-        ad_rows = [
-            (ad, last, ad_features(hours, fine, last))
-            for ad, (hours, fine, last) in self.state.ad_counters(ads).items()
-        ]
-        self.sink.write_online(AD_VIEW, ad_rows)
-        self.sink.write_offline(AD_VIEW, ad_rows, name=name)
-        self.state.clear_pending(users, ads)
+    def refresh_ads(self) -> None:
+        """Rewrite the online rows of ads touched since the last refresh from their counters.
 
-    def recover_pending(self) -> None:
-        """Push rows whose state was stored but whose push a crash interrupted."""
-        users, ads = self.state.pending()
-        if users or ads:
-            log.info(
-                "re-pushing features of %d users and %d ads left pending by an interrupted run", len(users), len(ads)
-            )
-            self.push_online(self.state.user_states(users), ads, name=f"recovered-{int(time.time() * 1000)}")
+        Ad counters are shared by all consumers of the group (HINCRBY commutes); a row written by
+        one consumer may miss another's concurrent increment, so idle consumers rewrite theirs.
+        """
+        if not self.touched_ads:
+            return
+        rows = self._ad_rows({}, dict.fromkeys(self.touched_ads, 0))
+        pipe = self.state.redis.pipeline(transaction=False)
+        write_rows(pipe, self.layout, AD_VIEW, rows)
+        pipe.execute()
+        self.touched_ads.clear()
+
+    def _ad_rows(
+        self, increments: dict[str, dict[str, int]], last: dict[str, int]
+    ) -> list[tuple[str, int, dict[str, Any]]]:
+        """Ad rows from the stored counters plus this batch's increments (not yet written)."""
+        rows = []
+        for ad, (hours, fine, stored_last) in self.state.ad_counters(last).items():
+            for counter, amount in increments.get(ad, {}).items():
+                kind, bucket, slot = counter.split(":")
+                (hours if kind == "h" else fine).setdefault(bucket, [0, 0])[int(slot)] += amount
+            ts = max(stored_last, last[ad])
+            rows.append((ad, ts, ad_features(hours, fine, ts)))
+        return rows
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
@@ -220,14 +249,6 @@ def _batch_name(batch: dict[TopicPartition, list[Any]]) -> str:
     return "-".join(
         f"p{tp.partition}o{records[0].offset}-{records[-1].offset}" for tp, records in sorted(batch.items())
     )
-
-
-def _last_per_entity_and_time(rows: list[tuple[str, int, dict[str, Any]]]) -> list[tuple[str, int, dict[str, Any]]]:
-    """Several events of one user in the same millisecond: keep the state after the last of them."""
-    latest: dict[tuple[str, int], tuple[str, int, dict[str, Any]]] = {}
-    for row in rows:
-        latest[(row[0], row[1])] = row
-    return list(latest.values())
 
 
 def _merge(total: BatchReport, one: BatchReport) -> None:

@@ -8,14 +8,14 @@ Keys (prefix `adloop:` by default):
   ad:<id>                hash: `h:<hour bucket>:<0 impressions|1 clicks>` and `f:<5-min bucket>:<0|1>` counters
   ad_last                sorted set: ad id -> latest event time (ms), only ever raised (ZADD GT)
   offsets:<group>:<topic> hash: partition -> last applied offset
-  pending:user / pending:ad  ids whose online features are still to be pushed (crash recovery)
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import redis
 
@@ -69,12 +69,6 @@ class StateStore:
             result[ad] = (dict(hours), dict(fine), int(last or 0))
         return result
 
-    def pending(self) -> tuple[set[str], set[str]]:
-        users, ads = (
-            self.redis.pipeline().smembers(f"{self.prefix}pending:user").smembers(f"{self.prefix}pending:ad").execute()
-        )
-        return {u.decode() for u in users}, {a.decode() for a in ads}
-
     # --- writes -------------------------------------------------------------------------------
 
     def commit_batch(
@@ -85,8 +79,10 @@ class StateStore:
         ad_increments: dict[str, dict[str, int]],
         ad_last: dict[str, int],
         offsets: dict[int, int],
+        online: Callable[[Any], None],
     ) -> None:
-        """One atomic write: states, seen ids, ad counters, pending push marks and offsets."""
+        """One atomic write: states, seen ids, ad counters, the online feature rows (queued by `online`
+        on the transaction) and the partitions' applied offsets."""
         pipe = self.redis.pipeline(transaction=True)
         if states:
             pipe.mset(
@@ -95,24 +91,14 @@ class StateStore:
                     for u, s in states.items()
                 }
             )
-            pipe.sadd(f"{self.prefix}pending:user", *states)
         for event_id in seen_ids:
-            pipe.set(f"{self.prefix}seen:{event_id}", 1, ex=self.seen_ttl_s)
+            pipe.execute_command("SET", f"{self.prefix}seen:{event_id}", 1, "EX", self.seen_ttl_s)  # no arg checks
         for ad, fields in ad_increments.items():
             for field, amount in fields.items():
                 pipe.hincrby(f"{self.prefix}ad:{ad}", field, amount)
         if ad_last:
             pipe.zadd(f"{self.prefix}ad_last", ad_last, gt=True)
-            pipe.sadd(f"{self.prefix}pending:ad", *ad_last)
+        online(pipe)
         if offsets:
             pipe.hset(self.offsets_key, mapping={str(p): o for p, o in offsets.items()})
-        pipe.execute()
-
-    def clear_pending(self, users: Iterable[str], ads: Iterable[str]) -> None:
-        users, ads = list(users), list(ads)
-        pipe = self.redis.pipeline(transaction=False)
-        if users:
-            pipe.srem(f"{self.prefix}pending:user", *users)
-        if ads:
-            pipe.srem(f"{self.prefix}pending:ad", *ads)
         pipe.execute()

@@ -8,9 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
 
 from adloop import stack
 from adloop.settings import Settings, get_settings
+from features import store
+from streaming.events import Event
 
 # ../shared/data beside the checkout; ADLOOP_SHARED_DATA points elsewhere (e.g. from a git worktree)
 SHARED_DATA = Path(os.environ.get("ADLOOP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -50,3 +55,56 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (a fresh clone has no ../shared/data); this test needs the real data set")
     return path
+
+
+TEST_REDIS_DB = 3  # the consumer tests own this database and empty it per test
+
+
+@pytest.fixture
+def feature_settings(local_stack: Settings, tmp_path) -> Iterator[Settings]:
+    topic = f"adloop.test.events.{uuid.uuid4().hex[:10]}"
+    admin = KafkaAdminClient(bootstrap_servers=local_stack.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
+    admin.create_topics([NewTopic(topic, 6, 1), NewTopic(topic + ".dlq", 1, 1)])
+    settings = local_stack.model_copy(
+        update={
+            "events_topic": topic,
+            "dlq_topic": topic + ".dlq",
+            "redis_url": f"redis://127.0.0.1:{_redis_port(local_stack)}/{TEST_REDIS_DB}",
+            "feast_data_dir": tmp_path / "feast",
+            "consumer_batch_size": 250,
+            "model_registry_path": tmp_path / "models",
+        }
+    )
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    store.apply(settings)
+    yield settings
+    admin.delete_topics([topic, topic + ".dlq"])
+    admin.close()
+
+
+def produce(settings: Settings, messages: list[Event | tuple[bytes | None, bytes]]) -> None:
+    """Send events (key = user id) or raw (key, value) pairs to the settings' events topic, in order."""
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", linger_ms=5)
+    for message in messages:
+        if isinstance(message, Event):
+            producer.send(settings.events_topic, key=message.user_id.encode(), value=message.to_bytes())
+        else:
+            producer.send(settings.events_topic, key=message[0], value=message[1])
+    producer.flush(timeout=30)
+    producer.close()
+
+
+def adloop_env(settings: Settings) -> dict[str, str]:
+    """ADLOOP_* variables that make a subprocess use these settings."""
+    return {
+        "ADLOOP_EVENTS_TOPIC": settings.events_topic,
+        "ADLOOP_DLQ_TOPIC": settings.dlq_topic,
+        "ADLOOP_REDIS_URL": settings.redis_url,
+        "ADLOOP_FEAST_DATA_DIR": str(settings.feast_data_dir),
+        "ADLOOP_CONSUMER_BATCH_SIZE": str(settings.consumer_batch_size),
+        "ADLOOP_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+    }
+
+
+def _redis_port(settings: Settings) -> int:
+    return redis.Redis.from_url(settings.redis_url).connection_pool.connection_kwargs.get("port", 6379)

@@ -235,4 +235,4 @@ def test_the_ranker_gets_one_row_per_candidate_with_text_ids(catalog_rows) -> No
     assert all(len(col) == len(seen["scores"]) for col in frame.values())
     row = sel.state.catalog.index[frame["ad_id"][0]]
     assert frame["campaign_id"][0] == catalog_rows[row]["campaign_id"] and frame["category"][0] in CATEGORIES
-    assert seen["context"] == {"device": "mobile"}
+    assert seen["context"] == {"device": "mobile", "ts_ms": int(NOON * 1000), "slate_size": 1}

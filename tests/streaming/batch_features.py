@@ -35,42 +35,54 @@ def frame(events: list[Event]) -> pd.DataFrame:
 
 
 def user_features(events: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """user id -> features, computed per user over the whole table."""
-    return {user: _one_user(group) for user, group in events.groupby("user_id", sort=False)}
-
-
-def _one_user(g: pd.DataFrame) -> dict[str, Any]:
-    now = int(g["ts"].max())
-    row: dict[str, Any] = {}
+    """user id -> features, vectorised over all users (group-bys, no per-user Python)."""
+    df = events.assign(now=events.groupby("user_id")["ts"].transform("max"))
+    users = pd.Index(df["user_id"].unique(), name="user_id")
+    out = pd.DataFrame(index=users)
     for window, (size, n) in WINDOWS.items():
-        inside = g[(g["ts"] // size) > (now // size) - n]
-        counts = inside["type"].value_counts()
-        row.update({f"{t}_{window}": int(counts.get(t, 0)) for t in TYPES})
-    scored = g[g["category"].notna() & g["type"].isin(list(WEIGHTS))]
-    scores = (
-        (scored["type"].map(WEIGHTS) * np.power(0.5, (now - scored["ts"]) / HALF_LIFE_MS))
-        .groupby(scored["category"])
-        .sum()
-    )
-    top = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
-    row["top_categories"] = [c for c, _ in top]
-    row["top_category_scores"] = [float(s) for _, s in top]
-    browsing = g[~g["type"].isin(["ad_impression", "ad_click", "conversion"])]
-    row["recent_items"] = browsing["item_id"].dropna().tolist()[-20:]
-    row["recent_categories"] = browsing["category"].dropna().tolist()[-20:]
-    ads = g[g["type"].isin(["ad_impression", "ad_click"])]
-    day = ads[(ads["ts"] // 3_600_000) > (now // 3_600_000) - 24]
+        inside = df[(df["ts"] // size) > (df["now"] // size) - n]
+        counts = inside.groupby(["user_id", "type"]).size().unstack(fill_value=0)
+        counts = counts.reindex(index=users, columns=TYPES, fill_value=0)
+        for kind in TYPES:
+            out[f"{kind}_{window}"] = counts[kind].astype(int)
+
+    scored = df[df["category"].notna() & df["type"].isin(list(WEIGHTS))]
+    weights = scored["type"].map(WEIGHTS) * np.power(0.5, (scored["now"] - scored["ts"]) / HALF_LIFE_MS)
+    scores = weights.groupby([scored["user_id"], scored["category"]]).sum().rename("score").reset_index()
+    scores = scores.assign(neg=-scores["score"]).sort_values(["user_id", "neg", "category"]).groupby("user_id").head(10)
+    top = scores.groupby("user_id", sort=False).agg(list)
+    out["top_categories"] = top["category"].reindex(users)
+    out["top_category_scores"] = top["score"].reindex(users)
+
+    browsing = df[~df["type"].isin(["ad_impression", "ad_click", "conversion"])]
+    for column, name in (("item_id", "recent_items"), ("category", "recent_categories")):
+        recent = browsing.dropna(subset=[column]).groupby("user_id").tail(20)
+        out[name] = recent.groupby("user_id", sort=False)[column].agg(list).reindex(users)
+
+    ads = df[df["type"].isin(["ad_impression", "ad_click"])]
+    day = ads[(ads["ts"] // 3_600_000) > (ads["now"] // 3_600_000) - 24]
     for prefix, column in (("ad", "ad_id"), ("campaign", "campaign_id")):
-        table = day.dropna(subset=[column]).groupby(column)["type"].value_counts().unstack(fill_value=0)
-        ids = sorted(table.index)
-        row[f"freq_{prefix}_ids"] = ids
-        row[f"freq_{prefix}_impressions_24h"] = [int(table.loc[i].get("ad_impression", 0)) for i in ids]
-        row[f"freq_{prefix}_clicks_24h"] = [int(table.loc[i].get("ad_click", 0)) for i in ids]
-    row["impressions_total"] = int((g["type"] == "ad_impression").sum())
-    row["clicks_total"] = int((g["type"] == "ad_click").sum())
-    row["user_ctr"] = (row["clicks_total"] + 1.0) / (row["impressions_total"] + 20.0)
-    row["last_seen_ms"] = now
-    return row
+        table = day.dropna(subset=[column]).groupby(["user_id", column, "type"]).size().unstack(fill_value=0)
+        table = (
+            table.reindex(columns=["ad_impression", "ad_click"], fill_value=0)
+            .reset_index()
+            .sort_values(["user_id", column])
+        )
+        lists = table.groupby("user_id", sort=False).agg(list)
+        out[f"freq_{prefix}_ids"] = lists[column].reindex(users)
+        out[f"freq_{prefix}_impressions_24h"] = lists["ad_impression"].reindex(users)
+        out[f"freq_{prefix}_clicks_24h"] = lists["ad_click"].reindex(users)
+
+    out["impressions_total"] = df[df["type"] == "ad_impression"].groupby("user_id").size().reindex(users, fill_value=0)
+    out["clicks_total"] = df[df["type"] == "ad_click"].groupby("user_id").size().reindex(users, fill_value=0)
+    out["user_ctr"] = (out["clicks_total"] + 1.0) / (out["impressions_total"] + 20.0)
+    out["last_seen_ms"] = df.groupby("user_id")["now"].first().reindex(users)
+    records = out.to_dict(orient="index")
+    for row in records.values():  # users without such events have empty lists, not NaN
+        for name, value in row.items():
+            if not isinstance(value, list) and (name.startswith(("top_", "recent_", "freq_"))):
+                row[name] = []
+    return records
 
 
 def assert_features_equal(expected: dict[str, Any], actual: dict[str, Any], user: str) -> None:

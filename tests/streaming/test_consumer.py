@@ -19,12 +19,12 @@ from adloop.settings import Settings
 from features.offline import point_in_time
 from features.online import features_via_feast
 from features.store import AD_VIEW, USER_VIEW
+from streaming.aggregates import UserState, apply_user, user_features
 from streaming.consumer import FeatureConsumer
 from streaming.dead_letters import describe
 from streaming.events import Event
-from tests.conftest import shared_data
+from tests.conftest import adloop_env, produce, shared_data
 from tests.streaming import batch_features
-from tests.streaming.conftest import adloop_env, produce
 from tests.streaming.test_aggregates import synthetic_events
 
 pytestmark = pytest.mark.integration
@@ -58,8 +58,9 @@ def test_online_and_offline_features_equal_a_batch_recomputation(feature_setting
         assert online_ads[ad]["ad_impressions_7d"] == int((mine["type"] == "ad_impression").sum())
         assert online_ads[ad]["ad_clicks_7d"] == int((mine["type"] == "ad_click").sum())
 
-    # Offline: a point-in-time row sees exactly the events before it, never the ones after.
-    sample = table.iloc[[100, 900, 1500]]
+    # Offline: a point-in-time row holds what serving read at that moment: the state after some
+    # earlier batch, never an event at or after the row's own time.
+    sample = table.iloc[[100, 900, 1500, 1999]]
     rows = pd.DataFrame(
         {
             "user_id": sample["user_id"],
@@ -68,11 +69,28 @@ def test_online_and_offline_features_equal_a_batch_recomputation(feature_setting
         }
     )
     joined = point_in_time(feature_settings, rows, views=(USER_VIEW,))
+    assert joined["last_seen_ms"].notna().sum() >= 3
     for n, (_, event) in enumerate(sample.iterrows()):
-        before = table[(table["user_id"] == event["user_id"]) & (table["ts"] < event["ts"])]
-        expected = batch_features.user_features(before)[event["user_id"]]
-        assert joined.iloc[n]["last_seen_ms"] == expected["last_seen_ms"]
+        seen_until = joined.iloc[n]["last_seen_ms"]
+        if pd.isna(seen_until):
+            continue  # no batch of this user had landed before: serving had no features either
+        assert seen_until < event["ts"], "a feature row from the future leaked into a training row"
+        prefix = table[(table["user_id"] == event["user_id"]) & (table["ts"] <= seen_until)]
+        expected = batch_features.user_features(prefix)[event["user_id"]]
         assert joined.iloc[n]["page_view_24h"] == expected["page_view_24h"]
+        assert list(joined.iloc[n]["recent_items"]) == expected["recent_items"]
+
+    # The latest offline row of each user is the row served online.
+    latest = point_in_time(
+        feature_settings,
+        pd.DataFrame({"user_id": sorted(expected_users := set(table["user_id"])), "ad_id": "none",
+                      "event_timestamp": pd.Timestamp(int(table["ts"].max()) + 1, unit="ms", tz="UTC")}),
+        views=(USER_VIEW,),
+    )  # fmt: skip
+    online = features_via_feast(feature_settings, USER_VIEW, sorted(expected_users))
+    for _, row in latest.iterrows():
+        assert row["last_seen_ms"] == online[row["user_id"]]["last_seen_ms"]
+        assert row["add_to_cart_7d"] == online[row["user_id"]]["add_to_cart_7d"]
 
 
 def test_bad_events_go_to_the_dead_letter_topic_with_their_reason(feature_settings: Settings) -> None:
@@ -176,3 +194,31 @@ def test_taobao_replay_features_equal_a_pandas_recomputation(feature_settings: S
     report = consume_all(settings)
     assert report.applied == len(events) == 110_300
     assert_online_equals_batch(settings, events)  # all 66,454 users, through Feast's get_online_features
+
+
+def test_feast_layout_read_and_write_match_feast(feature_settings: Settings) -> None:
+    """Rows written in Feast's layout, and the request path's HMGET read, equal Feast's own push and read."""
+    from features.online import FeastLayout, OnlineFeatureReader, write_rows
+    from features.sink import FeastSink
+
+    events = synthetic_events(400, users=4, seed=9)
+    states = {}
+    for event in events:
+        states[event.user_id] = apply_user(states.get(event.user_id) or UserState(), event)
+    rows = {user: (state.last_ts, user_features(state)) for user, state in states.items()}
+    FeastSink(feature_settings).write_online(USER_VIEW, [(f"pushed-{u}", ts, f) for u, (ts, f) in rows.items()])
+    layout = FeastLayout.from_settings(feature_settings)
+    client = redis.Redis.from_url(feature_settings.redis_url)
+    pipe = client.pipeline()
+    write_rows(pipe, layout, USER_VIEW, [(f"direct-{u}", ts, f) for u, (ts, f) in rows.items()])
+    pipe.execute()
+
+    ids = [f"{kind}-{u}" for u in rows for kind in ("pushed", "direct")]
+    via_feast = features_via_feast(feature_settings, USER_VIEW, [*ids, "nobody"])
+    reader = OnlineFeatureReader(client, layout)
+    for user in rows:
+        assert via_feast[f"direct-{user}"] == via_feast[f"pushed-{user}"]  # our write == Feast's push
+        assert reader.user(f"pushed-{user}") == via_feast[f"pushed-{user}"]  # our read == Feast's read
+        assert reader.user(f"pushed-{user}")["freq_ad_ids"] == rows[user][1]["freq_ad_ids"]
+    assert reader.user("nobody") == {}
+    assert all(v is None for v in via_feast["nobody"].values())

@@ -1,0 +1,208 @@
+"""Ingest: the feature consumer against kafka-python's own ceiling, Feast's per-event push, and freshness.
+
+    python bench/ingest.py [--events N] [--fresh-seconds S] [--naive N]
+
+On the local stack (`adloop stack up`), with fresh topics, Redis db 5 and a temporary Feast folder:
+  (a) raw: kafka-python alone drains the topic (poll, no processing): this client's ceiling;
+  (b) pipeline: one FeatureConsumer process applies the same events end to end (decode, dedup,
+      aggregates, offline parquet, one atomic Redis write with the online rows and offsets, commit);
+  (c) freshness at a fixed 10,000 events/s: produce (record CreateTime) -> features readable
+      (after the batch's Redis transaction), p50 and p99;
+  (d) naive: one Feast `push` per event.
+Prints each rate and the ratios (b)/(a) and (b)/(d). Data: the Taobao slice, else synthetic events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import redis
+from kafka import KafkaConsumer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from adloop.settings import PROJECT_ROOT, Settings, get_settings
+from features import store
+from features.sink import FeastSink
+from features.store import USER_VIEW
+from streaming.aggregates import UserState, apply_user, user_features
+from streaming.consumer import FeatureConsumer
+from streaming.events import Event
+from streaming.producer import build_producer, produce_events
+
+SHARED_DATA = Path(os.environ.get("ADLOOP_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data")
+TAOBAO = SHARED_DATA / "taobao" / "UserBehavior_timeslice.csv"
+BENCH_REDIS_DB = 5
+
+
+def load_events(limit: int) -> tuple[list[Event], str]:
+    if TAOBAO.exists():
+        from streaming.replay import taobao
+
+        events = []
+        for event in taobao.read(TAOBAO):
+            events.append(event)
+            if len(events) == limit:
+                break
+        return events, f"Taobao slice ({len(events):,} events)"
+    from streaming.simulate import Population, SimConfig
+
+    events = list(Population(SimConfig(users=20_000, seed=1)).events(limit))
+    return events, f"synthetic population ({len(events):,} events)"
+
+
+def isolated_settings(base: Settings, root: Path) -> Settings:
+    topic = f"adloop.bench.ingest.{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=base.kafka_bootstrap_servers)
+    admin.create_topics([NewTopic(topic, base.event_partitions, 1), NewTopic(topic + ".dlq", 1, 1)])
+    admin.close()
+    settings = base.model_copy(
+        update={
+            "events_topic": topic,
+            "dlq_topic": topic + ".dlq",
+            "redis_url": base.redis_url.rsplit("/", 1)[0] + f"/{BENCH_REDIS_DB}",
+            "feast_data_dir": root / "feast",
+            "consumer_batch_size": 5000,
+        }
+    )
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    store.apply(settings)
+    return settings
+
+
+def raw_drain(settings: Settings, total: int) -> float:
+    """(a) events/s of a bare kafka-python consumer reading every message once."""
+    consumer = KafkaConsumer(
+        settings.events_topic, bootstrap_servers=settings.kafka_bootstrap_servers, group_id=f"raw-{uuid.uuid4().hex}",
+        auto_offset_reset="earliest", enable_auto_commit=False, max_poll_records=5000,
+    )  # fmt: skip
+    seen, started = 0, None
+    while seen < total:
+        batch = consumer.poll(timeout_ms=500)
+        if batch and started is None:
+            started = time.perf_counter()
+        seen += sum(len(records) for records in batch.values())
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return total / elapsed
+
+
+class TimedConsumer(FeatureConsumer):
+    """Records, per applied record, the time from its CreateTime to the end of its batch's write."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.first_poll: float | None = None
+        self.lags_ms: list[float] = []
+        self.applied_total = 0
+
+    def apply(self, batch):
+        if self.first_poll is None:
+            self.first_poll = time.perf_counter()
+        report = super().apply(batch)
+        done_ms = time.time() * 1000
+        self.lags_ms.extend(done_ms - r.timestamp for records in batch.values() for r in records)
+        self.applied_total += report.applied
+        return report
+
+
+def pipeline(settings: Settings, total: int) -> tuple[float, TimedConsumer]:
+    """(b) events/s of one FeatureConsumer applying `total` events already on the topic."""
+    consumer = TimedConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url), group="bench-pipeline")
+    consumer.run(stop=lambda: consumer.applied_total >= total)
+    return total / (time.perf_counter() - consumer.first_poll), consumer
+
+
+def _paced_producer(settings: Settings, events: list[Event], rate: float) -> None:
+    producer = build_producer(settings)
+    produce_events(producer, settings.events_topic, events, max_rate=rate)
+    producer.flush()
+    producer.close()
+
+
+def freshness(settings: Settings, events: list[Event], rate: float) -> tuple[list[float], float]:
+    """(c) lag from produce to readable, with a producer process paced at `rate` events/s."""
+    consumer = TimedConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url), group="bench-fresh")
+    stop = threading.Event()
+    runner = threading.Thread(target=consumer.run, kwargs={"stop": stop.is_set}, daemon=True)
+    runner.start()
+    while not consumer.consumer.assignment():
+        time.sleep(0.05)
+    started = time.perf_counter()
+    producer = multiprocessing.get_context("spawn").Process(target=_paced_producer, args=(settings, events, rate))
+    producer.start()
+    producer.join()
+    sent_s = time.perf_counter() - started
+    deadline = time.monotonic() + 60
+    while consumer.applied_total < len(events) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    runner.join(timeout=30)
+    return consumer.lags_ms, len(events) / sent_s
+
+
+def naive(settings: Settings, events: list[Event]) -> float:
+    """(d) events/s of one Feast push per event (the design this consumer avoids)."""
+    sink, states = FeastSink(settings), {}
+    started = time.perf_counter()
+    for event in events:
+        state = apply_user(states.setdefault(event.user_id, UserState()), event)
+        sink.write_online(USER_VIEW, [(event.user_id, event.ts_ms, user_features(state))])
+    return len(events) / (time.perf_counter() - started)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=110_300, help="events for (a) and (b)")
+    parser.add_argument("--fresh-seconds", type=float, default=5.0, help="duration of (c) at 10,000 events/s")
+    parser.add_argument("--naive", type=int, default=300, help="events for (d)")
+    args = parser.parse_args()
+
+    events, source = load_events(args.events)
+    with tempfile.TemporaryDirectory() as root:
+        settings = isolated_settings(get_settings(), Path(root))
+        producer = build_producer(settings)
+        produce_events(producer, settings.events_topic, events)
+        producer.close()
+        print(f"data: {source}; topic {settings.events_topic} ({settings.event_partitions} partitions)")
+
+        raw = raw_drain(settings, len(events))
+        print(f"(a) raw kafka-python drain:        {raw:10,.0f} events/s")
+        full, _ = pipeline(settings, len(events))
+        print(f"(b) full pipeline, one process:    {full:10,.0f} events/s")
+
+        fresh_settings = isolated_settings(get_settings(), Path(root) / "fresh")
+        fresh_events = [e.model_copy(update={"event_id": f"fresh-{i}"}) for i, e in enumerate(events)]
+        fresh_events = fresh_events[: int(10_000 * args.fresh_seconds)]
+        lags, achieved = freshness(fresh_settings, fresh_events, 10_000)
+        print(
+            f"(c) freshness at 10,000 events/s (achieved {achieved:,.0f}/s, {len(lags):,} events): "
+            f"p50 {statistics.median(lags):,.0f} ms, p99 {percentile(lags, 0.99):,.0f} ms"
+        )
+
+        naive_settings = isolated_settings(get_settings(), Path(root) / "naive")
+        slow = naive(naive_settings, events[: args.naive])
+        print(f"(d) naive, one Feast push/event:   {slow:10,.0f} events/s  ({args.naive} events)")
+        print(f"ratios: (b)/(a) = {full / raw:.2f}   (b)/(d) = {full / slow:.1f}x")
+        admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+        everything = (settings, fresh_settings, naive_settings)
+        admin.delete_topics([t for s in everything for t in (s.events_topic, s.dlq_topic)])
+        admin.close()
+
+
+if __name__ == "__main__":
+    main()

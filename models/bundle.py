@@ -1,0 +1,93 @@
+"""ModelBundle: what serving calls per request (user vector, ad vectors, calibrated click probabilities).
+
+Built once per model version (by the registry's `load` or by training) and shared read-only; every
+per-request method is vectorised over candidates and allocates only the request's own arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import torch
+
+from models.ranker import PlattCalibrator, base_margin, request_features
+from models.two_tower import AD_ATTRIBUTES, TwoTower, encode_ads, encode_users, to_tensors
+
+
+@dataclass
+class ModelBundle:
+    version: str
+    tower: TwoTower  # in eval mode, on `device`
+    booster: lgb.Booster
+    calibrator: PlattCalibrator
+    feature_names: list[str]  # columns of the ranker, in order
+    ad_ids: list[str]  # row i of ad_matrix is ad_ids[i]
+    ad_matrix: np.ndarray  # (n_ads, dim) float32, L2-normalised
+    offset_feature: str | None = None  # margin = logit(this feature) + trees (models.ranker.base_margin)
+    compiled: Any | None = None  # lleaves predictor of the raw margin, when available
+    manifest: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def user_vector(self, user_features: Mapping[str, Any]) -> np.ndarray:
+        """(dim,) float32 L2-normalised vector of one user_activity row."""
+        return self.user_vectors([user_features])[0]
+
+    def user_vectors(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """(n, dim) float32 vectors of user_activity rows."""
+        batch = to_tensors(encode_users(rows, self.tower.config), self.device)
+        with torch.inference_mode():
+            return self.tower.user_tower(batch).cpu().numpy()
+
+    def embed_ads(self, ad_rows: pd.DataFrame | Mapping[str, Sequence[Any]]) -> np.ndarray:
+        """(n, dim) float32 vectors of catalog ads (columns ad_id, category, campaign_id, advertiser_id).
+
+        An ad unseen in training gets its vector from its hashed attributes (see models.two_tower).
+        """
+        columns = {c: list(ad_rows[c]) for c in AD_ATTRIBUTES if c in ad_rows}
+        batch = to_tensors(encode_ads(columns, self.tower.config), self.device)
+        with torch.inference_mode():
+            return self.tower.ad_tower(batch).cpu().numpy()
+
+    def set_catalog(self, ad_rows: pd.DataFrame | Mapping[str, Sequence[Any]]) -> None:
+        """Replace ad_ids / ad_matrix with a catalog's vectors (at load or on a catalog change, not per request)."""
+        self.ad_matrix = self.embed_ads(ad_rows)
+        self.ad_ids = [str(a) for a in ad_rows["ad_id"]]
+
+    def nearest(self, user_vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices into ad_ids, cosine scores) of the k ads most similar to a user vector, best first."""
+        scores = self.ad_matrix @ user_vector  # (n_ads,)
+        k = min(k, scores.size)
+        top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return top, scores[top]
+
+    def predict_ctr(
+        self,
+        user_features: Mapping[str, Any],
+        ad_frame: pd.DataFrame | Mapping[str, Any],
+        context: Mapping[str, Any],
+        embedding_scores: np.ndarray,
+    ) -> np.ndarray:
+        """(n_candidates,) calibrated click probabilities of one request.
+
+        ad_frame: ad_id, category, campaign_id (optional position) and the ad_performance columns of the
+        candidates (absent -> an ad no event has touched). context: ts_ms (request time, epoch ms),
+        optional hour (default: from ts_ms, UTC), device, position (default 1: score as if shown first),
+        slate_size (number of ads shown together; default: the number of candidates).
+        embedding_scores: (n_candidates,) cosine of user_vector and each candidate's ad vector.
+        """
+        x = request_features(user_features, ad_frame, context, embedding_scores, self.feature_names)
+        return self.calibrator(self.predict_margin(x))
+
+    def predict_margin(self, x: np.ndarray) -> np.ndarray:
+        """Margin (log-odds before calibration) of a feature matrix: base margin + the trees' raw score,
+        from the compiled predictor when present, else LightGBM."""
+        offset = base_margin(x, self.feature_names, self.offset_feature)
+        if self.compiled is not None:
+            return offset + self.compiled.predict(np.ascontiguousarray(x, dtype=np.float64), n_jobs=1)
+        return offset + self.booster.predict(x, raw_score=True, num_threads=1)

@@ -1,0 +1,292 @@
+"""LightGBM ranker: user, ad, user-by-ad and context features plus the embedding score -> click probability.
+
+`request_features` builds one request's matrix (one user, many candidate ads) with numpy, and is the
+only feature code: training calls it per impression of the frame, serving per request, so the two
+cannot drift. The booster's raw margin goes through a Platt calibrator fitted on a later time slice
+than the one the trees learned from, so outputs are click probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+
+from models.values import as_list, as_number
+from streaming.aggregates import ad_features, smoothed_ctr
+
+USER_COUNTS = [f"{kind}_{w}" for kind in ("page_view", "ad_impression", "ad_click") for w in ("1h", "24h", "7d")]
+USER_COUNTS += [f"{kind}_7d" for kind in ("search", "favorite", "add_to_cart", "purchase", "conversion")]
+USER_SCALARS = [*USER_COUNTS, "impressions_total", "clicks_total", "user_ctr"]
+AD_SCALARS = ["ad_impressions_1h", "ad_clicks_1h", "ad_impressions_24h", "ad_clicks_24h", "ad_impressions_7d",
+              "ad_clicks_7d", "ad_ctr_24h", "ad_ctr_7d"]  # fmt: skip
+DERIVED = {  # name -> what it is computed from (documented in the manifest)
+    "user_recent_items": "len(user_activity:recent_items)",
+    "user_seconds_since_seen": "context ts - user_activity:last_seen_ms",
+    "ad_seconds_since_seen": "context ts - ad_performance:ad_last_seen_ms",
+    "ad_ctr_1h": "smoothed_ctr(ad_performance:ad_clicks_1h, ad_performance:ad_impressions_1h)",
+    "ad_ctr_1h_rank": "percentile rank of ad_ctr_1h among the request's candidates",
+    "ad_ctr_24h_rank": "percentile rank of ad_ctr_24h among the request's candidates",
+    "ad_ctr_7d_rank": "percentile rank of ad_ctr_7d among the request's candidates",
+    "ad_ctr_7d_vs_slate": "ad_ctr_7d / max over the request's candidates",
+    "ad_clicks_1h_vs_slate": "ad_clicks_1h / max over the request's candidates",
+    "ad_has_category": "catalog category present",
+    "user_ad_impressions_24h": "user_activity:freq_ad_ids / freq_ad_impressions_24h at this ad",
+    "user_ad_clicks_24h": "user_activity:freq_ad_ids / freq_ad_clicks_24h at this ad",
+    "user_campaign_impressions_24h": "user_activity:freq_campaign_ids / freq_campaign_impressions_24h at its campaign",
+    "user_campaign_clicks_24h": "user_activity:freq_campaign_ids / freq_campaign_clicks_24h at its campaign",
+    "user_category_affinity": "share of user_activity:top_category_scores on the ad's category",
+    "user_category_rank": "rank of the ad's category in user_activity:top_categories (NaN if absent)",
+    "user_recent_category_share": "share of user_activity:recent_categories equal to the ad's category",
+    "user_viewed_item": "the ad's id is in user_activity:recent_items",
+    "position": "context: slot position (1 = first)",
+    "slate_size": "context: number of candidates in the request",
+    "hour": "context: hour of day (UTC) of the request",
+    "device_code": "context: hash of the device string into 64 codes (NaN if absent)",
+    "embedding_score": "two-tower cosine similarity of user and ad",
+}
+FEATURES = [*USER_SCALARS, *AD_SCALARS, *DERIVED]
+AD_DEFAULTS = ad_features({}, {}, 0)  # the row of an ad no event has touched yet
+OFFSET_FEATURE = "ad_ctr_7d"  # the ranker boosts from logit(this), the live click rate (see base_margin)
+
+PARAMS = {  # flat, as LightGBM's python-guide keeps them
+    "objective": "binary",
+    "metric": "binary_logloss",
+    "learning_rate": 0.03,
+    "num_leaves": 7,
+    "min_data_in_leaf": 200,
+    "feature_fraction": 0.8,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "lambda_l2": 10.0,
+    "num_threads": 2,
+    "deterministic": True,
+    "force_row_wise": True,
+    "verbose": -1,
+}
+
+
+def feature_source(name: str) -> str:
+    """Where a feature comes from: `user_activity:<name>`, `ad_performance:<name>` or a derivation."""
+    if name in USER_SCALARS:
+        return f"user_activity:{name}"
+    if name in AD_SCALARS:
+        return f"ad_performance:{name}"
+    return DERIVED[name]
+
+
+def request_features(
+    user: Mapping[str, Any],
+    ads: Mapping[str, Any],
+    context: Mapping[str, Any],
+    embedding_scores: np.ndarray | None,
+    features: Sequence[str] = FEATURES,
+) -> np.ndarray:
+    """(n_candidates, len(features)) float64 matrix of one request; vectorised over candidates.
+
+    user: a user_activity row (user_features names; missing -> 0 / empty). ads: columns of equal
+    length: ad_id, optional category, campaign_id, position and ad_performance names (missing ->
+    an untouched ad's value). context: ts_ms (request time), optional hour, position, slate_size, device.
+    """
+    ad_ids = np.asarray(ads["ad_id"], dtype=object)
+    n = len(ad_ids)
+    now = as_number(context.get("ts_ms"))
+    cols: dict[str, np.ndarray] = {}
+    for name in USER_SCALARS:
+        cols[name] = np.full(n, as_number(user.get(name)))
+    for name in AD_SCALARS:
+        cols[name] = _column(ads, name, n, AD_DEFAULTS[name])
+    recent_items = as_list(user.get("recent_items"))
+    cols["user_recent_items"] = np.full(n, float(len(recent_items)))
+    cols["user_seconds_since_seen"] = np.full(n, _since(now, user.get("last_seen_ms")))
+    ad_seen = _column(ads, "ad_last_seen_ms", n, 0.0)
+    cols["ad_seconds_since_seen"] = np.where(ad_seen > 0, (now - ad_seen) / 1000.0, np.nan)
+    cols["ad_ctr_1h"] = smoothed_ctr(cols["ad_clicks_1h"], cols["ad_impressions_1h"])
+    for name in ("ad_ctr_1h", "ad_ctr_24h", "ad_ctr_7d"):
+        cols[f"{name}_rank"] = _pct_rank(cols[name])
+    for name in ("ad_ctr_7d", "ad_clicks_1h"):
+        top = cols[name].max(initial=0.0)
+        cols[f"{name}_vs_slate"] = cols[name] / top if top > 0 else np.zeros(n)
+    categories = _strings(ads.get("category"), n)
+    cols["ad_has_category"] = (categories != "").astype(float)
+    cols["user_ad_impressions_24h"], cols["user_ad_clicks_24h"] = _lookup(user, "ad", ad_ids)
+    campaigns = _strings(ads.get("campaign_id"), n)
+    cols["user_campaign_impressions_24h"], cols["user_campaign_clicks_24h"] = _lookup(user, "campaign", campaigns)
+    top_categories = as_list(user.get("top_categories"))
+    scores = np.asarray(as_list(user.get("top_category_scores")), dtype=float)
+    cols["user_category_affinity"], cols["user_category_rank"] = np.zeros(n), np.full(n, np.nan)
+    if top_categories and scores.sum() > 0:
+        where = pd.Index(top_categories).get_indexer(categories)
+        cols["user_category_affinity"] = np.where(where >= 0, scores[where] / scores.sum(), 0.0)
+        cols["user_category_rank"] = np.where(where >= 0, where.astype(float), np.nan)
+    cols["user_recent_category_share"] = _share(as_list(user.get("recent_categories")), categories)
+    cols["user_viewed_item"] = pd.Index(ad_ids).isin(recent_items).astype(float)
+    cols["position"] = _column(ads, "position", n, as_number(context.get("position"), 1.0))
+    cols["slate_size"] = np.full(n, as_number(context.get("slate_size"), float(n)))
+    cols["hour"] = np.full(n, as_number(context.get("hour"), _hour(now)))
+    device = context.get("device")
+    known = isinstance(device, str) and device != ""
+    cols["device_code"] = np.full(n, float(zlib.crc32(device.encode()) % 64) if known else np.nan)
+    scores_emb = np.nan if embedding_scores is None else np.asarray(embedding_scores, dtype=float)
+    cols["embedding_score"] = np.broadcast_to(scores_emb, (n,))
+    return np.column_stack([cols[name] for name in features]) if n else np.zeros((0, len(features)))
+
+
+def frame_features(frame: pd.DataFrame, embedding_scores: np.ndarray | None, features: Sequence[str]) -> np.ndarray:
+    """request_features over every request of an impression frame (rows of a request contiguous)."""
+    user_cols = [c for c in frame.columns if c not in AD_SCALARS and c != "ad_last_seen_ms"]
+    ad_cols = ["ad_id", "category", "campaign_id", "position", *AD_SCALARS, "ad_last_seen_ms"]
+    arrays = {c: frame[c].to_numpy() for c in frame.columns}
+    request = arrays["request_id"]
+    starts = np.flatnonzero(np.r_[True, request[1:] != request[:-1]])
+    blocks = []
+    for lo, hi in zip(starts, np.r_[starts[1:], len(frame)], strict=True):
+        user = {c: arrays[c][lo] for c in user_cols}
+        ads = {c: arrays[c][lo:hi] for c in ad_cols if c in arrays}
+        context = {"ts_ms": arrays["ts"][lo], "hour": user.get("hour"), "slate_size": user.get("slate_size"),
+                   "device": user.get("device")}  # fmt: skip
+        emb = None if embedding_scores is None else embedding_scores[lo:hi]
+        blocks.append(request_features(user, ads, context, emb, features))
+    return np.vstack(blocks) if blocks else np.zeros((0, len(features)))
+
+
+def base_margin(x: np.ndarray, features: Sequence[str], offset: str | None = OFFSET_FEATURE) -> np.ndarray:
+    """logit of the `offset` feature's column (the live click rate): where the trees start from; 0 if none."""
+    if offset is None or offset not in features:
+        return np.zeros(len(x))
+    p = np.clip(x[:, list(features).index(offset)], 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def train_ranker(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_valid: np.ndarray,
+    y_valid: np.ndarray,
+    *,
+    features: Sequence[str],
+    seed: int = 0,
+    num_boost_round: int = 600,
+) -> lgb.Booster:
+    """Binary LightGBM boosted from logit(live click rate), early stopping on the (later) validation slice.
+
+    Starting from the stream's own click rate (init_score) the trees learn corrections to it, and early
+    stopping keeps only those that hold on later data. Predict with `base_margin(x) + raw score`.
+    """
+    params = {**PARAMS, "seed": seed}
+    train_set = lgb.Dataset(x_train, y_train, feature_name=list(features), free_raw_data=False,
+                            init_score=base_margin(x_train, features))  # fmt: skip
+    valid_set = lgb.Dataset(x_valid, y_valid, reference=train_set, init_score=base_margin(x_valid, features))
+    return lgb.train(params, train_set, num_boost_round=num_boost_round, valid_sets=[valid_set],
+                     callbacks=[lgb.early_stopping(40, verbose=False)])  # fmt: skip
+
+
+@dataclass
+class PlattCalibrator:
+    """p = sigmoid(a * margin + b), fitted by logloss on a slice the trees did not learn from."""
+
+    a: float = 1.0
+    b: float = 0.0
+
+    @classmethod
+    def fit(cls, margins: np.ndarray, labels: np.ndarray) -> PlattCalibrator:
+        y = np.asarray(labels, dtype=float)
+
+        def loss(ab: np.ndarray) -> float:
+            z = ab[0] * margins + ab[1]
+            return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+        result = minimize(loss, np.array([1.0, 0.0]), method="L-BFGS-B")
+        return cls(a=float(result.x[0]), b=float(result.x[1]))
+
+    def __call__(self, margins: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(self.a * np.asarray(margins) + self.b)))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"kind": "platt", "a": self.a, "b": self.b}))
+
+    @classmethod
+    def load(cls, path: Path) -> PlattCalibrator:
+        data = json.loads(path.read_text())
+        if data.get("kind") != "platt":
+            raise ValueError(f"{path}: not a Platt calibrator")
+        return cls(a=float(data["a"]), b=float(data["b"]))
+
+
+def compile_booster(model_file: Path, cache: Path) -> Any | None:
+    """An lleaves (LLVM-compiled) predictor of the raw margin, cached per model file; None without lleaves."""
+    try:
+        import lleaves
+    except ImportError:
+        return None
+    model = lleaves.Model(model_file=str(model_file))
+    model.compile(cache=str(cache), raw_score=True)
+    return model
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def _column(ads: Mapping[str, Any], name: str, n: int, default: float) -> np.ndarray:
+    values = ads.get(name)
+    if values is None:
+        return np.full(n, float(default))
+    try:
+        out = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):  # None or text among the values
+        out = pd.to_numeric(pd.Series(values, copy=False), errors="coerce").to_numpy(dtype=float)
+    return np.where(np.isnan(out), float(default), out)
+
+
+def _strings(values: Any, n: int) -> np.ndarray:
+    if values is None:
+        return np.full(n, "", dtype=object)
+    values = np.asarray(values, dtype=object)
+    return np.where(pd.isna(values), "", values)
+
+
+def _pct_rank(x: np.ndarray) -> np.ndarray:
+    """Average rank / n (ties share their mean rank), as scipy's rankdata(x) / n."""
+    if not x.size:
+        return x.copy()
+    ordered = np.sort(x)
+    low, high = np.searchsorted(ordered, x, "left"), np.searchsorted(ordered, x, "right")
+    return (low + high + 1) / 2 / x.size
+
+
+def _share(recent: list[str], keys: np.ndarray) -> np.ndarray:
+    """Share of the user's recent values equal to each key."""
+    if not recent:
+        return np.zeros(len(keys))
+    names, counts = np.unique(np.asarray(recent, dtype=object), return_counts=True)
+    where = pd.Index(names).get_indexer(keys)
+    return np.where(where >= 0, counts[where] / len(recent), 0.0)
+
+
+def _lookup(user: Mapping[str, Any], prefix: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This user's 24 h impressions and clicks of each key (ad or campaign) from the freq_* arrays."""
+    ids = as_list(user.get(f"freq_{prefix}_ids"))
+    if not ids:
+        return np.zeros(len(keys)), np.zeros(len(keys))
+    where = pd.Index(ids).get_indexer(keys)
+    found = where >= 0
+    impressions = np.asarray(as_list(user.get(f"freq_{prefix}_impressions_24h")), dtype=float)
+    clicks = np.asarray(as_list(user.get(f"freq_{prefix}_clicks_24h")), dtype=float)
+    return np.where(found, impressions[where], 0.0), np.where(found, clicks[where], 0.0)
+
+
+def _since(now: float, then: Any) -> float:
+    then = as_number(then)
+    return (now - then) / 1000.0 if then else np.nan
+
+
+def _hour(ts_ms: float) -> float:
+    return float((ts_ms // 3_600_000) % 24) if ts_ms else np.nan
