@@ -6,8 +6,8 @@
   -> subprocesses: feature consumer (`adloop consume`), outcomes lander (`adloop land`), API (`adloop serve`)
   -> traffic, first half: simulated users ask `POST /v1/select`; each served ad may be clicked by the
      user's hidden preference (`Population.click_event`), clicks go to Kafka; the API logs the impressions
-  -> [HOOK train_and_promote: labelled impressions + point-in-time features -> models/ -> promote; then
-     POST /v1/admin/reload. Without models/ it returns None and serving keeps its fallback]
+  -> train on the served log (labelled impressions + point-in-time Feast features, models.retrain), promote,
+     POST /v1/admin/reload (too little data or a failed training: serving keeps its fallback ranking)
   -> traffic, second half (the new model's version is on every impression: the report compares them)
   -> wait until the lander has every impression and click, stop everything started, report.
 
@@ -18,7 +18,6 @@ Progress goes through `on_step(text)` so the CLI decides how to show it.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import logging
 import os
 import secrets
@@ -59,6 +58,7 @@ class DemoConfig:
     requests_per_second: float = 20.0  # traffic rate cap
     max_requests: int | None = None  # stop traffic earlier (tests)
     control_share: float = 0.2  # share of users served without targeting (a demo wants a visible control)
+    base_ctr: float = 0.05  # the simulated users' click rate on an ad of average preference
     ads: int = 200  # demo catalog size
     hold_s: float = 0.0  # keep the API (and dashboard) up this long after traffic
     folder: Path | None = None  # demo catalog and process logs (default: <stack_dir>/demo)
@@ -84,66 +84,26 @@ class DemoResult:
     since: datetime  # start of this run's traffic: the report's filter
 
 
-# --- HOOK(integrator) ----------------------------------------------------------------------------
+# --- learning ------------------------------------------------------------------------------------
 
 
-def train_and_promote(settings: Settings, catalog_path: Path) -> str | None:
-    """HOOK(integrator): train on the labelled impressions so far (`training_frame`), save the version in
-    the registry under `settings.model_registry_path`, promote it and return its name; None: nothing
-    trained (serving keeps its fallback, `fallback-ctr-x-bid`, flagged `no_model`).
-
-    main has no `models.train` / `models.registry` yet, so this returns None. The body below is
-    written against the learn branch's API as read at 485d837 (`train(frame, version=) -> (bundle,
-    report)`, `Registry(root).save(bundle, report=) -> version`, `Registry.promote(version)`) and has
-    not run here: check it when merging models/ (the demo test then asserts the lift).
-    """
-    if not all(importlib.util.find_spec(m) for m in ("models.train", "models.registry")):
-        log.info("no models.train / models.registry on this branch: serving keeps its fallback ranking")
-        return None
-    from models.registry import Registry
-    from models.train import train
+def train_and_promote(settings: Settings) -> str | None:
+    """Train a version on what serving logged (impressions and clicks on Kafka, features as of each
+    impression through Feast: `models.retrain.train_from_log`), promote it and return its name; None
+    when the log is still too small to train on or training fails (serving keeps what it has)."""
+    from models.retrain import train_from_log
+    from streaming.log import read_events
 
     try:
-        frame = training_frame(settings, catalog_path)
-        if frame.empty or frame["label"].sum() == 0:
-            log.warning("no clicks to learn from yet: not training")
-            return None
-        bundle, report = train(frame, version="demo")
-        registry = Registry(settings.model_registry_path)
-        version = registry.save(bundle, report=report)
-        registry.promote(version)
-        return version
-    except Exception:  # a failed training must not stop the demo: serving keeps what it has
+        done = train_from_log(settings, read_events(settings), promote=True)
+    except ValueError as error:  # too few impressions or clicks yet
+        log.warning("not training: %s", error)
+        return None
+    except Exception:  # a failed training must not stop the demo
         log.exception("training failed; serving keeps its current ranking")
         return None
-
-
-def training_frame(settings: Settings, catalog_path: Path) -> Any:
-    """One row per served impression: its label and context (outcomes store), the user and ad features as
-    serving saw them (Feast point-in-time join) and the ad's catalog attributes (category, advertiser)."""
-    import pandas as pd
-
-    from features.offline import point_in_time
-    from features.store import AD_VIEW, USER_VIEW
-    from streaming.outcomes import OutcomeStore
-
-    rows = OutcomeStore(settings.outcomes_path).labelled_impressions()
-    if rows.empty:
-        return rows
-    # Join each view on its own entity's distinct (id, time) pairs, then merge back: Feast's dask join
-    # keeps one row per (entity, timestamp), so the second ad of a request lost its features, and a row
-    # one view lacks (an ad's first impressions) came back from point_in_time with no features at all.
-    rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True).astype("datetime64[ns, UTC]")
-    joined = rows
-    for view, key in ((USER_VIEW, "user_id"), (AD_VIEW, "ad_id")):
-        pairs = rows[[key, "event_timestamp"]].drop_duplicates(ignore_index=True)
-        features = point_in_time(settings, pairs, views=(view,))
-        features["event_timestamp"] = pd.to_datetime(features["event_timestamp"], utc=True).astype(
-            "datetime64[ns, UTC]"
-        )
-        joined = joined.merge(features, on=[key, "event_timestamp"], how="left", validate="many_to_one")
-    catalog = pd.read_csv(catalog_path, usecols=["ad_id", "category", "advertiser_id"], dtype=str)
-    return joined.merge(catalog, on="ad_id", how="left")
+    log.info("trained and promoted %s (holdout %s)", done["version"], done.get("holdout"))
+    return done["version"]
 
 
 # --- the demo -------------------------------------------------------------------------------------
@@ -180,11 +140,15 @@ def run(settings: Settings, config: DemoConfig, *, on_step: Callable[[str], None
                         max_requests=None if config.max_requests is None else config.max_requests // 2)  # fmt: skip
         on_step(f"traffic 1/2: {phase.minutes:g} min at up to {config.requests_per_second:g} requests/s")
         traffic = drive_http(base, settings, population, categories, phase)
-        on_step("train on what was served and clicked, promote, reload (HOOK)")
+        on_step("train on what was served and clicked, promote, reload")
         wait_landed(store, traffic, since=since, timeout_s=CATCH_UP_TIMEOUT_S)
-        version = train_and_promote(settings, catalog_path)
+        version = train_and_promote(settings)
         if version:
-            _post(base + "/v1/admin/reload", None, token=token)
+            try:
+                _post(base + "/v1/admin/reload", None, token=token)
+            except Exception as error:  # the API keeps serving what it had: say so, go on
+                on_step(f"reload of {version} failed ({error}); serving keeps its previous ranking")
+                version = None
         on_step(f"model: {version or 'none promoted: serving ranks by its fallback (ad CTR x bid)'}")
         left = None if config.max_requests is None else config.max_requests - traffic.requests
         phase = replace(phase, seed=config.seed + 1, max_requests=left)
@@ -338,7 +302,8 @@ def write_demo_catalog(path: Path, *, n_ads: int, seed: int) -> dict[str, str]:
 def _sim_config(config: DemoConfig) -> SimConfig:
     """Browsing ends a little before now (the consumer dead-letters events from the future)."""
     span = config.browsing_events * config.users / SimConfig.events_per_second
-    return SimConfig(users=config.users, seed=config.seed, start=datetime.now(UTC) - timedelta(seconds=span + 60))
+    start = datetime.now(UTC) - timedelta(seconds=span + 60)
+    return SimConfig(users=config.users, seed=config.seed, start=start, base_ctr=config.base_ctr)
 
 
 def _send_browsing(settings: Settings, population: Population, n: int) -> None:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pandas as pd
 import pyarrow as pa
 
 from adloop.settings import Settings
@@ -163,23 +162,6 @@ class OutcomeStore:
             cursor = db.execute(sql, params)
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-
-    def labelled_impressions(self, filters: Filters | None = None) -> pd.DataFrame:
-        """One row per impression with its label, for training: request_id, user_id, ad_id, campaign_id,
-        event_timestamp (UTC), ts (epoch ms), label (1 = clicked), position, slate_size (impressions of
-        the request), hour (UTC), device, country, arm, model_version, propensity; in time order."""
-        where, params = _where(filters or Filters())
-        sql = f"""
-            WITH i AS (SELECT * FROM events WHERE event_type = 'ad_impression' {where}),
-            c AS (SELECT DISTINCT request_id, ad_id FROM events WHERE event_type = 'ad_click')
-            SELECT i.request_id, i.user_id, i.ad_id, i.campaign_id, i.ts AS event_timestamp,
-                   epoch_ms(i.ts) AS ts, (c.request_id IS NOT NULL)::INTEGER AS label, i.position,
-                   count(*) OVER (PARTITION BY i.request_id) AS slate_size, hour(i.ts AT TIME ZONE 'UTC') AS hour,
-                   i.device, i.country, i.arm, i.model_version, i.propensity
-            FROM i LEFT JOIN c ON c.request_id = i.request_id AND c.ad_id = i.ad_id
-            ORDER BY i.ts, i.request_id, i.position"""
-        with self._connect(read_only=True) as db:
-            return db.execute(sql, params).df()
 
     @contextmanager
     def _connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
