@@ -129,6 +129,14 @@ def ad_features(hours: dict[str, list[int]], fine: dict[str, list[int]], last_ts
     return row
 
 
+def stale_ad_counters(hours: dict[str, list[int]], fine: dict[str, list[int]], last_ts: int) -> list[str]:
+    """Counter fields (`h:<bucket>:<slot>`, `f:<bucket>:<slot>`) outside every window: safe to delete."""
+    hour_floor = _bucket(last_ts, COARSE_BUCKET_MS) - WINDOWS["7d"][1]
+    fine_floor = _bucket(last_ts, FINE_BUCKET_MS) - WINDOWS["1h"][1]
+    stale = [f"h:{b}:{slot}" for b in hours if int(b) <= hour_floor for slot in (0, 1)]
+    return stale + [f"f:{b}:{slot}" for b in fine if int(b) <= fine_floor for slot in (0, 1)]
+
+
 def ad_bucket_keys(event: Event) -> tuple[str, str, int] | None:
     """(hour bucket, 5-min bucket, 0 impression / 1 click) of an ad event that counts for ad performance."""
     if event.event_type not in (EventType.ad_impression, EventType.ad_click):

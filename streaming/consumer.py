@@ -32,7 +32,7 @@ from features.online import FeastLayout, write_rows
 from features.sink import FeastSink
 from features.store import AD_VIEW, USER_VIEW
 from streaming import metrics
-from streaming.aggregates import ad_bucket_keys, ad_features, apply_user, prune, user_features
+from streaming.aggregates import ad_bucket_keys, ad_features, apply_user, prune, stale_ad_counters, user_features
 from streaming.dead_letters import DeadLetters
 from streaming.events import Event, EventType, InvalidEvent, parse_event
 from streaming.state_store import StateStore
@@ -47,6 +47,11 @@ class BatchReport:
     duplicates: int = 0
     replayed: int = 0  # at or below an applied offset: skipped
     dead_lettered: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def handled(self) -> int:
+        """Messages accounted for, whatever their fate."""
+        return self.applied + self.duplicates + self.replayed + sum(self.dead_lettered.values())
 
 
 class FeatureConsumer:
@@ -71,11 +76,13 @@ class FeatureConsumer:
         self.applied = self.state.applied_offsets()
         self.layout = FeastLayout.from_settings(settings)
         self.touched_ads: set[str] = set()
+        self.total = BatchReport()  # everything `run` has done so far
+        self.stale_counters: dict[str, list[str]] = {}  # ad -> counter fields outside every window
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
 
     def run(self, *, stop: Callable[[], bool] = lambda: False, idle_exit_s: float | None = None) -> BatchReport:
         """Poll and apply batches until `stop()` or until nothing arrived for `idle_exit_s` seconds."""
-        total = BatchReport()
+        total = self.total
         idle_since = time.monotonic()
         try:
             while not stop():
@@ -151,6 +158,8 @@ class FeatureConsumer:
         def online(pipe: Any) -> None:
             write_rows(pipe, self.layout, USER_VIEW, user_rows)
             write_rows(pipe, self.layout, AD_VIEW, ad_rows)
+            self.state.drop_ad_counters(pipe, self.stale_counters)
+            self.stale_counters.clear()
 
         self.state.commit_batch(
             states=users,
@@ -195,6 +204,7 @@ class FeatureConsumer:
                 (hours if kind == "h" else fine).setdefault(bucket, [0, 0])[int(slot)] += amount
             ts = max(stored_last, last[ad])
             rows.append((ad, ts, ad_features(hours, fine, ts)))
+            self.stale_counters[ad] = stale_ad_counters(hours, fine, ts)
         return rows
 
     def close(self) -> None:

@@ -71,6 +71,12 @@ class StateStore:
 
     # --- writes -------------------------------------------------------------------------------
 
+    def drop_ad_counters(self, pipe: Any, stale: dict[str, list[str]]) -> None:
+        """Queue HDELs of counter fields that no window can reach any more (keeps ad hashes bounded)."""
+        for ad, fields in stale.items():
+            if fields:
+                pipe.hdel(f"{self.prefix}ad:{ad}", *fields)
+
     def commit_batch(
         self,
         *,

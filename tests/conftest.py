@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -15,6 +16,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from adloop import stack
 from adloop.settings import Settings, get_settings
 from features import store
+from streaming.consumer import FeatureConsumer
 from streaming.events import Event
 
 # ../shared/data beside the checkout; ADLOOP_SHARED_DATA points elsewhere (e.g. from a git worktree)
@@ -108,3 +110,9 @@ def adloop_env(settings: Settings) -> dict[str, str]:
 
 def _redis_port(settings: Settings) -> int:
     return redis.Redis.from_url(settings.redis_url).connection_pool.connection_kwargs.get("port", 6379)
+
+
+def consume_all(settings: Settings, expected: int, group: str = "test-features") -> Any:
+    """Run a consumer until `expected` messages are accounted for (or 30 s pass with none arriving)."""
+    consumer = FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url), group=group)
+    return consumer.run(stop=lambda: consumer.total.handled >= expected, idle_exit_s=30)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import random
 
 import pytest
-import redis
 
 from adloop.settings import Settings
 from models.dataset import labelled_impressions, training_frame
 from models.registry import Registry
 from models.retrain import train_from_log
-from streaming.consumer import FeatureConsumer
 from streaming.events import Event
 from streaming.log import read_events
-from tests.conftest import produce
+from tests.conftest import consume_all, produce
 
 pytestmark = pytest.mark.integration
 T0 = 1_700_000_000_000
@@ -54,7 +52,7 @@ def test_training_rows_never_see_their_own_click_and_the_model_learns_the_prefer
 ) -> None:
     events = served_log(900)
     produce(feature_settings, events)
-    FeatureConsumer(feature_settings, redis_client=redis.Redis.from_url(feature_settings.redis_url)).run(idle_exit_s=2)
+    consume_all(feature_settings, len(events))
     logged = list(read_events(feature_settings))
     assert len(logged) == len(events)
 
@@ -84,7 +82,7 @@ def test_served_with_the_trained_model_and_live_features(feature_settings: Setti
 
     events = served_log(900, seed=2)
     produce(feature_settings, events)
-    FeatureConsumer(feature_settings, redis_client=redis.Redis.from_url(feature_settings.redis_url)).run(idle_exit_s=2)
+    consume_all(feature_settings, len(events))
     version = train_from_log(feature_settings, list(read_events(feature_settings)), seed=1, promote=True)["version"]
 
     catalog = tmp_path / "ads.csv"

@@ -80,3 +80,17 @@ def test_ad_features_smooth_the_click_rate() -> None:
     row = ad_features(hours, fine, T0)
     assert (row["ad_impressions_1h"], row["ad_clicks_1h"], row["ad_impressions_24h"]) == (40, 4, 100)
     assert row["ad_ctr_24h"] == (10 + 1) / (100 + 20)
+
+
+def test_stale_ad_counters_are_outside_every_window() -> None:
+    from streaming.aggregates import stale_ad_counters
+
+    now = T0
+    hour, fine = now // 3_600_000, now // 300_000
+    hours = {str(hour): [5, 1], str(hour - 168): [9, 9], str(hour - 167): [2, 0]}
+    fines = {str(fine): [1, 0], str(fine - 12): [3, 3], str(fine - 11): [1, 1]}
+    stale = stale_ad_counters(hours, fines, now)
+    assert sorted(stale) == sorted([f"h:{hour - 168}:0", f"h:{hour - 168}:1", f"f:{fine - 12}:0", f"f:{fine - 12}:1"])
+    kept_hours = {b: c for b, c in hours.items() if f"h:{b}:0" not in stale}
+    kept_fine = {b: c for b, c in fines.items() if f"f:{b}:0" not in stale}
+    assert ad_features(kept_hours, kept_fine, now) == ad_features(hours, fines, now)

@@ -20,19 +20,13 @@ from features.offline import point_in_time
 from features.online import features_via_feast
 from features.store import AD_VIEW, USER_VIEW
 from streaming.aggregates import UserState, apply_user, user_features
-from streaming.consumer import FeatureConsumer
 from streaming.dead_letters import describe
 from streaming.events import Event
-from tests.conftest import adloop_env, produce, shared_data
+from tests.conftest import adloop_env, consume_all, produce, shared_data
 from tests.streaming import batch_features
 from tests.streaming.test_aggregates import synthetic_events
 
 pytestmark = pytest.mark.integration
-
-
-def consume_all(settings: Settings, group: str = "test-features") -> object:
-    consumer = FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url), group=group)
-    return consumer.run(idle_exit_s=2)
 
 
 def assert_online_equals_batch(settings: Settings, events: list[Event]) -> None:
@@ -45,7 +39,7 @@ def assert_online_equals_batch(settings: Settings, events: list[Event]) -> None:
 def test_online_and_offline_features_equal_a_batch_recomputation(feature_settings: Settings) -> None:
     events = synthetic_events(2000, users=30)
     produce(feature_settings, events)
-    report = consume_all(feature_settings)
+    report = consume_all(feature_settings, len(events))
     assert report.applied == len(events)
     assert_online_equals_batch(feature_settings, events)
 
@@ -108,7 +102,7 @@ def test_bad_events_go_to_the_dead_letter_topic_with_their_reason(feature_settin
     mistyped = json.dumps({**valid, "event_id": "bad-ts", "ts": "yesterday"}).encode()
     messages = [*good[:10], *[(b"user-0", raw) for raw in corpus.values()], (b"user-0", mistyped), *good[10:], good[3]]
     produce(feature_settings, messages)
-    report = consume_all(feature_settings)
+    report = consume_all(feature_settings, len(messages))
     assert report.applied == len(good)
     assert report.duplicates == 1
     assert report.dead_lettered == {**dict.fromkeys(corpus, 1), "schema": 2}
@@ -132,7 +126,7 @@ def test_a_crash_mid_replay_changes_no_feature(feature_settings: Settings) -> No
     events = synthetic_events(6000, users=60, seed=3)
     produce(feature_settings, events)
     env = {**os.environ, **adloop_env(feature_settings), "ADLOOP_CONSUMER_BATCH_SIZE": "100"}
-    command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "3", "--metrics-port", "0"]
+    command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "10", "--metrics-port", "0"]
     offsets_key = f"adloop:offsets:adloop-features:{feature_settings.events_topic}"
     client = redis.Redis.from_url(feature_settings.redis_url)
     victim = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -152,7 +146,7 @@ def test_a_crash_mid_replay_changes_no_feature(feature_settings: Settings) -> No
 def test_two_consumers_in_one_group_share_the_partitions(feature_settings: Settings) -> None:
     events = synthetic_events(4000, users=80, seed=5)
     env = {**os.environ, **adloop_env(feature_settings)}
-    command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "6", "--metrics-port", "0"]
+    command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "10", "--metrics-port", "0"]
     runs = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
@@ -191,7 +185,7 @@ def test_taobao_replay_features_equal_a_pandas_recomputation(feature_settings: S
     events = list(taobao.read(shared_data("taobao", "UserBehavior_timeslice.csv")))
     produce(feature_settings, events)
     settings = feature_settings.model_copy(update={"consumer_batch_size": 5000})
-    report = consume_all(settings)
+    report = consume_all(settings, len(events))
     assert report.applied == len(events) == 110_300
     assert_online_equals_batch(settings, events)  # all 66,454 users, through Feast's get_online_features
 
