@@ -22,7 +22,7 @@ stack: install
 	$(BIN)/adloop stack up
 
 run: stack
-	$(BIN)/adloop stack status
+	$(BIN)/adloop demo
 
 test: stack
 	@command -v docker-compose >/dev/null || ! command -v apt-get >/dev/null || \

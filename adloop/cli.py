@@ -30,7 +30,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEB
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    for noisy in ("kafka", "httpx", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _show_status(services) -> None:
@@ -252,6 +253,130 @@ def _show_summary(summary, topic: str, label: str) -> None:
         f"event time {summary.first_ts or '-'} .. {summary.last_ts or '-'}; "
         f"invalid (sent for dead-lettering) {summary.invalid:,}; failed {summary.failed:,}",
         highlight=False,
+    )
+
+
+@app.command("report")
+def report(
+    charts: Annotated[
+        Path | None, typer.Option(help="Folder of the PNG charts (default: settings' report_dir).")
+    ] = None,
+    since_minutes: Annotated[float | None, typer.Option(help="Only impressions of the last M minutes.")] = None,
+) -> None:
+    """What targeting achieved: CTR per arm with CI, lift with CI, campaigns, model versions; PNG charts."""
+    from adloop import report as reports
+    from streaming.outcomes import Filters, OutcomeStore
+
+    settings = get_settings()
+    filters = None
+    if since_minutes is not None:
+        from datetime import UTC, datetime, timedelta
+
+        filters = Filters(start=datetime.now(UTC) - timedelta(minutes=since_minutes))
+    data = reports.collect(OutcomeStore(settings.outcomes_path), filters)
+    reports.render(console, data)
+    for path in reports.write_charts(data, charts or settings.report_dir):
+        console.print(f"chart: {path}")
+
+
+@app.command("land")
+def land(
+    idle_exit: float = typer.Option(None, help="Exit after this many idle seconds (default: run until stopped)."),
+) -> None:
+    """Run the outcomes lander: ad events of adloop.events (and dead letters) -> DuckDB (settings' outcomes_path)."""
+    import signal
+
+    from streaming.outcomes import OutcomeLander, OutcomeStore
+
+    settings = get_settings()
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    lander = OutcomeLander(settings, OutcomeStore(settings.outcomes_path))
+    result = lander.run(stop=lambda: bool(stopping), idle_exit_s=idle_exit)
+    console.print(
+        f"landed {result.landed}, duplicates {result.duplicates}, other events {result.skipped}, "
+        f"invalid {result.invalid}, dead letters {result.dead_letters}"
+    )
+
+
+@app.command("ope")
+def ope(
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Open Bandit Dataset folder (default: ../shared/data/obd, else the committed slice data/obd)."
+        ),
+    ] = None,
+    campaign: str = typer.Option("all", help="all, men or women (the committed slice has only all)."),
+) -> None:
+    """Off-policy check on the Open Bandit Dataset: each policy's CTR estimated from the other's logs."""
+    from streaming import obd_ope
+
+    if root is None:
+        import os
+
+        shared = Path(os.environ.get("ADLOOP_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data") / "obd"
+        root = shared if (shared / "random").exists() else PROJECT_ROOT / "data" / "obd"
+    table = Table("target", "from logs of", "rows", "observed CTR", "IPS", "SNIPS", "DR", title=f"OPE on {root}")
+    for target in obd_ope.POLICIES:
+        result = obd_ope.check(root, target, campaign)
+
+        def cell(name: str, result=result) -> str:
+            est = getattr(result, name)
+            return f"{est.value:.3%} ± {1.96 * est.se:.3%} (z {result.z(name):+.2f})"
+
+        observed = f"{result.observed.value:.3%} ± {1.96 * result.observed.se:.3%}"
+        table.add_row(target, result.behaviour, f"{result.rows:,}", observed, cell("ips"), cell("snips"), cell("dr"))
+    console.print(table)
+    console.print("± is a 95% interval; z = (estimate - observed) / combined standard error")
+
+
+@app.command("demo")
+def demo(
+    minutes: Annotated[float, typer.Option(help="Traffic phase, wall-clock minutes.")] = 2.0,
+    users: Annotated[int, typer.Option(help="SYNTHETIC users in the population.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the population and its clicks.")] = 7,
+    rate: Annotated[float, typer.Option(help="At most this many ad requests per second.")] = 20.0,
+    control_share: Annotated[float, typer.Option(help="Share of users served without targeting.")] = 0.2,
+    hold: Annotated[float, typer.Option(help="Keep the API and dashboard up this many seconds after traffic.")] = 0.0,
+) -> None:
+    """The loop end to end: stack, SYNTHETIC users, features, API, clicks, outcomes; then the report."""
+    from rich.status import Status
+
+    from adloop import demo as demos
+    from adloop import report as reports
+    from streaming.outcomes import OutcomeStore
+
+    settings = get_settings()
+    config = demos.DemoConfig(
+        minutes=minutes, users=users, seed=seed, requests_per_second=rate, control_share=control_share, hold_s=hold
+    )
+    started = time.monotonic()
+    with Status("starting", console=console) as status:
+
+        def step(text: str) -> None:
+            console.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {text}", highlight=False)
+            status.update(text)
+
+        try:
+            result = demos.run(settings, config, on_step=step)
+        except Exception as error:
+            console.print(f"[red]demo failed:[/red] {error}", markup=True, highlight=False)
+            raise typer.Exit(1) from error
+    traffic = result.traffic
+    console.print(
+        f"served {sum(traffic.impressions.values()):,} ads ({dict(traffic.impressions)}), "
+        f"{sum(traffic.clicks.values()):,} clicks ({dict(traffic.clicks)}); landed {result.landed}; "
+        f"fallbacks {dict(traffic.fallbacks) or 'none'}; model versions {dict(traffic.model_versions)}",
+        highlight=False,
+    )
+    data = reports.collect(OutcomeStore(settings.outcomes_path))
+    reports.render(console, data)
+    for path in reports.write_charts(data, settings.report_dir):
+        console.print(f"chart: {path}")
+    console.print(
+        f"the demo's API has stopped; `adloop serve` then http://127.0.0.1:{settings.api_port}/dashboard "
+        "shows the same outcomes (use --hold S to keep the demo's dashboard up)"
     )
 
 

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     feast_repo_path: Path = PROJECT_ROOT / "features" / "repo"
     feast_data_dir: Path = PROJECT_ROOT / ".stack" / "feast"  # registry and offline store files
     model_registry_path: Path = PROJECT_ROOT / ".stack" / "models"
+    outcomes_path: Path = PROJECT_ROOT / ".stack" / "outcomes.duckdb"  # ad outcomes landed from Kafka (DuckDB)
+    report_dir: Path = PROJECT_ROOT / ".stack" / "report"  # PNG charts of `adloop report`
 
     # API
     api_host: str = "127.0.0.1"

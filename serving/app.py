@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from adloop.settings import Settings, get_settings
-from serving.routes import admin, catalog, ops, rtb, select, users
+from serving.routes import admin, catalog, dashboard, ops, outcomes, rtb, select, users
 from serving.runtime import Runtime
 
 
@@ -29,9 +29,9 @@ def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
         title="adloop serving",
         version="0.1.0",
         lifespan=lifespan,
-        description="Ad selection (JSON and OpenRTB 2.6), catalog, features, operations.",
+        description="Ad selection (JSON and OpenRTB 2.6), catalog, features, outcomes and dashboard, operations.",
     )
     app.state.settings = settings
-    for module in (select, rtb, catalog, users, admin, ops):
+    for module in (select, rtb, catalog, users, admin, ops, outcomes, dashboard):
         app.include_router(module.router)
     return app

@@ -47,7 +47,9 @@ class ModelBundle(Protocol):
     def user_vector(self, user_features: dict[str, Any]) -> np.ndarray:  # (d,) float32
         ...
 
-    def embed_ads(self, ad_rows: Sequence[Mapping[str, Any]]) -> np.ndarray:  # (len(ad_rows), d) float32
+    def embed_ads(self, ad_columns: Mapping[str, Sequence[Any]]) -> np.ndarray:  # (n, d) float32
+        """Ads as columns (ad_id, category, campaign_id, advertiser_id, ...), one value per ad: the form
+        models.bundle.ModelBundle reads."""
         ...
 
     def predict_ctr(
@@ -88,7 +90,9 @@ class ProjectionBundle:
         self._category_vectors[category] = v = v / np.linalg.norm(v)
         return v
 
-    def embed_ads(self, ad_rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    def embed_ads(self, ad_rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> np.ndarray:
+        if isinstance(ad_rows, Mapping):  # columns (the protocol's form) -> rows
+            ad_rows = [dict(zip(ad_rows, values, strict=True)) for values in zip(*ad_rows.values(), strict=True)]
         out = np.empty((len(ad_rows), self.dim), dtype=np.float32)  # (n, d)
         for i, row in enumerate(ad_rows):
             seed = int.from_bytes(hashlib.blake2b(str(row["ad_id"]).encode(), digest_size=4).digest(), "little")

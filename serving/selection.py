@@ -35,6 +35,7 @@ from serving.scoring import AD_STAT_COLUMNS, ModelBundle
 
 log = logging.getLogger(__name__)
 FALLBACK_VERSION = "fallback-ctr-x-bid"
+AD_COLUMNS = ("ad_id", "category", "campaign_id", "advertiser_id")  # what embed_ads gets of an unseen ad
 
 
 @dataclass(frozen=True)
@@ -351,7 +352,8 @@ def _align(catalog: Catalog, model: ModelBundle) -> np.ndarray:
     matrix[known] = model.ad_matrix[rows[known]]
     missing = np.flatnonzero(~known)
     if len(missing):
-        matrix[missing] = model.embed_ads([catalog.describe(int(i)) for i in missing])
+        rows = [catalog.describe(int(i)) for i in missing]
+        matrix[missing] = model.embed_ads({name: [r[name] for r in rows] for name in AD_COLUMNS})  # columns
     return matrix
 
 

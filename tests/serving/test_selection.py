@@ -236,3 +236,15 @@ def test_the_ranker_gets_one_row_per_candidate_with_text_ids(catalog_rows) -> No
     row = sel.state.catalog.index[frame["ad_id"][0]]
     assert frame["campaign_id"][0] == catalog_rows[row]["campaign_id"] and frame["category"][0] in CATEGORIES
     assert seen["context"] == {"device": "mobile", "ts_ms": int(NOON * 1000), "slate_size": 1}
+
+
+def test_ads_the_model_has_not_seen_are_embedded_from_catalog_columns(catalog_rows, catalog_file):
+    """ModelBundle.embed_ads takes columns (models.bundle reads them so): unseen catalog ads get vectors."""
+    from serving.catalog import load_catalog
+    from serving.scoring import ProjectionBundle
+    from serving.selection import ServingState
+
+    bundle = ProjectionBundle(catalog_rows[:100])  # the model saw the first 100 ads only
+    state = ServingState(load_catalog(catalog_file), bundle)
+    expected = ProjectionBundle(catalog_rows).ad_matrix
+    assert np.allclose(state.ad_matrix, expected, atol=1e-6)

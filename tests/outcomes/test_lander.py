@@ -1,0 +1,77 @@
+"""The outcomes lander against the real Kafka broker and a real DuckDB file."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from streaming.events import Event, EventType
+from streaming.outcomes import Filters, OutcomeLander, OutcomeStore
+from tests.outcomes.conftest import send
+
+pytestmark = pytest.mark.integration
+T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+
+
+def impression(i: int, *, arm: str, clicked: bool, user: str | None = None, minute: int = 0) -> list[Event]:
+    imp = Event(
+        event_id=f"imp-{i}", schema_version=1, event_type=EventType.ad_impression, user_id=user or f"u{i % 7}",
+        ts=T0 + timedelta(minutes=minute, seconds=i), ad_id=f"ad-{i % 3}", campaign_id=f"cmp-{i % 2}",
+        request_id=f"req-{i}", arm=arm, model_version="m1" if i % 2 else "m2", propensity=0.5,
+        context={"device": "mobile" if i % 2 else "desktop", "country": "DE"},
+    )  # fmt: skip
+    events = [imp]
+    if clicked:
+        events.append(imp.model_copy(update={"event_id": f"imp-{i}-click", "event_type": EventType.ad_click,
+                                             "ts": imp.ts + timedelta(seconds=1)}))  # fmt: skip
+    return events
+
+
+def test_counts_equal_the_events_produced_and_a_replay_counts_once(outcome_settings):
+    events, clicks = [], 0
+    for i in range(60):
+        clicked = i % 4 == 0
+        clicks += clicked
+        events += impression(i, arm="control" if i % 5 == 0 else "targeted", clicked=clicked, minute=i // 20)
+    first = events[0]
+    conversion = first.model_copy(update={"event_id": "conv-0", "event_type": EventType.conversion, "price": 30.0})
+    events.append(conversion)  # joins impression 0 by request_id + ad_id
+    browsing = Event(event_id="pv-1", schema_version=1, event_type=EventType.page_view, user_id="u1", ts=T0)
+    send(outcome_settings, [*events, browsing, ("u1", b"{not json")])
+    send(outcome_settings, [("u1", b"{not json")], topic=outcome_settings.dlq_topic)
+
+    store = OutcomeStore(outcome_settings.outcomes_path)
+    report = OutcomeLander(outcome_settings, store).run(idle_exit_s=2.0)
+    assert (report.landed, report.skipped, report.invalid, report.dead_letters) == (61 + clicks, 1, 1, 1)
+    total = store.outcomes()[0]
+    assert (total["impressions"], total["clicks"], total["conversions"]) == (60, clicks, 1)
+    assert store.counts()["dlq:unknown"] == 1
+
+    # the same events again, read by a fresh group from the start: nothing counts twice
+    send(outcome_settings, events)
+    again = OutcomeLander(outcome_settings, store, group="adloop-outcomes-test-2").run(idle_exit_s=2.0)
+    assert again.landed == 0 and again.duplicates == 2 * (61 + clicks)
+    assert store.outcomes()[0]["impressions"] == 60
+
+    by_arm = {r["arm"]: r for r in store.outcomes(["arm"])}
+    assert by_arm["control"]["impressions"] == 12 and by_arm["control"]["clicks"] == 3  # i = 0, 20, 40
+    by_minute = store.outcomes(["minute"])
+    assert [r["minute"] for r in by_minute] == ["2026-01-05T08:00:00Z", "2026-01-05T08:01:00Z", "2026-01-05T08:02:00Z"]
+    assert [r["impressions"] for r in by_minute] == [20, 20, 20]
+    only = store.outcomes(["campaign", "model_version"], Filters(arm="targeted", start=T0 + timedelta(minutes=1)))
+    assert sum(r["impressions"] for r in only) == 40 - 8
+    segments = store.outcomes(["segment"])
+    assert {r["segment"].split("/")[1] for r in segments} == {"mobile", "desktop"}
+    assert sum(r["impressions"] for r in segments) == 60
+
+
+def test_store_counts_a_repeated_event_id_once_within_and_across_batches(tmp_path):
+    store = OutcomeStore(tmp_path / "o.duckdb")
+    store.setup()
+    events = [e for i in range(3) for e in impression(i, arm="targeted", clicked=True)]
+    assert store.write([*events, *events]) == 6  # the first copy of each id counts
+    assert store.write(events) == 0
+    total = store.outcomes()[0]
+    assert (total["impressions"], total["clicks"], total["ctr"]) == (3, 3, 1.0)
+    assert store.outcomes(["arm"], Filters(arm="control")) == []

@@ -1,0 +1,176 @@
+"""The loop end to end on the real stack (Kafka, Redis, Feast, DuckDB): outcomes equal what was produced,
+and targeting that uses the user's features beats the control arm."""
+
+from __future__ import annotations
+
+import csv
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from adloop import demo
+from adloop.settings import Settings
+from features import store as feature_store
+from streaming.estimators import lift
+from streaming.outcomes import Filters, OutcomeLander, OutcomeStore
+from streaming.simulate import Population, SimConfig
+
+pytestmark = pytest.mark.integration
+DEMO_REDIS_DB, LOOP_REDIS_DB = 8, 9  # databases these tests own and empty
+MIN_RELATIVE_LIFT = 0.5  # targeted CTR at least 1.5x control, at the lower end of the 95% interval
+
+
+def _isolated(local_stack: Settings, tmp_path, db: int) -> Iterator[Settings]:
+    topic = f"adloop.test.loop.{uuid.uuid4().hex[:10]}"
+    admin = KafkaAdminClient(bootstrap_servers=local_stack.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
+    admin.create_topics([NewTopic(topic, 6, 1), NewTopic(topic + ".dlq", 1, 1)])
+    settings = local_stack.model_copy(
+        update={
+            "events_topic": topic,
+            "dlq_topic": topic + ".dlq",
+            "redis_url": f"redis://127.0.0.1:6379/{db}",
+            "feast_data_dir": tmp_path / "feast",
+            "outcomes_path": tmp_path / "outcomes.duckdb",
+            "report_dir": tmp_path / "report",
+            "model_registry_path": tmp_path / "models",
+            "consumer_batch_size": 1000,
+        }
+    )
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    yield settings
+    admin.delete_topics([topic, topic + ".dlq"])
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def demo_run(local_stack: Settings, tmp_path_factory):
+    """`adloop demo` as the CLI runs it (subprocesses: feature consumer, lander, API), small and bounded."""
+    tmp = tmp_path_factory.mktemp("demo")
+    for settings in _isolated(local_stack, tmp, DEMO_REDIS_DB):
+        config = demo.DemoConfig(minutes=1.0, users=200, browsing_events=10, requests_per_second=60,
+                                 max_requests=600, control_share=0.5, folder=tmp / "demo")  # fmt: skip
+        yield settings, demo.run(settings, config)
+
+
+def test_demo_outcomes_equal_the_impressions_served_and_clicks_produced(demo_run):
+    settings, result = demo_run
+    traffic = result.traffic
+    assert traffic.requests == 600 and traffic.errors == 0  # two phases of 300, around the training hook
+    assert sum(traffic.impressions.values()) == 1200  # two ads per request: the demo catalog is all native
+    assert result.landed == {"impressions": 1200, "clicks": sum(traffic.clicks.values())}
+    by_arm = {r["arm"]: r for r in OutcomeStore(settings.outcomes_path).outcomes(["arm"])}
+    for arm in ("targeted", "control"):
+        assert (by_arm[arm]["impressions"], by_arm[arm]["clicks"]) == (traffic.impressions[arm], traffic.clicks[arm])
+    assert sum(traffic.clicks.values()) > 0
+    assert (result.folder / "logs" / "API.log").exists()
+
+
+def test_demo_trains_on_the_served_log_promotes_and_serves_the_new_version(demo_run):
+    settings, result = demo_run
+    assert result.model_version is not None, "the demo trained and promoted no model (see the test log)"
+    versions = result.traffic.model_versions  # requests per model version, as the API answered
+    assert result.model_version in versions and "fallback-ctr-x-bid" in versions  # before and after the reload
+    served = {
+        r["model_version"]: r["impressions"] for r in OutcomeStore(settings.outcomes_path).outcomes(["model_version"])
+    }
+    assert served == {version: 2 * n for version, n in versions.items()}  # outcomes per version match the API
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="INTEGRATOR: the model trained on the demo's first half (300 requests, ~40 clicks) does not target "
+    "yet (measured: targeted 12/304 = 3.9% vs control 11/296 = 3.7%; LightGBM's min_data_in_leaf=200 leaves the "
+    "ranker few splits at this size). Strict: once the trained model beats control here this fails: drop the mark.",
+)
+def test_demo_targeted_arm_beats_control_with_the_promoted_model(demo_run):
+    settings, result = demo_run
+    assert result.model_version is not None
+    _assert_lift(OutcomeStore(settings.outcomes_path), Filters(model_version=result.model_version))  # 2nd half
+
+
+@pytest.fixture
+def loop_settings(local_stack: Settings, tmp_path) -> Iterator[Settings]:
+    yield from _isolated(local_stack, tmp_path, LOOP_REDIS_DB)
+
+
+class FeastUserReader:
+    """A `FeatureReader` through Feast's get_online_features (the reference read; serving's fast reader is
+    the integrator's `features.online.OnlineFeatureReader`)."""
+
+    FEATURES = ("top_categories", "top_category_scores")
+
+    def __init__(self, settings: Settings):
+        self.store = feature_store.open_store(settings)
+
+    def user(self, user_id: str) -> dict:
+        refs = [f"user_activity:{f}" for f in self.FEATURES]
+        row = self.store.get_online_features(features=refs, entity_rows=[{"user_id": user_id}]).to_dict()
+        return {f: row[f][0] for f in self.FEATURES if row[f][0] is not None}
+
+    def ads(self, ad_ids) -> dict:
+        return {}
+
+
+def test_targeting_on_learned_features_beats_control_through_the_serving_path(loop_settings, tmp_path):
+    """Browsing -> Kafka -> feature consumer -> Feast/Redis -> /v1/select (targeted: the projection stand-in
+    model over the user's learned top categories; control: uniform) -> impressions on Kafka, simulated clicks
+    -> lander -> DuckDB -> lift. Only the model is a stand-in (serving.scoring.ProjectionBundle)."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.scoring import ProjectionBundle, StaticRegistry
+    from streaming.consumer import FeatureConsumer
+    from streaming.producer import build_producer, produce_events
+
+    settings = loop_settings
+    feature_store.apply(settings)
+    users, per_user = 150, 20
+    start = datetime.now(UTC) - timedelta(seconds=users * per_user / SimConfig.events_per_second + 60)
+    population = Population(SimConfig(users=users, seed=11, start=start))
+    producer = build_producer(settings)
+    produce_events(producer, settings.events_topic, population.events(users * per_user))
+    FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url)).run(idle_exit_s=2.0)
+
+    catalog = tmp_path / "ads.csv"
+    categories = demo.write_demo_catalog(catalog, n_ads=200, seed=11)
+    with catalog.open() as handle:
+        bundle = ProjectionBundle(list(csv.DictReader(handle)))
+    serve_settings = settings.model_copy(update={"catalog_path": catalog, "catalog_poll_s": 0,
+                                                 "ad_stats_refresh_s": 3600, "control_share": 0.5})  # fmt: skip
+    app = create_app(serve_settings, feature_reader=FeastUserReader(settings),
+                     registry=StaticRegistry({bundle.version: bundle}, bundle.version))  # fmt: skip
+    with TestClient(app) as client:
+        traffic = demo.drive(
+            lambda body: client.post("/v1/select", json=body).raise_for_status().json(),
+            population,
+            categories,
+            lambda click: producer.send(settings.events_topic, key=click.user_id, value=click),
+            seconds=60,
+            rate=1000,
+            max_requests=500,
+            seed=11,
+        )
+    producer.flush(timeout=30)
+    producer.close()
+    assert traffic.errors == 0 and set(traffic.model_versions) == {bundle.version}, traffic
+    assert traffic.fallbacks.get("no_model", 0) == 0
+
+    store = OutcomeStore(settings.outcomes_path)
+    OutcomeLander(settings, store).run(idle_exit_s=2.0)
+    total = store.outcomes()[0]
+    assert (total["impressions"], total["clicks"]) == (sum(traffic.impressions.values()), sum(traffic.clicks.values()))
+    _assert_lift(store)
+
+
+def _assert_lift(store: OutcomeStore, filters: Filters | None = None) -> None:
+    arms = {r["arm"]: r for r in store.outcomes(["arm"], filters)}
+    t, c = arms["targeted"], arms["control"]
+    result = lift(t["clicks"], t["impressions"], c["clicks"], c["impressions"])
+    summary = (f"targeted {t['clicks']}/{t['impressions']}, control {c['clicks']}/{c['impressions']}, "
+               f"relative lift {result.relative}")  # fmt: skip
+    assert result.relative is not None and result.relative.low > MIN_RELATIVE_LIFT, summary
+    assert result.difference.low > 0, summary
