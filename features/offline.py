@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from adloop.settings import Settings
+from features.sink import arrow_schema, compact
 from features.store import AD_VIEW, JOIN_KEYS, USER_VIEW, open_store
 
 
@@ -23,6 +24,7 @@ def point_in_time(
     # the impression being labelled) must not leak into its row.
     joined = rows.assign(event_timestamp=decided_at - pd.Timedelta(milliseconds=1)).reset_index(drop=True)
     for view in views:
+        compact(settings.feast_data_dir / "offline" / view, arrow_schema(store, view))
         key = JOIN_KEYS[view]
         refs = [f"{view}:{f.name}" for f in store.get_feature_view(view).features]
         # Feast's dask store keeps one row per (key, time) and drops a row older than its entity's

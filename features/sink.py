@@ -28,6 +28,7 @@ class FeastSink:
     def __init__(self, settings: Settings) -> None:
         self.store = open_store(settings)
         self.offline_dir = settings.feast_data_dir / "offline"
+        self.schemas = {view: arrow_schema(self.store, view) for view in JOIN_KEYS}
 
     def write_online(self, view: str, rows: Sequence[tuple[str, int, dict[str, Any]]]) -> None:
         if rows:
@@ -41,7 +42,8 @@ class FeastSink:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.parquet"
         temporary = folder / f".{uuid.uuid4().hex}.tmp"
-        pq.write_table(pa.Table.from_pandas(_frame(view, rows), preserve_index=False), temporary)
+        table = pa.Table.from_pandas(_frame(view, rows), schema=self.schemas[view], preserve_index=False)
+        pq.write_table(table, temporary)
         temporary.replace(path)  # atomic: readers never see half a file
         return path
 
@@ -51,3 +53,32 @@ def _frame(view: str, rows: Sequence[tuple[str, int, dict[str, Any]]]) -> pd.Dat
     frame.insert(0, JOIN_KEYS[view], [entity for entity, _, _ in rows])
     frame["event_timestamp"] = pd.to_datetime([ts for _, ts, _ in rows], unit="ms", utc=True)
     return frame
+
+
+def arrow_schema(store: Any, view: str) -> pa.Schema:
+    """The offline files' schema, from the view's Feast types (every file the same, even all-empty lists)."""
+    fields = [pa.field(JOIN_KEYS[view], pa.string())]
+    for feature in store.get_feature_view(view).features:
+        fields.append(pa.field(feature.name, ARROW_TYPES[str(feature.dtype)]))
+    return pa.schema([*fields, pa.field("event_timestamp", pa.timestamp("ns", tz="UTC"))])
+
+
+ARROW_TYPES = {"Int64": pa.int64(), "Float64": pa.float64(), "String": pa.string(),
+               "Array(String)": pa.list_(pa.string()), "Array(Int64)": pa.list_(pa.int64()),
+               "Array(Float64)": pa.list_(pa.float64())}  # fmt: skip
+
+
+def compact(folder: Path, schema: pa.Schema, *, min_files: int = 16) -> int:
+    """Merge the folder's parquet files into one (the stream writes one per micro-batch; dask reads
+    thousands of small files slowly). Safe beside a running consumer: only the files listed here are
+    merged and removed, and the merged file appears atomically before they go. Returns files merged."""
+    parts = sorted(folder.glob("*.parquet"))
+    if len(parts) < min_files:
+        return 0
+    table = pa.concat_tables([pq.read_table(p).select(schema.names).cast(schema) for p in parts])
+    temporary = folder / f".{uuid.uuid4().hex}.tmp"
+    pq.write_table(table, temporary)
+    temporary.replace(folder / f"compacted-{uuid.uuid4().hex}.parquet")
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return len(parts)
