@@ -62,19 +62,22 @@ def shared_data(*parts: str) -> Path:
 TEST_REDIS_DB = 3  # the consumer tests own this database and empty it per test
 
 
-@pytest.fixture
-def feature_settings(local_stack: Settings, tmp_path) -> Iterator[Settings]:
+def isolated_settings(base: Settings, folder: Path, *, redis_db: int, **overrides: Any) -> Iterator[Settings]:
+    """Settings of their own: a fresh events + DLQ topic pair, an emptied Redis database, Feast data,
+    registry and outcomes under `folder`; the topics are deleted afterwards."""
     topic = f"adloop.test.events.{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=local_stack.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
+    admin = KafkaAdminClient(bootstrap_servers=base.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
     admin.create_topics([NewTopic(topic, 6, 1), NewTopic(topic + ".dlq", 1, 1)])
-    settings = local_stack.model_copy(
+    settings = base.model_copy(
         update={
             "events_topic": topic,
             "dlq_topic": topic + ".dlq",
-            "redis_url": f"redis://127.0.0.1:{_redis_port(local_stack)}/{TEST_REDIS_DB}",
-            "feast_data_dir": tmp_path / "feast",
-            "consumer_batch_size": 250,
-            "model_registry_path": tmp_path / "models",
+            "redis_url": f"redis://127.0.0.1:{_redis_port(base)}/{redis_db}",
+            "feast_data_dir": folder / "feast",
+            "model_registry_path": folder / "models",
+            "outcomes_path": folder / "outcomes.duckdb",
+            "report_dir": folder / "report",
+            **overrides,
         }
     )
     redis.Redis.from_url(settings.redis_url).flushdb()
@@ -82,6 +85,11 @@ def feature_settings(local_stack: Settings, tmp_path) -> Iterator[Settings]:
     yield settings
     admin.delete_topics([topic, topic + ".dlq"])
     admin.close()
+
+
+@pytest.fixture
+def feature_settings(local_stack: Settings, tmp_path: Path) -> Iterator[Settings]:
+    yield from isolated_settings(local_stack, tmp_path, redis_db=TEST_REDIS_DB, consumer_batch_size=250)
 
 
 def produce(settings: Settings, messages: list[Event | tuple[bytes | None, bytes]]) -> None:

@@ -4,13 +4,11 @@ and targeting that uses the user's features beats the control arm."""
 from __future__ import annotations
 
 import csv
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
-from kafka.admin import KafkaAdminClient, NewTopic
 
 from adloop import demo
 from adloop.settings import Settings
@@ -18,6 +16,7 @@ from features import store as feature_store
 from streaming.estimators import lift
 from streaming.outcomes import Filters, OutcomeLander, OutcomeStore
 from streaming.simulate import Population, SimConfig
+from tests.conftest import isolated_settings
 
 pytestmark = pytest.mark.integration
 DEMO_REDIS_DB, LOOP_REDIS_DB = 8, 9  # databases these tests own and empty
@@ -25,25 +24,7 @@ MIN_RELATIVE_LIFT = 0.5  # targeted CTR at least 1.5x control, at the lower end 
 
 
 def _isolated(local_stack: Settings, tmp_path, db: int) -> Iterator[Settings]:
-    topic = f"adloop.test.loop.{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=local_stack.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
-    admin.create_topics([NewTopic(topic, 6, 1), NewTopic(topic + ".dlq", 1, 1)])
-    settings = local_stack.model_copy(
-        update={
-            "events_topic": topic,
-            "dlq_topic": topic + ".dlq",
-            "redis_url": f"redis://127.0.0.1:6379/{db}",
-            "feast_data_dir": tmp_path / "feast",
-            "outcomes_path": tmp_path / "outcomes.duckdb",
-            "report_dir": tmp_path / "report",
-            "model_registry_path": tmp_path / "models",
-            "consumer_batch_size": 1000,
-        }
-    )
-    redis.Redis.from_url(settings.redis_url).flushdb()
-    yield settings
-    admin.delete_topics([topic, topic + ".dlq"])
-    admin.close()
+    yield from isolated_settings(local_stack, tmp_path, redis_db=db, consumer_batch_size=1000)
 
 
 @pytest.fixture(scope="module")
