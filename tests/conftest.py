@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 import redis
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from adloop import stack
@@ -124,3 +125,15 @@ def consume_all(settings: Settings, expected: int, group: str = "test-features")
     """Run a consumer until `expected` messages are accounted for (or 30 s pass with none arriving)."""
     consumer = FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url), group=group)
     return consumer.run(stop=lambda: consumer.total.handled >= expected, idle_exit_s=30)
+
+
+def read_back(settings: Settings, topic: str, n: int, timeout_s: float = 15.0) -> list[Any]:
+    """Up to `n` records of `topic` from the beginning (kafka-python ConsumerRecords), waiting at most `timeout_s`."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap_servers, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=1000)  # fmt: skip
+    messages: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while len(messages) < n and time.monotonic() < deadline:
+        messages.extend(consumer)
+    consumer.close()
+    return messages[:n] if len(messages) > n else messages

@@ -6,11 +6,11 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from kafka import KafkaConsumer
 
 from adloop.settings import Settings
 from serving.impressions import ImpressionLogger, to_event
 from streaming.events import EventType, parse_event
+from tests.conftest import read_back
 from tests.serving.conftest import MemoryReader, free_port
 
 TECH = {"top_categories": ["tech"], "top_category_scores": [1.0]}
@@ -18,21 +18,6 @@ SLOTS = [
     {"slot_id": "top", "format": "banner_728x90", "position": 0},
     {"slot_id": "feed", "format": "native", "count": 2},
 ]
-
-
-def consume(settings: Settings, topic: str, n: int, timeout_s: float = 15.0) -> list:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=1000,
-    )
-    messages, deadline = [], time.monotonic() + timeout_s
-    while len(messages) < n and time.monotonic() < deadline:
-        messages.extend(consumer)
-    consumer.close()
-    return messages
 
 
 @pytest.mark.integration
@@ -61,7 +46,7 @@ def test_served_ads_arrive_on_kafka_as_contract_events(make_app, local_stack: Se
         assert app.state.runtime.logger.flush(timeout=15)
     served = {(b["request_id"], s["slot_id"], a["ad_id"]): (b, a) for b in bodies for s in b["slots"] for a in s["ads"]}
     assert len(served) == 12
-    messages = consume(local_stack, topic, len(served))
+    messages = read_back(local_stack, topic, len(served))
     events = [parse_event(m.value) for m in messages]
     assert len(events) == len(served)
     assert len({e.event_id for e in events}) == len(events)

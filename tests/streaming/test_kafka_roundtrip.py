@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from adloop.settings import Settings
+from tests.conftest import read_back
 
 pytestmark = pytest.mark.integration
 
@@ -18,17 +19,5 @@ def test_produce_and_consume(local_stack: Settings, topic: str) -> None:
     producer.flush(timeout=10)
     producer.close()
 
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=local_stack.kafka_bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=10_000,
-    )
-    received = {}
-    for message in consumer:
-        received[message.key] = message.value
-        if len(received) == len(sent):
-            break
-    consumer.close()
+    received = {m.key: m.value for m in read_back(local_stack, topic, len(sent))}
     assert received == sent

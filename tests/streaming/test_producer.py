@@ -12,6 +12,7 @@ from adloop.settings import Settings
 from streaming.events import Event, parse_event
 from streaming.producer import BrokerUnavailable, build_producer, produce_events
 from streaming.replay import read
+from tests.conftest import read_back
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 
@@ -107,8 +108,6 @@ def test_no_broker_fails_fast_saying_how_to_start_it() -> None:
 
 @pytest.mark.integration
 def test_replay_through_the_real_broker(local_stack: Settings, topic: str, tmp_path: Path) -> None:
-    from kafka import KafkaConsumer
-
     path = tmp_path / "ub.csv"
     rows = [f"{user},{100 + i},{7 + i % 2},{'pv' if i % 4 else 'cart'},{1511658000 + i}" for i, user in
             enumerate([11, 12, 13, 11, 14, 12, 15, 11, 16, 17] * 3)]  # fmt: skip
@@ -120,19 +119,7 @@ def test_replay_through_the_real_broker(local_stack: Settings, topic: str, tmp_p
         producer.close()
     assert summary.count == 30 and summary.failed == 0
 
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=local_stack.kafka_bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=10_000,
-    )
-    messages = []
-    for message in consumer:
-        messages.append(message)
-        if len(messages) == 30:
-            break
-    consumer.close()
+    messages = read_back(local_stack, topic, 30)
     assert len(messages) == 30
     events = [parse_event(m.value) for m in messages]
     assert all(m.key == e.user_id.encode() for m, e in zip(messages, events, strict=True))
