@@ -349,6 +349,7 @@ def _environment(settings: Settings, *, catalog_path: Path, port: int, token: st
         ADLOOP_ADMIN_TOKEN=token,
         ADLOOP_CONTROL_SHARE=str(config.control_share),
         ADLOOP_AD_STATS_REFRESH_S="5",
+        ADLOOP_SERVE_EPSILON_NO_MODEL="1.0",  # the first phase explores: the first model needs varied ads
         PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                  os.environ.get("PYTHONPATH")])),
     )  # fmt: skip

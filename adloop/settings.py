@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     catalog_poll_s: float = 5.0  # reload the catalog when its file changes; 0 = only on admin reload
     serve_top_k: int = 200  # candidates per requested format that reach the ranker
     serve_epsilon: float = 0.05  # epsilon-greedy exploration per pick
+    serve_epsilon_no_model: float | None = None  # exploration while no model is promoted (None: serve_epsilon)
     control_share: float = 0.1  # share of users (stable hash) served without targeting
     control_salt: str = "adloop-arm-v1"  # changing it re-draws the arms
     request_budget_ms: float = 20.0  # user-feature read budget (Redis socket timeout); over it -> fallback

@@ -59,6 +59,7 @@ class Runtime:
         config = SelectionConfig(
             top_k=settings.serve_top_k,
             epsilon=settings.serve_epsilon,
+            epsilon_no_model=settings.serve_epsilon_no_model,
             control_share=settings.control_share,
             control_salt=settings.control_salt,
         )

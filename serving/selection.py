@@ -95,6 +95,7 @@ class SelectionResult:
 class SelectionConfig:
     top_k: int = 200  # candidates per requested format that reach the ranker
     epsilon: float = 0.05  # exploration probability per pick
+    epsilon_no_model: float | None = None  # per pick while no model is promoted (cold start); None = epsilon
     control_share: float = 0.1  # share of users in the control arm
     control_salt: str = "adloop-arm-v1"  # change to re-draw the arms
 
@@ -183,7 +184,10 @@ class Selector:
             if reason is not None:
                 model_version = FALLBACK_VERSION
         timings["rank"], clock = _lap(clock)
-        slots = self._choose(catalog, request, arm, cands, pctr, slot_masks)
+        eps = 1.0 if arm == "control" else self.config.epsilon
+        if fallback == "no_model" and self.config.epsilon_no_model is not None:
+            eps = self.config.epsilon_no_model  # cold start: explore, so the first model learns from varied ads
+        slots = self._choose(catalog, request, eps, cands, pctr, slot_masks)
         timings["choose"], clock = _lap(clock)
         return SelectionResult(
             request.request_id,
@@ -294,8 +298,8 @@ class Selector:
         cands = _top_k(ctr * catalog.bid, slot_masks.values(), k)
         return cands, ctr[cands], reason
 
-    def _choose(self, catalog, request, arm, cands, pctr, slot_masks) -> dict[str, list[Choice]]:
-        rng, eps = self._rng(), (1.0 if arm == "control" else self.config.epsilon)
+    def _choose(self, catalog, request, eps, cands, pctr, slot_masks) -> dict[str, list[Choice]]:
+        rng = self._rng()
         ev = pctr * catalog.bid[cands]  # (c,) expected USD per impression
         ecpm = 1000.0 * ev
         free = np.ones(len(cands), dtype=bool)  # an ad appears once per request

@@ -62,10 +62,10 @@ def test_demo_trains_on_the_served_log_promotes_and_serves_the_new_version(demo_
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="INTEGRATOR: the model trained on the demo's first half (300 requests, ~40 clicks) does not target "
-    "yet (measured: targeted 12/304 = 3.9% vs control 11/296 = 3.7%; LightGBM's min_data_in_leaf=200 leaves the "
-    "ranker few splits at this size). Strict: once the trained model beats control here this fails: drop the mark.",
+    strict=False,  # not strict: an XPASS must not fail CI on a lucky seed; see NOTES.md
+    reason="The model trained on the demo test's first half (300 exploring requests) targets, but 300 requests per "
+    "half are too few for the stated margin: measured targeted 23/304 = 7.6% vs control 12/296 = 4.1%, relative "
+    "lift +87% with 95% CI [-5%, +268%] (the test asks the lower bound > +50%). Needs a longer run (more requests).",
 )
 def test_demo_targeted_arm_beats_control_with_the_promoted_model(demo_run):
     settings, result = demo_run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -199,6 +200,16 @@ def test_no_model_falls_back_to_ctr_x_bid(catalog_rows) -> None:
     result = sel.select_with(sel.state, request(Slot("a", "native", 2)), TECH_USER, now=NOON)
     assert result.fallback == "no_model" and result.model_version == FALLBACK_VERSION
     assert len(result.slots["a"]) == 2
+
+
+def test_cold_start_explores_uniformly_while_no_model_is_promoted(catalog_rows) -> None:
+    sel = make_selector(catalog_rows, model=False)
+    sel.config = replace(sel.config, epsilon_no_model=1.0)
+    picks = [
+        sel.select_with(sel.state, request(Slot("a", "native")), TECH_USER, now=NOON).slots["a"][0] for _ in range(60)
+    ]
+    assert len({p.ad_id for p in picks}) > 10  # not the one best CTR x bid ad every time
+    assert len({round(p.propensity, 12) for p in picks}) == 1  # uniform: every pick has probability 1/n
 
 
 def test_model_error_falls_back(catalog_rows) -> None:
