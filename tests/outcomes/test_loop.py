@@ -65,7 +65,8 @@ def test_demo_trains_on_the_served_log_promotes_and_serves_the_new_version(demo_
     strict=False,  # not strict: an XPASS must not fail CI on a lucky seed; see NOTES.md
     reason="The model trained on the demo test's first half (300 exploring requests) targets, but 300 requests per "
     "half are too few for the stated margin: measured targeted 23/304 = 7.6% vs control 12/296 = 4.1%, relative "
-    "lift +87% with 95% CI [-5%, +268%] (the test asks the lower bound > +50%). Needs a longer run (more requests).",
+    "lift +87% with 95% CI [-5%, +268%] (the test asks the lower bound > +50%). Longer runs are not stable either: "
+    "two runs of 800 requests per half gave -26% [-54%, +20%] and +81% [+23%, +168%]: the small-data model varies.",
 )
 def test_demo_targeted_arm_beats_control_with_the_promoted_model(demo_run):
     settings, result = demo_run
