@@ -1,6 +1,6 @@
 """What selection needs from the model and the feature store (Protocols), plus the scorers serving owns.
 
-- `ModelBundle` / `ModelRegistry`: satisfied by `models/` (the integrator wires `Registry(path)`).
+- `ModelBundle` / `ModelRegistry`: satisfied by `models.bundle.ModelBundle` and `models.registry.Registry`.
 - `FeatureReader`: satisfied by `features.online.OnlineFeatureReader`.
 - `ProjectionBundle`: a small, real bundle-shaped scorer (random-projection towers + a logistic
   formula) for tests and the benchmark, so they do not wait for a trained model.

@@ -81,7 +81,7 @@ def loop_settings(local_stack: Settings, tmp_path) -> Iterator[Settings]:
 
 class FeastUserReader:
     """A `FeatureReader` through Feast's get_online_features (the reference read; serving's fast reader is
-    the integrator's `features.online.OnlineFeatureReader`)."""
+    `features.online.OnlineFeatureReader`)."""
 
     FEATURES = ("top_categories", "top_category_scores")
 
