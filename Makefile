@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Re-install only when pyproject.toml changes; pip's cache keeps a re-install fast.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install stack run test lint down status
+.PHONY: install stack run test test-tools lint down status
 
 install: $(STAMP)
 
@@ -24,12 +24,20 @@ stack: install
 run: stack
 	$(BIN)/adloop demo
 
-test: stack
-	@command -v docker-compose >/dev/null || ! command -v apt-get >/dev/null || \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null 2>&1 || \
-		echo "docker-compose not installable: the compose-file check will be skipped"
+test: stack test-tools
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# Debian tools the tests use: Chromium (the dashboard test) and docker-compose (the compose-file check).
+test-tools:
+	@if ! command -v chromium >/dev/null || ! command -v docker-compose >/dev/null; then \
+		command -v apt-get >/dev/null || { echo "no apt-get: install chromium and docker-compose by hand"; exit 1; }; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+			{ echo "chromium not installable (apt-get install -y chromium): the dashboard test needs it"; exit 1; }; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null 2>&1 || \
+			echo "docker-compose not installable: the compose-file check will be skipped"; \
+	fi
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
