@@ -3,6 +3,7 @@
 `point_in_time(settings, rows)` takes rows with `user_id`, `ad_id` and `event_timestamp` (the
 moment of the decision) and returns them with every `user_activity` and `ad_performance`
 feature as it was strictly before that moment: the values serving saw, never later ones.
+It first compacts each view's per-batch parquet files (features/sink.py), which dask reads slowly.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Writes feature rows through Feast: the latest row per entity online, every state change offline.
+"""Feature rows to Feast's offline store, and Feast's own online push (the reference path).
 
-Online rows go through `FeatureStore.push` (one call per view per micro-batch: a push costs
-~20 ms whatever its size, so never per event). Offline rows are appended as one parquet file
-per view per micro-batch under the push source's batch-source folder, which Feast's offline
-store reads as one table: Feast's own offline write for file sources rewrites the whole file
-on every call (O(n) per batch), which a stream cannot afford.
+`write_offline`: one parquet file per view per micro-batch under the push source's batch-source
+folder, in one Arrow schema per view, read by Feast's offline store as one table (Feast's own
+offline write for file sources rewrites the whole file on every call, O(n) per batch, which a
+stream cannot afford); `compact` merges the small files before point-in-time joins.
+`write_online` (`FeatureStore.push`, ~0.5 ms per row) is not the consumer's path — it writes
+Feast's layout directly in its offsets transaction (features/online.py) — but the reference that
+path is tested against, and the benchmark's naive baseline.
 """
 
 from __future__ import annotations
