@@ -60,7 +60,9 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
-TEST_REDIS_DB = 3  # the consumer tests own this database and empty it per test
+# The consumer tests own this database and empty it per test; two suites running side by side on one
+# machine (e.g. in two worktrees) must each set their own ADLOOP_TEST_REDIS_DB.
+TEST_REDIS_DB = int(os.environ.get("ADLOOP_TEST_REDIS_DB", "3"))
 
 
 def isolated_settings(base: Settings, folder: Path, *, redis_db: int, **overrides: Any) -> Iterator[Settings]:
