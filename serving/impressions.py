@@ -189,6 +189,7 @@ def to_event(record: dict[str, Any]) -> Event:
         ts=datetime.fromtimestamp(record["ts"] / 1000, tz=UTC),
         ad_id=record["ad_id"],
         campaign_id=record.get("campaign_id"),
+        category=record.get("category"),
         request_id=record.get("request_id"),
         slot_id=record.get("slot_id"),
         position=record.get("position"),

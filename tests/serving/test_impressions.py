@@ -21,7 +21,9 @@ SLOTS = [
 
 
 @pytest.mark.integration
-def test_served_ads_arrive_on_kafka_as_contract_events(make_app, local_stack: Settings, topic: str) -> None:
+def test_served_ads_arrive_on_kafka_as_contract_events(
+    make_app, catalog_rows, local_stack: Settings, topic: str
+) -> None:
     from serving.impressions import _kafka_producer
 
     app, _ = make_app(
@@ -44,6 +46,7 @@ def test_served_ads_arrive_on_kafka_as_contract_events(make_app, local_stack: Se
             for i in range(4)
         ]
         assert app.state.runtime.logger.flush(timeout=15)
+    categories = {row["ad_id"]: row["category"] for row in catalog_rows}
     served = {(b["request_id"], s["slot_id"], a["ad_id"]): (b, a) for b in bodies for s in b["slots"] for a in s["ads"]}
     assert len(served) == 12
     messages = read_back(local_stack, topic, len(served))
@@ -55,6 +58,8 @@ def test_served_ads_arrive_on_kafka_as_contract_events(make_app, local_stack: Se
         assert message.key == event.user_id.encode()
         body, ad = served[(event.request_id, event.slot_id, event.ad_id)]
         assert event.campaign_id == ad["campaign_id"] and event.position == ad["rank"]
+        # the ranker learns user-by-category affinity from these rows: the category must travel with them
+        assert event.category == categories[event.ad_id] and event.context["advertiser_id"]
         assert event.arm == body["arm"] and event.model_version == body["model_version"]
         assert event.propensity == pytest.approx(ad["propensity"])
         assert event.context["device"] == "mobile" and event.context["format"] in ("banner_728x90", "native")
@@ -108,8 +113,10 @@ def test_records_are_contract_events() -> None:
             "ad_id": "a",
             "ts": 1_764_000_000_000,
             "arm": "control",
+            "category": "books",
             "propensity": 0.01,
             "context": {"format": "native", "slot_position": 2},
         }
     )
     assert parse_event(event.to_bytes()) == event
+    assert event.category == "books"
