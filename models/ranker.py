@@ -197,7 +197,7 @@ def train_ranker(
 
 @dataclass
 class PlattCalibrator:
-    """p = sigmoid(a * margin + b), fitted by logloss on a slice the trees did not learn from."""
+    """p = sigmoid(a * margin + b), a >= 0, fitted by logloss on a slice the trees did not learn from."""
 
     a: float = 1.0
     b: float = 0.0
@@ -210,7 +210,9 @@ class PlattCalibrator:
             z = ab[0] * margins + ab[1]
             return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
-        result = minimize(loss, np.array([1.0, 0.0]), method="L-BFGS-B")
+        # a >= 0: calibration may flatten the trees' order (no signal) but never reverse it, which a
+        # slice with a handful of clicks (a small served log) can otherwise fit by chance.
+        result = minimize(loss, np.array([1.0, 0.0]), method="L-BFGS-B", bounds=[(0.0, None), (None, None)])
         return cls(a=float(result.x[0]), b=float(result.x[1]))
 
     def __call__(self, margins: np.ndarray) -> np.ndarray:

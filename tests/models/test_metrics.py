@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from models.metrics import auc, ece, group_metrics, logloss, mrr, ndcg, reliability_table
+from models.ranker import PlattCalibrator
 
 
 def test_auc_counts_pairs_and_half_ties():
@@ -47,3 +48,16 @@ def test_reliability_quantile_bins_hold_equal_rows():
     p = np.linspace(0.01, 0.2, 100)
     table = reliability_table(np.zeros(100), p, 4, "quantile")
     assert [row["rows"] for row in table] == [25, 25, 25, 25]
+
+
+def test_platt_calibration_recovers_a_slope_and_never_reverses_the_order() -> None:
+    rng = np.random.default_rng(0)
+    margins = rng.normal(size=20_000)
+    labels = rng.random(20_000) < 1 / (1 + np.exp(-(2.0 * margins - 1.0)))
+    fitted = PlattCalibrator.fit(margins, labels)
+    assert fitted.a == pytest.approx(2.0, abs=0.1) and fitted.b == pytest.approx(-1.0, abs=0.1)
+    # a small slice whose few clicks happen to sit at low margins: flattened (a = 0), not reversed
+    reversed_fit = PlattCalibrator.fit(np.array([-2.0, -1.5, 0.0, 1.0, 2.0, 3.0]), np.array([1, 1, 0, 0, 0, 0]))
+    assert reversed_fit.a == 0.0
+    probs = reversed_fit(np.array([-1.0, 1.0]))
+    assert probs[0] == pytest.approx(probs[1]) and probs[0] == pytest.approx(1 / 3, abs=0.01)
