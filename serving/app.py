@@ -14,7 +14,7 @@ from serving.runtime import Runtime
 
 
 def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
-    """`overrides` (tests, the benchmark): feature_reader, registry, producer_factory, redis_client."""
+    """`overrides` (tests, the benchmark): feature_reader, registry, producer_factory."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
         runtime.start()
         app.state.runtime = runtime
         yield
-        runtime.stop()
+        await runtime.stop()
 
     app = FastAPI(
         title="adloop serving",

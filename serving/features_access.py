@@ -1,7 +1,7 @@
 """Reading online features in the request path: a time-bounded user read, and an in-memory ad-stats cache.
 
-`GuardedReader.user()` never raises: it returns `(features, fallback_reason)`. The time budget is
-the Redis client's socket timeout (set in `app.lifespan`); after a connection failure Redis is
+`await GuardedReader.user()` never raises: it returns `(features, fallback_reason)`. The time budget is
+the Redis client's socket timeout (`request_path_redis`); after a connection failure Redis is
 skipped for `retry_after_s` so that a dead Redis costs one failed connect per second, not one per
 request. Ad performance (CTR) changes slowly, so it is refreshed in the background into numpy
 columns aligned with the catalog instead of being read per request (STACK.md: never per candidate).
@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -32,13 +34,17 @@ CTR_PRIOR = 0.05  # streaming.aggregates' Beta prior mean: an ad without data
 def request_path_redis(url: str, *, timeout_s: float, max_connections: int = 64) -> redis.Redis:
     """A Redis client for the request path: the socket timeout is the time budget, and no retries
     (redis-py 7 retries 3 times with up to seconds of back-off by default: wrong for a 20 ms budget)."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        max_connections=max_connections,
-    )
+    return redis.Redis.from_url(url, **_budget(timeout_s), retry=Retry(NoBackoff(), 0), max_connections=max_connections)
+
+
+def request_path_redis_async(url: str, *, timeout_s: float, max_connections: int = 64) -> redis.asyncio.Redis:
+    """The same, for the event loop (create it inside the loop that will use it)."""
+    retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
+    return redis.asyncio.Redis.from_url(url, **_budget(timeout_s), retry=retry, max_connections=max_connections)
+
+
+def _budget(timeout_s: float) -> dict[str, float]:
+    return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
 
 
 class NoFeatures:
@@ -60,12 +66,14 @@ class GuardedReader:
         self.retry_after_s = retry_after_s
         self._down_until = 0.0
 
-    def user(self, user_id: str) -> tuple[dict[str, Any], str | None]:
+    async def user(self, user_id: str) -> tuple[dict[str, Any], str | None]:
+        """Awaits the reader's `user_async` where it has one (Redis), else calls `user` (in-memory readers)."""
         if time.monotonic() < self._down_until:
             return {}, "redis_down"
         started = time.perf_counter()
+        read = getattr(self.reader, "user_async", None)
         try:
-            features = self.reader.user(user_id)
+            features = await read(user_id) if read is not None else self.reader.user(user_id)
         except redis.TimeoutError:
             return {}, "redis_slow"
         except (redis.ConnectionError, OSError):

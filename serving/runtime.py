@@ -19,7 +19,14 @@ import redis
 from adloop.settings import Settings
 from serving import metrics
 from serving.catalog import Catalog, load_catalog
-from serving.features_access import AdStats, GuardedReader, NoFeatures, request_path_redis, run_refresher
+from serving.features_access import (
+    AdStats,
+    GuardedReader,
+    NoFeatures,
+    request_path_redis,
+    request_path_redis_async,
+    run_refresher,
+)
 from serving.impressions import ImpressionLogger
 from serving.pacing import Pacer
 from serving.scoring import FeatureReader, ModelBundle, ModelRegistry
@@ -36,12 +43,13 @@ class Runtime:
         feature_reader: FeatureReader | None = None,
         registry: ModelRegistry | None = None,
         producer_factory=None,
-        redis_client: redis.Redis | None = None,
     ):
+        """Build inside the event loop that will serve (the request path's Redis client is asyncio)."""
         self.settings = settings
         budget_s = settings.request_budget_ms / 1000
-        self.redis = redis_client or request_path_redis(settings.redis_url, timeout_s=budget_s)
-        self.reader = feature_reader or default_reader(self.redis, settings)
+        self.redis = request_path_redis(settings.redis_url, timeout_s=budget_s)  # background threads, readiness
+        self.redis_async = request_path_redis_async(settings.redis_url, timeout_s=budget_s)  # the user read
+        self.reader = feature_reader or default_reader(self.redis, settings, async_client=self.redis_async)
         self.registry = registry or default_registry(settings)
         self.logger = ImpressionLogger(
             bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -89,10 +97,11 @@ class Runtime:
         for thread in threads:
             thread.start()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self._stop.set()
         self.logger.close(timeout=3.0)
         self.redis.close()
+        await self.redis_async.aclose()
 
     def reload(self) -> dict[str, Any]:
         """Re-read the catalog file and the promoted model; swap them in at once. Raises on a bad catalog
@@ -123,11 +132,11 @@ class Runtime:
 
     # --- the request path -------------------------------------------------------------------
 
-    def select(self, request: SelectionRequest, *, route: str = "select", log_impressions: bool = True):
+    async def select(self, request: SelectionRequest, *, route: str = "select", log_impressions: bool = True):
         """(state, result): selection with metrics, pacing charge and impression logging; never raises."""
         state = self.state
         try:
-            result = self.selector.select(request, state=state)  # rows of the result index this state
+            result = await self.selector.select(request, state=state)  # rows of the result index this state
         except Exception:
             log.exception("selection failed; answering with no ads")
             metrics.ERRORS.labels(route, "selection").inc()
@@ -240,12 +249,12 @@ def impression_records(result: SelectionResult, request: SelectionRequest) -> li
     return records
 
 
-def default_reader(client: redis.Redis, settings: Settings) -> FeatureReader:
+def default_reader(client: redis.Redis, settings: Settings, *, async_client: Any | None = None) -> FeatureReader:
     """Feast's Redis layout read directly (features/online.py); the layout comes from the Feast registry."""
     from features.online import FeastLayout, OnlineFeatureReader
 
     try:
-        return OnlineFeatureReader(client, FeastLayout.from_settings(settings))
+        return OnlineFeatureReader(client, FeastLayout.from_settings(settings), async_client=async_client)
     except Exception as error:  # no registry yet (`adloop stack up` applies it): serve with defaults
         log.warning("Feast registry unavailable (%s): user features default to empty; run `adloop stack up`", error)
         return NoFeatures()

@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1", tags=["selection"])
 
 
 @router.post("/select", response_model=SelectResponse)
-def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: SettingsDep) -> Response:
+async def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: SettingsDep) -> Response:
     """Choose ads for each slot (targeted or control arm); degraded answers are flagged, never errors."""
     started = time.perf_counter()
     _check_limits(body, settings)
@@ -29,7 +29,7 @@ def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: SettingsDep) 
         candidate_ad_ids=body.candidate_ad_ids,
         exclude_ad_ids=body.exclude_ad_ids,
     )
-    state, result = runtime.select(request)
+    state, result = await runtime.select(request)
     body = response_body(result, request, state.catalog)
     metrics.REQUEST_SECONDS.labels("select").observe(time.perf_counter() - started)
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")

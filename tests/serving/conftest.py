@@ -63,7 +63,7 @@ def make_app(catalog_file: Path, bundle) -> Callable[..., Any]:
     """make_app(reader=..., registry=..., producer_factory=..., **settings) -> (app, settings)."""
     from serving.app import create_app
 
-    def build(*, reader="memory", registry="model", producer_factory=None, redis_client=None, **overrides):
+    def build(*, reader="memory", registry="model", producer_factory=None, **overrides):
         values = {
             "catalog_path": catalog_file,
             "admin_token": "secret",
@@ -81,7 +81,6 @@ def make_app(catalog_file: Path, bundle) -> Callable[..., Any]:
             feature_reader=MemoryReader() if reader == "memory" else reader,
             registry=registry,
             producer_factory=producer_factory or NoKafka(),
-            redis_client=redis_client,
         )
         return app, settings
 

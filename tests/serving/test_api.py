@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from features.online import FeastLayout, OnlineFeatureReader, write_rows
 from serving.catalog import generate_catalog, write_catalog
-from serving.features_access import request_path_redis
+from serving.features_access import request_path_redis_async
 from serving.schemas import SelectResponse
 from serving.scoring import EmptyRegistry, ProjectionBundle, StaticRegistry
 from tests.serving.conftest import MemoryReader, free_port
@@ -117,8 +118,7 @@ def test_a_failing_model_never_gives_a_500(make_app, bundle) -> None:
 
 
 def test_redis_unreachable_falls_back_fast(make_app) -> None:
-    dead = request_path_redis(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05)
-    app, _ = make_app(reader=None, redis_client=dead)
+    app, _ = make_app(reader=None, redis_url=f"redis://127.0.0.1:{free_port()}/0", request_budget_ms=50)
     with TestClient(app) as client:
         started = time.perf_counter()
         bodies = [select(client).json() for _ in range(5)]
@@ -137,9 +137,9 @@ def test_slow_redis_is_cut_by_the_budget(make_app, feature_settings) -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         port = silent.getsockname()[1]
-        slow = request_path_redis(f"redis://127.0.0.1:{port}/0", timeout_s=0.03)
-        reader = OnlineFeatureReader(slow, FeastLayout.from_settings(feast_settings))
-        app, _ = make_app(reader=reader, redis_client=slow, request_budget_ms=30)
+        # the app's own clients (the request path's is asyncio) against the silent port, Feast's registry
+        app, _ = make_app(reader=None, redis_url=f"redis://127.0.0.1:{port}/0", request_budget_ms=30,
+                          feast_data_dir=feast_settings.feast_data_dir)  # fmt: skip
         with TestClient(app) as client:
             started = time.perf_counter()
             body = select(client).json()
@@ -150,6 +150,7 @@ def test_slow_redis_is_cut_by_the_budget(make_app, feature_settings) -> None:
 
 @pytest.mark.integration
 def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, catalog_rows) -> None:
+    """Through the app's own reader: the request path awaits the row on its asyncio Redis client."""
     client_redis = redis.Redis.from_url(feature_settings.redis_url)
     layout = FeastLayout.from_settings(feature_settings)
     reader = OnlineFeatureReader(client_redis, layout)
@@ -160,7 +161,16 @@ def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, ca
     row = {**TECH, "freq_ad_ids": [capped["ad_id"]], "freq_ad_impressions_24h": [cap + 1]}
     write_rows(pipe, layout, "user_activity", [("u-9", 1, row)])
     pipe.execute()
-    app, _ = make_app(reader=reader)
+
+    async def read_async() -> dict:
+        async_client = request_path_redis_async(feature_settings.redis_url, timeout_s=1.0)
+        try:
+            return await OnlineFeatureReader(client_redis, layout, async_client=async_client).user_async("u-9")
+        finally:
+            await async_client.aclose()
+
+    assert asyncio.run(read_async()) == reader.user("u-9")  # == Feast's read: tests/streaming/test_consumer.py
+    app, _ = make_app(reader=None, redis_url=feature_settings.redis_url, feast_data_dir=feature_settings.feast_data_dir)
     with TestClient(app) as client:
         body = client.post(
             "/v1/select",

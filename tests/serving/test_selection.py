@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 
@@ -226,7 +227,7 @@ def test_reader_failure_is_flagged_not_raised(catalog_rows) -> None:
 
     sel = make_selector(catalog_rows, reader=Broken())
     started = time.perf_counter()
-    result = sel.select(request(Slot("a", "native")))
+    result = asyncio.run(sel.select(request(Slot("a", "native"))))
     assert result.fallback == "features_error" and result.slots["a"]
     assert time.perf_counter() - started < 0.5
 
