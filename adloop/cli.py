@@ -422,6 +422,9 @@ def _print_table(out: dict) -> None:
     days = "last day" if holdout["days"] == 1 else f"last {holdout['days']} days, each by a model of the days before"
     console.print(f"holdout: {days}; {holdout['requests']} requests, {holdout['rows']} candidates", soft_wrap=True)
     console.print(format_table(out["rows"]), highlight=False, markup=False, soft_wrap=True)
+    for name, gap in out.get("paired", {}).items():
+        console.print(f"group AUC, {name}: {gap['difference']:+.4f} (paired standard error {gap['se']:.4f}, "
+                      f"{gap['impressions']} impressions)", highlight=False, markup=False, soft_wrap=True)  # fmt: skip
     _print_reliability(out["reliability"])
 
 
