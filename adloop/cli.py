@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -313,7 +314,6 @@ def ope(
     from streaming import obd_ope
 
     if root is None:
-        import os
 
         shared = Path(os.environ.get("ADLOOP_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data") / "obd"
         root = shared if (shared / "random").exists() else PROJECT_ROOT / "data" / "obd"
@@ -404,10 +404,13 @@ def serve(
 
 
 def _mind_path(path: Path | None) -> Path:
-    """The MIND folder: the argument, else ../shared/data/mind from here or from the project root."""
+    """The MIND folder: the argument, else $ADLOOP_SHARED_DATA/mind, else ../shared/data/mind from here or
+    from the project root."""
     from adloop.settings import PROJECT_ROOT
 
     candidates = [path] if path else [Path("../shared/data/mind"), PROJECT_ROOT.parent / "shared" / "data" / "mind"]
+    if not path and os.environ.get("ADLOOP_SHARED_DATA"):
+        candidates.insert(0, Path(os.environ["ADLOOP_SHARED_DATA"]) / "mind")
     for candidate in candidates:
         if (candidate / "behaviors.tsv").is_file():
             return candidate
@@ -422,6 +425,9 @@ def _print_table(out: dict) -> None:
     days = "last day" if holdout["days"] == 1 else f"last {holdout['days']} days, each by a model of the days before"
     console.print(f"holdout: {days}; {holdout['requests']} requests, {holdout['rows']} candidates", soft_wrap=True)
     console.print(format_table(out["rows"]), highlight=False, markup=False, soft_wrap=True)
+    for name, gap in out.get("paired", {}).items():
+        console.print(f"group AUC, {name}: {gap['difference']:+.4f} (paired standard error {gap['se']:.4f}, "
+                      f"{gap['impressions']} impressions)", highlight=False, markup=False, soft_wrap=True)  # fmt: skip
     _print_reliability(out["reliability"])
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from models.bundle import ModelBundle
-from models.metrics import ece, group_metrics, logloss, reliability_table
+from models.metrics import ece, group_metrics, logloss, paired_group_auc, reliability_table
 from models.ranker import FEATURES, frame_features
 from models.train import TrainConfig, normalise_frame, sort_requests, train
 
@@ -63,7 +63,8 @@ def evaluation_table(
     """Score each of the last `days` days with models trained on all days before it; metrics pooled.
 
     Rows: the full model, the ranker without the embedding score (if `ablation`), the embedding score
-    alone, live popularity and random. Also returns the bundle and training report of the last day's
+    alone, live popularity and random; `paired`: the full model's group AUC minus live popularity's on the
+    same impressions, with its standard error. Also returns the bundle and training report of the last day's
     model (trained on every day but the last), its reliability table, and the holdout's size and window.
     """
     config = config or TrainConfig()
@@ -90,7 +91,9 @@ def evaluation_table(
     rows["live popularity"] = metrics_row(holdout, popularity, popularity)
     rows["random"] = metrics_row(holdout, np.random.default_rng(config.seed).random(len(holdout)), None)
     labels = holdout["label"].to_numpy()
-    return {"rows": rows, "bundle": full, "report": report,
+    paired = {"full model - live popularity": paired_group_auc(holdout["request_id"].to_numpy(), labels, probs,
+                                                                popularity)}  # fmt: skip
+    return {"rows": rows, "paired": paired, "bundle": full, "report": report,
             "reliability": reliability_table(labels, probs, 10, "quantile"),
             "holdout": {"days": days, "requests": int(holdout["request_id"].nunique()), "rows": len(holdout),
                         "from_ms": int(holdout["ts"].min()), "to_ms": int(holdout["ts"].max())}}  # fmt: skip

@@ -9,6 +9,10 @@ campaign_id, advertiser_id) and the feature columns named as `streaming.aggregat
 
 so the ranker learns from embedding scores of requests the two-tower never saw (its scores on its own
 training clicks would be over-confident), and the calibrator from margins of requests the trees never saw.
+With `trees_learn_tower_rows` (the default) the trees also learn from the two-tower's requests, with
+their embedding score missing (NaN: LightGBM sends them down each split's learned missing-value side),
+so every other feature is learned from all requests before early stopping and not only from the
+trees' own slice; splits on the embedding score still come from out-of-sample scores only.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class TrainConfig:
     tower_share: float = 0.45  # earliest share of requests: two-tower training
     valid_share: float = 0.15  # share before the calibration slice: LightGBM early stopping
     calibration_share: float = 0.15  # latest share: Platt calibration
+    trees_learn_tower_rows: bool = True  # the trees learn from the two-tower's requests too (embedding NaN)
     num_boost_round: int = 600  # upper bound; early stopping picks the number of trees
     tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
 
@@ -51,11 +56,13 @@ def train(frame: pd.DataFrame, config: TrainConfig | None = None, *, features: l
     frame = sort_requests(frame)
     part = split_requests(frame, config)
     tower = train_two_tower(frame[part == 0], config.tower, device)
-    ranker_rows = frame[part > 0]
+    keep = np.ones(len(frame), dtype=bool) if config.trees_learn_tower_rows else part > 0
+    ranker_rows, rpart = frame[keep], part[keep]
     emb = embedding_scores(tower, ranker_rows, device)
+    emb[rpart == 0] = np.nan  # the tower's own requests: its scores there are in-sample, never learned from
     x = frame_features(ranker_rows, emb, features)
     y = ranker_rows["label"].to_numpy()
-    rpart = part[part > 0]
+    rpart = np.where(rpart == 0, 1, rpart)  # the tower's requests kept: they learn with the trees' slice
     booster = train_ranker(x[rpart == 1], y[rpart == 1], x[rpart == 2], y[rpart == 2], features=features,
                            seed=config.seed, num_boost_round=config.num_boost_round)  # fmt: skip
     catalog = ad_catalog(frame)
@@ -70,6 +77,7 @@ def train(frame: pd.DataFrame, config: TrainConfig | None = None, *, features: l
         "config": asdict(config),
         "data_window": {"from_ms": int(frame["ts"].min()), "to_ms": int(frame["ts"].max())},
         "rows": {name: int((part == i).sum()) for i, name in enumerate(("tower", "trees", "valid", "calibration"))},
+        "tree_learning_rows": int((rpart == 1).sum()),  # the trees' slice, plus the tower's if trees_learn_tower_rows
         "best_iteration": booster.best_iteration,
         "training_seconds": round(time.monotonic() - started, 2),
         "device": str(device),

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import auc, ece, group_metrics, logloss, mrr, ndcg, reliability_table
+from models.metrics import auc, ece, group_metrics, logloss, mrr, ndcg, paired_group_auc, reliability_table
 from models.ranker import PlattCalibrator
 
 
@@ -34,6 +34,20 @@ def test_group_metrics_average_per_impression_and_skip_single_class():
     assert out["impressions"] == 2
     assert out["group_auc"] == pytest.approx((1.0 + 0.0) / 2)
     assert out["mrr"] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_paired_group_auc_difference_and_its_standard_error():
+    groups = ["a", "a", "a", "b", "b", "c", "c", "d", "d"]
+    labels = [1, 0, 0, 0, 1, 1, 1, 1, 0]  # c has only clicks: left out
+    a = [0.9, 0.1, 0.2, 0.8, 0.3, 0.5, 0.4, 0.7, 0.6]  # per impression a, b, d: 1, 0, 1
+    b = [0.1, 0.9, 0.2, 0.3, 0.8, 0.5, 0.4, 0.7, 0.6]  # 0, 1, 1
+    out = paired_group_auc(groups, labels, a, b)
+    diffs = np.array([1.0, -1.0, 0.0])
+    assert out["impressions"] == 3
+    assert out["difference"] == pytest.approx(group_metrics(groups, labels, a)["group_auc"]
+                                              - group_metrics(groups, labels, b)["group_auc"])  # fmt: skip
+    assert out["se"] == pytest.approx(diffs.std(ddof=1) / math.sqrt(3))
+    assert paired_group_auc(groups, labels, a, a) == {"difference": 0.0, "se": 0.0, "impressions": 3}
 
 
 def test_logloss_and_ece():

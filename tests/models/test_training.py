@@ -33,6 +33,15 @@ def test_learns_the_signal_and_is_calibrated(trained):
     assert np.all((probs > 0) & (probs < 1))
 
 
+def test_trees_learn_from_the_towers_requests_too(trained):
+    """By default the trees learn from every request before early stopping (the tower's with no embedding
+    score), not only from their own slice; the embedding score's splits still come from out-of-sample rows."""
+    _, _, _, bundle, report = trained
+    rows = report["rows"]
+    assert report["tree_learning_rows"] == rows["tower"] + rows["trees"]
+    assert "embedding_score" in bundle.feature_names
+
+
 def test_same_seed_same_predictions(trained):
     config, history, holdout, bundle, _ = trained
     again, _ = train(history, config)
