@@ -7,7 +7,6 @@ The closed loop's learning step (`adloop train --from-log`, the demo's retrain):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any
 
 from adloop.settings import Settings
@@ -19,10 +18,6 @@ from models.two_tower import TwoTowerConfig
 from streaming.events import Event
 
 MIN_IMPRESSIONS, MIN_CLICKS = 200, 10
-# Below this many clicks the two-tower learns little from its slice, and the ranker's trees are
-# starved: give the trees the rows (tower 20% instead of 45%). Measured on the demo's simulated log
-# (NOTES.md): the worst of 10 seeds' lift went from -19% to +8% at 300 requests, +172% to +262% at 600.
-SMALL_LOG_CLICKS, SMALL_LOG_TOWER_SHARE = 2_000, 0.2
 
 
 def train_from_log(
@@ -47,8 +42,6 @@ def train_from_log(
     cut = set(requests.iloc[int(len(requests) * (1 - holdout_share)) :])
     later = frame["request_id"].isin(cut)
     config = TrainConfig(seed=seed, tower=TwoTowerConfig(seed=seed))
-    if clicks < SMALL_LOG_CLICKS:
-        config = replace(config, tower_share=SMALL_LOG_TOWER_SHARE)
     bundle, report = train(frame[~later].reset_index(drop=True), config)
     holdout = evaluate_bundle(bundle, frame[later].reset_index(drop=True))
     registry = Registry(settings.model_registry_path)
