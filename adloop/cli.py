@@ -314,7 +314,6 @@ def ope(
     from streaming import obd_ope
 
     if root is None:
-
         shared = Path(os.environ.get("ADLOOP_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data") / "obd"
         root = shared if (shared / "random").exists() else PROJECT_ROOT / "data" / "obd"
     table = Table("target", "from logs of", "rows", "observed CTR", "IPS", "SNIPS", "DR", title=f"OPE on {root}")

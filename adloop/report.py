@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from streaming.estimators import Lift, lift, wilson
+from streaming.estimators import Lift, wilson
 from streaming.outcomes import Filters, OutcomeStore
 
 
@@ -32,8 +32,6 @@ class Report:
 
 def collect(store: OutcomeStore, filters: Filters | None = None) -> Report:
     arms = [_ci(r) for r in store.outcomes(["arm"], filters)]
-    by_arm = {r["arm"]: r for r in arms}
-    t, c = by_arm.get("targeted", {}), by_arm.get("control", {})
     over_time = store.outcomes(["arm", "minute"], filters)
     bucket = "minute"
     if len({r["minute"] for r in over_time}) > 180:  # a long run: hourly points read better
@@ -41,7 +39,7 @@ def collect(store: OutcomeStore, filters: Filters | None = None) -> Report:
     return Report(
         total=_ci(store.outcomes([], filters)[0]),
         arms=arms,
-        lift=lift(t.get("clicks", 0), t.get("impressions", 0), c.get("clicks", 0), c.get("impressions", 0)),
+        lift=store.lift(filters),
         campaigns=sorted((_ci(r) for r in store.outcomes(["campaign"], filters)), key=lambda r: -r["impressions"]),
         models=[_ci(r) for r in store.outcomes(["model_version", "arm"], filters)],
         over_time=over_time,
@@ -68,6 +66,14 @@ def render(console: Console, report: Report, *, top_campaigns: int = 15) -> None
         )
     else:
         lift_table.add_row("relative lift", "-", "-", "needs clicks in both arms")
+    by_user = report.lift.by_user
+    if by_user is not None:  # the arm is drawn per user: users, not impressions, are the independent units
+        units = f"{by_user.users_targeted:,} + {by_user.users_control:,} users as units"
+        d = by_user.difference
+        lift_table.add_row("CTR difference", _pp(d.value), f"[{_pp(d.low)}, {_pp(d.high)}]", units)
+        if by_user.relative is not None:
+            rel = by_user.relative
+            lift_table.add_row("relative lift", f"{rel.value:+.1%}", f"[{rel.low:+.1%}, {rel.high:+.1%}]", units)
     console.print(lift_table)
     campaigns = Table("campaign", "impressions", "clicks", "CTR", "95% CI", title=f"Top {top_campaigns} campaigns")
     for r in report.campaigns[:top_campaigns]:

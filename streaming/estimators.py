@@ -6,8 +6,11 @@ Lift (two independent binomial samples, clicks out of impressions):
   built from the two Wilson intervals; better coverage than Wald at CTRs of a few percent);
 - relative lift = CTR_t / CTR_c - 1 with the delta-method (Katz) interval on log(CTR_t / CTR_c):
   SE = sqrt(1/x_t - 1/n_t + 1/x_c - 1/n_c).
-Caveat: impressions of one user are not independent (the arm is drawn per user); with many users
-and few impressions each the binomial intervals are close, otherwise they are too narrow.
+Impressions of one user are not independent (the arm is drawn per user): with few users and many
+impressions each, the binomial intervals are too narrow. Given per-user counts, `lift(..., users=)`
+adds intervals with the user as the unit: CTR_a = sum(y) / sum(n) over the arm's m users is a ratio
+estimator with Var = sum((y_u - CTR_a n_u)^2) / (m (m - 1) mean(n)^2) (delta method, cluster-robust);
+the arms hold different users, so the variances add (difference) or add on the log scale (relative).
 
 Off-policy evaluation of a target policy e from logs of a behaviour policy b, per logged row i with
 reward r_i, behaviour propensity p_i = b(a_i | x_i) and target probability e_i = e(a_i | x_i),
@@ -38,6 +41,25 @@ class Interval:
         return asdict(self)
 
 
+METHODS = {"ctr": "wilson", "difference": "newcombe-hybrid-score", "relative": "delta-method-log-ratio",
+           "by_user": "ratio-estimator-delta-method-clustered-by-user"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class UserClustered:
+    """The lift's intervals with users, not impressions, as the independent units."""
+
+    difference: Interval  # CTR_t - CTR_c
+    relative: Interval | None  # CTR_t / CTR_c - 1; None without clicks in an arm
+    users_targeted: int
+    users_control: int
+
+    def as_dict(self) -> dict:
+        return {"difference": self.difference.as_dict(),
+                "relative": self.relative.as_dict() if self.relative else None,
+                "users_targeted": self.users_targeted, "users_control": self.users_control}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Lift:
     targeted: Interval  # CTR, Wilson
@@ -45,6 +67,7 @@ class Lift:
     difference: Interval  # CTR_t - CTR_c, Newcombe hybrid score
     relative: Interval | None  # CTR_t / CTR_c - 1, delta method on the log ratio; None without clicks in an arm
     confidence: float
+    by_user: UserClustered | None = None  # with per-user counts: the same, users as units
 
     def as_dict(self) -> dict:
         return {
@@ -52,8 +75,9 @@ class Lift:
             "control": self.control.as_dict(),
             "difference": self.difference.as_dict(),
             "relative": self.relative.as_dict() if self.relative else None,
+            "by_user": self.by_user.as_dict() if self.by_user else None,
             "confidence": self.confidence,
-            "methods": {"ctr": "wilson", "difference": "newcombe-hybrid-score", "relative": "delta-method-log-ratio"},
+            "methods": METHODS,
         }
 
 
@@ -79,12 +103,25 @@ def wilson(clicks: int, impressions: int, confidence: float = 0.95) -> Interval:
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
 
 
-def lift(clicks_t: int, impressions_t: int, clicks_c: int, impressions_c: int, confidence: float = 0.95) -> Lift:
-    """Targeted (t) over control (c): CTRs, their difference and the relative lift, each with an interval."""
+PerUser = tuple[np.ndarray, np.ndarray]  # (impressions, clicks) per user of one arm
+
+
+def lift(
+    clicks_t: int,
+    impressions_t: int,
+    clicks_c: int,
+    impressions_c: int,
+    confidence: float = 0.95,
+    *,
+    users: tuple[PerUser, PerUser] | None = None,
+) -> Lift:
+    """Targeted (t) over control (c): CTRs, their difference and the relative lift, each with an interval;
+    `users` ((targeted), (control) per-user counts) adds the user-clustered intervals."""
     t, c = wilson(clicks_t, impressions_t, confidence), wilson(clicks_c, impressions_c, confidence)
     if impressions_t == 0 or impressions_c == 0:
         nan = Interval(math.nan, math.nan, math.nan)
         return Lift(t, c, nan, None, confidence)
+    by_user = clustered(*users, confidence) if users is not None else None
     diff = t.value - c.value
     low = diff - math.sqrt((t.value - t.low) ** 2 + (c.high - c.value) ** 2)
     high = diff + math.sqrt((t.high - t.value) ** 2 + (c.value - c.low) ** 2)
@@ -94,7 +131,34 @@ def lift(clicks_t: int, impressions_t: int, clicks_c: int, impressions_c: int, c
         se = math.sqrt(1 / clicks_t - 1 / impressions_t + 1 / clicks_c - 1 / impressions_c)
         z = _z(confidence)
         relative = Interval(math.exp(log_ratio) - 1, math.exp(log_ratio - z * se) - 1, math.exp(log_ratio + z * se) - 1)
-    return Lift(t, c, Interval(diff, low, high), relative, confidence)
+    return Lift(t, c, Interval(diff, low, high), relative, confidence, by_user)
+
+
+def clustered(targeted: PerUser, control: PerUser, confidence: float = 0.95) -> UserClustered | None:
+    """Difference and relative lift of the arms' CTRs with users as the units (see the module docstring);
+    None unless each arm has at least two users with impressions."""
+    (rate_t, var_t, m_t), (rate_c, var_c, m_c) = _ratio(*targeted), _ratio(*control)
+    if min(m_t, m_c) < 2:
+        return None
+    z, diff = _z(confidence), rate_t - rate_c
+    half = z * math.sqrt(var_t + var_c)
+    relative = None
+    if rate_t > 0 and rate_c > 0:
+        log_ratio, se = math.log(rate_t / rate_c), math.sqrt(var_t / rate_t**2 + var_c / rate_c**2)
+        relative = Interval(math.exp(log_ratio) - 1, math.exp(log_ratio - z * se) - 1, math.exp(log_ratio + z * se) - 1)
+    return UserClustered(Interval(diff, diff - half, diff + half), relative, m_t, m_c)
+
+
+def _ratio(impressions: np.ndarray, clicks: np.ndarray) -> tuple[float, float, int]:
+    """(sum(clicks) / sum(impressions), its cluster-robust variance, users) over users with impressions."""
+    n, y = np.asarray(impressions, float), np.asarray(clicks, float)
+    n, y = n[n > 0], y[n > 0]
+    m = len(n)
+    if m < 2:
+        return math.nan, math.nan, m
+    rate = float(y.sum() / n.sum())
+    variance = float(((y - rate * n) ** 2).sum() / (m * (m - 1) * n.mean() ** 2))
+    return rate, variance, m
 
 
 def ips(reward: np.ndarray, behaviour: np.ndarray, target: np.ndarray) -> Estimate:

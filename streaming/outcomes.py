@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from adloop.settings import Settings
+from streaming.estimators import Lift, lift
 from streaming.events import AD_EVENTS, Event, InvalidEvent, parse_event
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,33 @@ class OutcomeStore:
             row["ctr"] = row["clicks"] / row["impressions"] if row["impressions"] else None
         return rows if group_by or rows[0]["impressions"] else [{"impressions": 0, "clicks": 0, "conversions": 0,
                                                                    "ctr": None}]  # fmt: skip
+
+    def per_user(self, filters: Filters | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """arm -> (impressions, clicks) per user: the lift's user-clustered intervals."""
+        where, params = _where(filters or Filters())
+        sql = f"""
+            SELECT i.arm, i.user_id, count(*), count(c.request_id)
+            FROM (SELECT * FROM events WHERE event_type = 'ad_impression' {where}) i
+            LEFT JOIN (SELECT DISTINCT request_id, ad_id FROM events WHERE event_type = 'ad_click') c
+              ON c.request_id = i.request_id AND c.ad_id = i.ad_id
+            GROUP BY 1, 2"""
+        with self._connect(read_only=True) as db:
+            rows = db.execute(sql, params).fetchall()
+        arms: dict[str, tuple[list[int], list[int]]] = {}
+        for arm, _user, impressions, clicks in rows:
+            counts = arms.setdefault(arm, ([], []))
+            counts[0].append(impressions)
+            counts[1].append(clicks)
+        return {arm: (np.array(n), np.array(y)) for arm, (n, y) in arms.items()}
+
+    def lift(self, filters: Filters | None = None, confidence: float = 0.95) -> Lift:
+        """Lift of targeted over control, with binomial and user-clustered intervals."""
+        arms = {r["arm"]: r for r in self.outcomes(["arm"], filters)}
+        t, c = arms.get("targeted", {}), arms.get("control", {})
+        users = self.per_user(filters)
+        empty = (np.zeros(0), np.zeros(0))
+        return lift(t.get("clicks", 0), t.get("impressions", 0), c.get("clicks", 0), c.get("impressions", 0),
+                    confidence, users=(users.get("targeted", empty), users.get("control", empty)))  # fmt: skip
 
     def counts(self) -> dict[str, int]:
         """Events landed per type, and dead letters per reason (`dlq:<reason>`)."""

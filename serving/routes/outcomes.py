@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, status
 
 from serving.deps import SettingsDep
-from streaming.estimators import lift, wilson
+from streaming.estimators import wilson
 from streaming.outcomes import DIMENSIONS, Filters, OutcomeStore
 
 router = APIRouter(prefix="/v1", tags=["outcomes"])
@@ -39,9 +39,7 @@ def outcomes(
     filters = Filters(from_, to, ad_id, campaign_id, arm, model_version)
     store = OutcomeStore(settings.outcomes_path)
     rows = [_with_interval(r, confidence) for r in store.outcomes(dims, filters)]
-    per_arm = {r["arm"]: r for r in store.outcomes(["arm"], filters)}
-    t, c = per_arm.get("targeted", {}), per_arm.get("control", {})
-    result = lift(t.get("clicks", 0), t.get("impressions", 0), c.get("clicks", 0), c.get("impressions", 0), confidence)
+    result = store.lift(filters, confidence)
     return {
         "group_by": dims,
         "filters": {k: v for k, v in vars(filters).items() if v is not None},

@@ -40,6 +40,42 @@ def test_relative_lift_is_the_delta_method_on_the_log_ratio():
     assert lift(0, 100, 3, 100).relative is None  # no log ratio without clicks in an arm
 
 
+def test_user_clustered_interval_covers_where_the_binomial_one_does_not():
+    """Users differ in click rate and see many impressions each (the arm is drawn per user): over 400
+    simulated experiments with no true lift, the binomial interval on the difference misses zero far
+    more often than 5%; the user-clustered one keeps its 95% coverage."""
+    rng = np.random.default_rng(4)
+
+    def arm(users: int) -> tuple[np.ndarray, np.ndarray]:
+        shown = rng.integers(20, 80, users)  # impressions per user
+        rates = rng.beta(0.5, 9.5, users)  # mean 5%, very unequal between users
+        return shown, rng.binomial(shown, rates)
+
+    misses = {"binomial": 0, "by_user": 0}
+    for _ in range(400):
+        (n_t, y_t), (n_c, y_c) = arm(60), arm(60)
+        result = lift(int(y_t.sum()), int(n_t.sum()), int(y_c.sum()), int(n_c.sum()), users=((n_t, y_t), (n_c, y_c)))
+        misses["binomial"] += not result.difference.low <= 0 <= result.difference.high
+        misses["by_user"] += not result.by_user.difference.low <= 0 <= result.by_user.difference.high
+    assert misses["binomial"] / 400 > 0.2
+    assert 0.02 <= misses["by_user"] / 400 <= 0.09
+    assert result.by_user.users_targeted == 60 and result.by_user.relative is not None
+
+
+def test_user_clustered_interval_by_hand():
+    # 3 + 3 users; targeted rate 6/30 = 0.2, control 3/30 = 0.1; residuals y - r n over mean(n) = 10
+    t, c = (np.array([10, 10, 10]), np.array([4, 1, 1])), (np.array([10, 10, 10]), np.array([2, 1, 0]))
+    var_t = ((4 - 2) ** 2 + (1 - 2) ** 2 + (1 - 2) ** 2) / (3 * 2 * 10**2)  # 0.01
+    var_c = ((2 - 1) ** 2 + 0 + (0 - 1) ** 2) / (3 * 2 * 10**2)
+    by_user = lift(6, 30, 3, 30, users=(t, c)).by_user
+    half = 1.959964 * math.sqrt(var_t + var_c)
+    assert by_user.difference.value == pytest.approx(0.1)
+    assert (by_user.difference.low, by_user.difference.high) == pytest.approx((0.1 - half, 0.1 + half))
+    se = math.sqrt(var_t / 0.2**2 + var_c / 0.1**2)
+    assert by_user.relative.low == pytest.approx(2 * math.exp(-1.959964 * se) - 1)
+    assert lift(6, 30, 3, 30, users=((np.array([30]), np.array([6])), c)).by_user is None  # one user: no variance
+
+
 def test_estimators_recover_a_known_policy_value_on_synthetic_logs():
     rng = np.random.default_rng(3)
     n, k = 200_000, 5

@@ -13,7 +13,6 @@ import redis
 from adloop import demo
 from adloop.settings import Settings
 from features import store as feature_store
-from streaming.estimators import lift
 from streaming.outcomes import Filters, OutcomeLander, OutcomeStore
 from streaming.simulate import Population, SimConfig
 from tests.conftest import isolated_settings
@@ -144,10 +143,14 @@ def test_targeting_on_learned_features_beats_control_through_the_serving_path(lo
 
 
 def _assert_lift(store: OutcomeStore, filters: Filters | None = None) -> None:
+    """The margin holds at the low end of both intervals: impressions as units, and users as units (the arm
+    is drawn per user, so the user-clustered one is the honest one)."""
     arms = {r["arm"]: r for r in store.outcomes(["arm"], filters)}
     t, c = arms["targeted"], arms["control"]
-    result = lift(t["clicks"], t["impressions"], c["clicks"], c["impressions"])
+    result = store.lift(filters)
     summary = (f"targeted {t['clicks']}/{t['impressions']}, control {c['clicks']}/{c['impressions']}, "
-               f"relative lift {result.relative}")  # fmt: skip
+               f"relative lift {result.relative}, by user {result.by_user}")  # fmt: skip
     assert result.relative is not None and result.relative.low > MIN_RELATIVE_LIFT, summary
     assert result.difference.low > 0, summary
+    assert result.by_user is not None and result.by_user.relative is not None, summary
+    assert result.by_user.relative.low > MIN_RELATIVE_LIFT and result.by_user.difference.low > 0, summary
