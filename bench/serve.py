@@ -236,8 +236,10 @@ def main() -> None:
 
 
 def server_metrics(text: str) -> list[str]:
-    """Fallback and impression counters, and the mean handler / selection-stage time over the whole run."""
-    lines = [ln for ln in text.splitlines() if ln.startswith(("adloop_fallback_total", "adloop_impressions_total"))]
+    """Fallback and impression counters, the cyclic GC's full collections (each one a stall of the whole
+    process: `python -m bench.gc_pause`), and the mean handler / selection-stage time over the whole run."""
+    counters = ("adloop_fallback_total", "adloop_impressions_total", 'python_gc_collections_total{generation="2"}')
+    lines = [ln for ln in text.splitlines() if ln.startswith(counters)]
     sums: dict[str, float] = {}
     for ln in text.splitlines():
         if ln.startswith(("adloop_stage_seconds_", "adloop_request_seconds_")) and not ln.startswith("#"):
@@ -480,6 +482,13 @@ def report(results: dict, rates: list[float], seconds: float, state: dict) -> No
         for rate in rates:
             if by_rate[rate]["error_kinds"]:
                 print(f"errors {name} {rate:.0f}/s: {by_rate[rate]['error_kinds']}")
+    if state:
+        kafka = state["checks"]["kafka"]
+        print(
+            f"\nserver state after the run: model {state['checks']['model']['version']}, "
+            f"kafka ok={kafka['ok']} buffered={kafka['buffered']}, ads={state['checks']['catalog']['ads']}"
+        )
+        print("  " + "\n  ".join(state["metrics"]))
     if set(results) != {"select", "constant", "feast"}:
         return  # a subset (profiling): no ratios
     print("\nratios of p99 (of p50 in brackets):")
@@ -499,12 +508,6 @@ def report(results: dict, rates: list[float], seconds: float, state: dict) -> No
     print(f"\nissue targets at {top:.0f}/s:")
     for what, met in checks.items():
         print(f"  {'met    ' if met else 'NOT met'}  {what}")
-    kafka = state["checks"]["kafka"]
-    print(
-        f"\nserver state after the run: model {state['checks']['model']['version']}, "
-        f"kafka ok={kafka['ok']} buffered={kafka['buffered']}, ads={state['checks']['catalog']['ads']}"
-    )
-    print("  " + "\n  ".join(state["metrics"]))
 
 
 def _ms(value: float | None) -> str:

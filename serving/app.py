@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from adloop.settings import Settings, get_settings
 from serving.routes import admin, catalog, dashboard, ops, outcomes, rtb, select, users
-from serving.runtime import Runtime
+from serving.runtime import Runtime, freeze_heap
 
 
 def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
@@ -21,6 +21,7 @@ def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings, **overrides)
         runtime.start()
+        freeze_heap()
         app.state.runtime = runtime
         yield
         await runtime.stop()
