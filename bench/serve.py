@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--rates", default="100,250,500")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--targets", default="select,constant,feast", help="a subset, e.g. to profile one server")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes of every server (same for all)")
     args = parser.parse_args()
     chosen = args.targets.split(",")
     rates = [float(r) for r in args.rates.split(",")]
@@ -201,9 +202,9 @@ def main() -> None:
             "ADLOOP_SERVE_TOP_K": "200",
         }
         servers = {
-            "select": lambda: uvicorn_process("bench.serve:app_factory", env),
-            "constant": lambda: uvicorn_process("bench.serve:constant_factory", env),
-            "feast": lambda: feast_process(settings),
+            "select": lambda: uvicorn_process("bench.serve:app_factory", env, args.workers),
+            "constant": lambda: uvicorn_process("bench.serve:constant_factory", env, args.workers),
+            "feast": lambda: feast_process(settings, args.workers),
         }
         servers = {name: start for name, start in servers.items() if name in chosen}
         with contextlib.ExitStack() as running:  # all three up at once; each rate runs them back to back
@@ -232,7 +233,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n1-min load average (other processes share these cores): {load_before:.2f} before, "
           f"{os.getloadavg()[0]:.2f} after, on {os.cpu_count()} cores")  # fmt: skip
-    report(results, rates, args.seconds, state)
+    report(results, rates, args.seconds, state, args.workers)
 
 
 def server_metrics(text: str) -> list[str]:
@@ -344,10 +345,10 @@ class feast_process:
     """`feast -c <repo> serve` on a free loopback port (one worker, no access log, workers not recycled),
     waited for (GET /health) and stopped (SIGTERM to its process group, then SIGKILL)."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, workers: int = 1):
         from features.store import feast_environment
 
-        self.settings = settings
+        self.settings, self.workers = settings, workers
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **feast_environment(settings)}
 
     def __enter__(self) -> int:
@@ -355,7 +356,7 @@ class feast_process:
         feast = Path(sys.executable).with_name("feast")
         self.proc = subprocess.Popen(
             [str(feast), "-c", str(self.settings.feast_repo_path), "serve", "-h", "127.0.0.1", "-p", str(self.port),
-             "-w", "1", "--no-access-log", "--max-requests", "0", "--max-requests-jitter", "0"],
+             "-w", str(self.workers), "--no-access-log", "--max-requests", "0", "--max-requests-jitter", "0"],
             env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
         wait_until_answers(self.proc, self.port, "/health", "feast serve")
@@ -369,15 +370,15 @@ class feast_process:
 class uvicorn_process:
     """A uvicorn subprocess on a free loopback port, waited for and stopped (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, target: str, env: dict):
-        self.target, self.env = target, env
+    def __init__(self, target: str, env: dict, workers: int = 1):
+        self.target, self.env, self.workers = target, env, workers
 
     def __enter__(self) -> int:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", self.target, "--factory", "--host", "127.0.0.1", "--port",
-             str(self.port), "--workers", "1", "--no-access-log", "--log-level", "warning", "--loop", "uvloop",
-             "--http", "httptools"],
+             str(self.port), "--workers", str(self.workers), "--no-access-log", "--log-level", "warning",
+             "--loop", "uvloop", "--http", "httptools"],
             env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
         path = "/healthz" if "app_factory" in self.target else "/docs"
@@ -465,8 +466,9 @@ def http_post(port: int, path: str, body: bytes) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), payload
 
 
-def report(results: dict, rates: list[float], seconds: float, state: dict) -> None:
-    print(f"\nopen-loop, {seconds:.0f} s per rate, loopback, 1 server worker each; latency from the due time (ms)")
+def report(results: dict, rates: list[float], seconds: float, state: dict, workers: int = 1) -> None:
+    print(f"\nopen-loop, {seconds:.0f} s per rate, loopback, {workers} server worker(s) each")
+    print("latency from each request's due time (ms)")
     print(
         f"{'target':<10}{'rate':>7}{'sent':>7}{'ok':>7}{'err':>5}{'p50':>9}{'p99':>9}{'achieved/s':>12}"
         f"{'server CPU ms/req':>19}"
