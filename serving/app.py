@@ -24,7 +24,7 @@ def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
         freeze_heap()
         app.state.runtime = runtime
         yield
-        await runtime.stop()
+        runtime.stop()
 
     app = FastAPI(
         title="adloop serving",

@@ -141,16 +141,13 @@ class Selector:
         self.features = features
         self._local = threading.local()
 
-    async def select(
+    def select(
         self, request: SelectionRequest, *, state: ServingState | None = None, now: float | None = None
     ) -> SelectionResult:
-        """`state`: the snapshot the caller will also use to read the result's rows (default: the current one).
-
-        Only the user's feature read is awaited; the rest is ~0.5 ms of numpy run in the event loop
-        (a thread-pool hop per request cost more than the work itself: BENCHMARKS.md)."""
+        """`state`: the snapshot the caller will also use to read the result's rows (default: the current one)."""
         state, timings = state or self.state, {}
         clock = time.perf_counter()
-        user, fallback = await self.features.user(request.user_id)
+        user, fallback = self.features.user(request.user_id)
         timings["features"], clock = _lap(clock)
         result = self.select_with(state, request, user, fallback=fallback, now=now, timings=timings)
         timings["total_select"] = sum(timings.values())

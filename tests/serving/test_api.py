@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,6 @@ from fastapi.testclient import TestClient
 
 from features.online import FeastLayout, OnlineFeatureReader, write_rows
 from serving.catalog import generate_catalog, write_catalog
-from serving.features_access import request_path_redis_async
 from serving.schemas import SelectResponse
 from serving.scoring import EmptyRegistry, ProjectionBundle, StaticRegistry
 from tests.serving.conftest import MemoryReader, free_port
@@ -142,15 +140,15 @@ def test_slow_redis_is_cut_by_the_budget(make_app, feature_settings) -> None:
                           feast_data_dir=feast_settings.feast_data_dir)  # fmt: skip
         with TestClient(app) as client:
             started = time.perf_counter()
-            body = select(client).json()
+            bodies = [select(client).json() for _ in range(20)]
             elapsed = time.perf_counter() - started
-    assert body["fallback_reason"] == "redis_slow" and body["slots"][0]["ads"]
-    assert elapsed < 0.5
+    assert all(b["fallback_reason"] == "redis_slow" and b["slots"][0]["ads"] for b in bodies)
+    assert elapsed < 0.5  # one 30 ms timeout, then the breaker skips Redis (not 20 x 30 ms)
 
 
 @pytest.mark.integration
 def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, catalog_rows) -> None:
-    """Through the app's own reader: the request path awaits the row on its asyncio Redis client."""
+    """Through the app's own reader (Feast's layout in Redis)."""
     client_redis = redis.Redis.from_url(feature_settings.redis_url)
     layout = FeastLayout.from_settings(feature_settings)
     reader = OnlineFeatureReader(client_redis, layout)
@@ -161,15 +159,7 @@ def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, ca
     row = {**TECH, "freq_ad_ids": [capped["ad_id"]], "freq_ad_impressions_24h": [cap + 1]}
     write_rows(pipe, layout, "user_activity", [("u-9", 1, row)])
     pipe.execute()
-
-    async def read_async() -> dict:
-        async_client = request_path_redis_async(feature_settings.redis_url, timeout_s=1.0)
-        try:
-            return await OnlineFeatureReader(client_redis, layout, async_client=async_client).user_async("u-9")
-        finally:
-            await async_client.aclose()
-
-    assert asyncio.run(read_async()) == reader.user("u-9")  # == Feast's read: tests/streaming/test_consumer.py
+    assert reader.user("u-9")["freq_ad_ids"] == [capped["ad_id"]]  # == Feast's read: tests/streaming
     app, _ = make_app(reader=None, redis_url=feature_settings.redis_url, feast_data_dir=feature_settings.feast_data_dir)
     with TestClient(app) as client:
         body = client.post(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import replace
 
@@ -32,7 +31,7 @@ def make_selector(rows, *, model=True, epsilon=0.0, control_share=0.0, reader=No
     catalog = build_catalog(rows, version="t")
     bundle = ProjectionBundle(rows) if model else None
     config = SelectionConfig(top_k=50, epsilon=epsilon, control_share=control_share)
-    guarded = GuardedReader(reader or MemoryReader(), budget_s=0.05)
+    guarded = GuardedReader(reader or MemoryReader())
     return Selector(
         ServingState(catalog, bundle), config, pacer=Pacer(catalog), ad_stats=AdStats(catalog), features=guarded
     )
@@ -227,7 +226,7 @@ def test_reader_failure_is_flagged_not_raised(catalog_rows) -> None:
 
     sel = make_selector(catalog_rows, reader=Broken())
     started = time.perf_counter()
-    result = asyncio.run(sel.select(request(Slot("a", "native"))))
+    result = sel.select(request(Slot("a", "native")))
     assert result.fallback == "features_error" and result.slots["a"]
     assert time.perf_counter() - started < 0.5
 
