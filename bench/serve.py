@@ -1,16 +1,20 @@
 """Open-loop load on the serving API, against a constant FastAPI endpoint and `feast serve` as baselines.
 
-    PYTHONPATH=. .venv/bin/python bench/serve.py [--rates 100,250,500] [--seconds 10]
+    .venv/bin/python -m bench.serve [--rates 100,250,500] [--seconds 10] [--workers 1] [--targets ...]
+
+(as a module: run as a file, `bench/models.py` would shadow the `models` package.)
 
 What runs (all on 127.0.0.1, bounded in count and time):
-- the app under uvicorn (one worker, a subprocess) with a 10,000-ad generated catalog, a projection
-  model (32-d) and the default feature reader (`OnlineFeatureReader`: one HMGET per request in Feast's
-  own Redis layout); 2,000 users' `user_activity` rows and the ads' `ad_performance` rows are written
-  in that layout to Redis db 7 (emptied before and after) with a Feast registry applied in a temporary
-  folder; impressions are logged to a fresh Kafka topic (deleted afterwards); each request is one
-  native slot of 2 ads, so 200 candidates are ranked;
+- the app under uvicorn (`--workers`, default one; a subprocess) with a 10,000-ad generated catalog,
+  a trained model from the registry (two-tower + LightGBM ranker + Platt calibration, lleaves-compiled
+  at load: `train_bench_model`, on a synthetic log over that catalog) and the default feature reader
+  (`OnlineFeatureReader`: one HMGET per request in Feast's own Redis layout); 2,000 users'
+  `user_activity` rows and the ads' `ad_performance` rows are written in that layout to Redis db 7
+  (emptied before and after) with a Feast registry applied in a temporary folder; impressions are
+  logged to a fresh Kafka topic (deleted afterwards); each request is one native slot of 2 ads, so
+  200 candidates are ranked;
 - a FastAPI endpoint returning a constant, under the same uvicorn settings;
-- `feast serve` (one worker, no access log, no worker recycling) on the same registry and Redis db:
+- `feast serve` (as many workers, no access log, no worker recycling) on the same registry and Redis db:
   POST /get-online-features of 10 `user_activity` features for the same users at the same rates.
 
 The three servers run side by side (idle while another is loaded); each rate loads them one after the
@@ -52,20 +56,33 @@ port_pid: dict[int, int] = {}
 # --- the app under test (imported by uvicorn in the subprocess) ---------------------------
 
 
-def app_factory():
-    """`uvicorn bench.serve:app_factory --factory`: the real app (default Redis client and feature reader,
-    from ADLOOP_REDIS_URL and ADLOOP_FEAST_DATA_DIR) with the benchmark's catalog and projection model."""
-    import csv
+def train_bench_model(ads: list[dict], registry_path: Path) -> str:
+    """Train and promote a real model on a SYNTHETIC log over the benchmark catalog (users prefer one
+    category; 3,000 requests of 15 ads, features replayed by `models.mind.Replay` with the consumer's
+    aggregates), so that the request path pays what production pays: user tower, top-K, ranker."""
+    from models.mind import Impression, Replay
+    from models.registry import Registry
+    from models.train import TrainConfig, train
 
-    from adloop.settings import Settings
-    from serving.app import create_app
-    from serving.scoring import ProjectionBundle, StaticRegistry
-
-    settings = Settings()
-    with open(settings.catalog_path, encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    bundle = ProjectionBundle(rows, version="bench-projection-v1")
-    return create_app(settings, registry=StaticRegistry({bundle.version: bundle}, bundle.version))
+    rng = np.random.default_rng(3)
+    categories = sorted({a["category"] for a in ads})
+    by_category = {c: [a["ad_id"] for a in ads if a["category"] == c] for c in categories}
+    start = int(time.time() * 1000) - 3 * 86_400_000
+    impressions = []
+    for r in range(3000):
+        user = int(rng.integers(USERS))
+        liked = categories[user % len(categories)]
+        shown = rng.choice(len(ads), 15, replace=False)
+        labels = [int(rng.random() < (0.25 if ads[i]["category"] == liked else 0.03)) for i in shown]
+        history = [str(a) for a in rng.choice(by_category[liked], 5)]
+        impressions.append(Impression(f"r{r}", f"bench-user-{user}", start + r * 60_000, history,
+                                      [ads[i]["ad_id"] for i in shown], labels))  # fmt: skip
+    frame = Replay({a["ad_id"]: (a["category"], a["campaign_id"]) for a in ads}).run(impressions)
+    bundle, report = train(frame, TrainConfig(seed=0))
+    registry = Registry(registry_path)
+    version = registry.save(bundle, report=report)
+    registry.promote(version)
+    return version
 
 
 def constant_factory():
@@ -186,6 +203,7 @@ def main() -> None:
     try:
         store.apply(settings)
         users, seeded = seed_features(settings, client, ads)
+        model_version = train_bench_model(ads, work / "models")
         targets = {
             "select": (select_bodies(users), "/v1/select"),
             "constant": (select_bodies(users), "/constant"),
@@ -200,9 +218,10 @@ def main() -> None:
             "ADLOOP_EVENTS_TOPIC": topic,
             "ADLOOP_CATALOG_POLL_S": "0",
             "ADLOOP_SERVE_TOP_K": "200",
+            "ADLOOP_MODEL_REGISTRY_PATH": str(work / "models"),
         }
         servers = {
-            "select": lambda: uvicorn_process("bench.serve:app_factory", env, args.workers),
+            "select": lambda: uvicorn_process("serving.app:create_app", env, args.workers),
             "constant": lambda: uvicorn_process("bench.serve:constant_factory", env, args.workers),
             "feast": lambda: feast_process(settings, args.workers),
         }
@@ -211,6 +230,8 @@ def main() -> None:
             ports = {name: running.enter_context(server()) for name, server in servers.items()}
             if "select" in ports:
                 check_app_reads_feast_layout(ports["select"], users[0], seeded)
+                served = json.loads(subprocess_get(ports["select"], "/readyz"))["checks"]["model"]
+                assert served["version"] == model_version and served["loaded"], f"the app serves {served}"
             if "feast" in ports:
                 check_feast_answers(ports["feast"], users[0], seeded)
             for name, port in ports.items():
@@ -342,7 +363,7 @@ def check_feast_answers(port: int, user: str, seeded: dict[str, dict]) -> None:
 
 
 class feast_process:
-    """`feast -c <repo> serve` on a free loopback port (one worker, no access log, workers not recycled),
+    """`feast -c <repo> serve` on a free loopback port (no access log, workers not recycled),
     waited for (GET /health) and stopped (SIGTERM to its process group, then SIGKILL)."""
 
     def __init__(self, settings, workers: int = 1):
@@ -381,7 +402,7 @@ class uvicorn_process:
              "--loop", "uvloop", "--http", "httptools"],
             env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
-        path = "/healthz" if "app_factory" in self.target else "/docs"
+        path = "/healthz" if "create_app" in self.target else "/docs"
         wait_until_answers(self.proc, self.port, path, "uvicorn")
         port_pid[self.port] = self.proc.pid
         return self.port
