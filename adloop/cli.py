@@ -384,7 +384,7 @@ def serve(
     host: str = typer.Option(None, help="Bind address (default: ADLOOP_API_HOST)."),
     port: int = typer.Option(None, help="Port (default: ADLOOP_API_PORT)."),
     workers: int = typer.Option(
-        1, min=1, help="Worker processes (each paces budgets on its own: see serving/pacing.py)."
+        1, min=1, help="Worker processes (they share budget spend through Redis: serving/pacing.py)."
     ),
 ) -> None:
     """Run the ad-serving API (uvicorn)."""

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     request_budget_ms: float = 20.0  # user-feature read budget (Redis socket timeout); over it -> fallback
     redis_retry_after_s: float = 1.0  # after a Redis connection failure, skip Redis this long
     pacing_slack: float = 0.05  # share of a daily budget spendable ahead of the smooth pace
+    pacing_sync_s: float = 1.0  # how often each serving process shares its spend through Redis (0: never)
     ad_stats_refresh_s: float = 30.0  # how often live ad CTRs are pulled from the online store
     impression_buffer: int = 10_000  # impressions held while Kafka is down (drop-oldest beyond)
     max_slots: int = 10  # per request

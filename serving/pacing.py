@@ -1,26 +1,36 @@
-"""Budgets and smooth pacing: in-process spend counters per ad per UTC day.
+"""Budgets and smooth pacing: spend counters per ad per UTC day, shared by replicas through Redis.
 
 An ad may have spent at most `daily_budget x min(1, elapsed fraction of the day + slack)` by now,
 so a budget spreads over the day instead of being gone by 9 am; it never spends past its budget.
 Spend is the expected cost charged when the ad is served (pCTR x CPC bid, i.e. eCPM / 1000) or,
 for OpenRTB, the clearing price from the billing notice.
 
-Scope: one process. With several replicas (or uvicorn workers) each one paces its own share, so
-the budget must then be divided by the replica count or — the intended production shape — kept in
-Redis: `INCRBYFLOAT adloop:spend:<day>:<ad_id>` on serve and one `MGET` of the candidates' counters
-per request (or a per-second local snapshot), with the key expiring after two days.
+Each process charges its in-memory counters at once (the request path never waits for Redis) and,
+every `ADLOOP_PACING_SYNC_S` from a background thread (`Pacer.sync`), adds what it charged since to
+`adloop:spend:<day>:<ad_id>` (INCRBYFLOAT, expiring after two days) and reads back every budgeted
+ad's total (MGET): so uvicorn workers and replicas pace one budget together. Between syncs a process
+does not see the others' spend: the overshoot is bounded by (replicas - 1) x spend rate x sync
+interval. Without Redis each process paces alone (logged), as a single process always does.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
 from serving.catalog import Catalog
 
+log = logging.getLogger(__name__)
 DAY_S = 86_400
+KEY_TTL_S = 2 * DAY_S
+
+
+def spend_key(day: int, ad_id: str) -> str:
+    return f"adloop:spend:{day}:{ad_id}"
 
 
 class Pacer:
@@ -29,7 +39,8 @@ class Pacer:
         self._lock = threading.Lock()
         self._day = int(time.time() // DAY_S)
         self._catalog = catalog
-        self._spend = np.zeros(len(catalog))  # USD spent today, per catalog row
+        self._spend = np.zeros(len(catalog))  # USD today per catalog row: every replica's as last synced + ours since
+        self._pending = np.zeros(len(catalog))  # ours since the last sync (not yet in Redis)
 
     def allowed(self, catalog: Catalog, now: float | None = None) -> np.ndarray:
         """(n,) bool: ads that may still spend now (unlimited budgets always may)."""
@@ -45,19 +56,52 @@ class Pacer:
             return  # served from a catalog just replaced: its counters were carried over already
         with self._lock:
             np.add.at(self._spend, rows, amounts)
+            np.add.at(self._pending, rows, amounts)
+
+    def sync(self, client: Any) -> None:
+        """Add this process's unsynced spend to the shared counters and read back every budgeted ad's total
+        (one pipeline). On a Redis error the pending spend is kept for the next sync."""
+        now = time.time()
+        self._roll(now)
+        with self._lock:
+            catalog, day, pending = self._catalog, self._day, self._pending
+            self._pending = np.zeros(len(catalog))
+        budgeted = np.flatnonzero(catalog.daily_budget > 0)
+        pipe = client.pipeline(transaction=False)
+        for row in np.flatnonzero(pending):
+            key = spend_key(day, catalog.ad_ids[row])
+            pipe.incrbyfloat(key, float(pending[row]))
+            pipe.expire(key, KEY_TTL_S)
+        pipe.mget([spend_key(day, catalog.ad_ids[row]) for row in budgeted])
+        try:
+            totals = pipe.execute()[-1]
+        except Exception:
+            with self._lock:
+                if self._catalog is catalog and self._day == day:
+                    self._pending += pending
+            raise
+        shared = np.array([float(v) if v is not None else 0.0 for v in totals])
+        with self._lock:  # what was charged while we talked to Redis stays on top of the shared totals
+            if self._catalog is catalog and self._day == day:
+                self._spend[budgeted] = shared + self._pending[budgeted]
 
     def rebase(self, catalog: Catalog) -> None:
         """Carry today's spend over to a reloaded catalog (matched by ad_id)."""
         with self._lock:
-            self._spend, self._catalog = self.spend_for(catalog), catalog
+            self._spend, self._pending, self._catalog = self.spend_for(catalog), self._carry(catalog), catalog
 
     def spend_for(self, catalog: Catalog) -> np.ndarray:
-        old, spend = self._catalog, np.zeros(len(catalog))
+        return self._carry(catalog, self._spend)
+
+    def _carry(self, catalog: Catalog, values: np.ndarray | None = None) -> np.ndarray:
+        """Per-row values of the current catalog (default: the pending spend) on another catalog, by ad_id."""
+        old, values = self._catalog, self._pending if values is None else values
+        out = np.zeros(len(catalog))
         for ad_id, row in catalog.index.items():
             j = old.index.get(ad_id)
             if j is not None:
-                spend[row] = self._spend[j]
-        return spend
+                out[row] = values[j]
+        return out
 
     def spent(self, ad_id: str) -> float:
         row = self._catalog.index.get(ad_id)
@@ -67,4 +111,5 @@ class Pacer:
         day = int(now // DAY_S)
         if day != self._day:
             with self._lock:
-                self._day, self._spend = day, np.zeros(len(self._catalog))
+                n = len(self._catalog)
+                self._day, self._spend, self._pending = day, np.zeros(n), np.zeros(n)

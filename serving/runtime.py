@@ -86,6 +86,8 @@ class Runtime:
         ]
         if self.settings.catalog_poll_s > 0:
             threads.append(threading.Thread(target=self._watch_catalog, name="catalog-watch", daemon=True))
+        if self.settings.pacing_sync_s > 0:
+            threads.append(threading.Thread(target=self._sync_pacing, name="pacing-sync", daemon=True))
         for thread in threads:
             thread.start()
 
@@ -202,6 +204,21 @@ class Runtime:
                     self.reload()
             except Exception:
                 log.exception("catalog reload failed; the old catalog keeps serving")
+
+    def _sync_pacing(self) -> None:
+        """Share this process's spend with the other replicas (serving/pacing.py); its own Redis client, with
+        a timeout for a background job, not the request path's budget."""
+        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        failing = False
+        while not self._stop.wait(self.settings.pacing_sync_s):
+            try:
+                self.pacer.sync(client)
+                failing = False
+            except Exception as error:
+                if not failing:  # once per outage, not once per second
+                    log.warning("pacing sync failed (%s): this process paces alone until Redis answers", error)
+                failing = True
+        client.close()
 
     def _refresh_stats_once(self) -> None:
         try:

@@ -1,0 +1,54 @@
+"""Budgets paced by several serving processes at once: spend shared through Redis (serving/pacing.py)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from serving.catalog import build_catalog
+from serving.pacing import DAY_S, Pacer, spend_key
+from tests.serving.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def budgeted(catalog_rows):
+    rows = [dict(r, daily_budget="100", start_date="", end_date="") for r in catalog_rows[:3]]
+    rows[2]["daily_budget"] = "0"  # unlimited: never read back, never blocked
+    return build_catalog(rows, version="budgeted")
+
+
+def test_two_replicas_pace_one_budget_through_redis(feature_settings, budgeted) -> None:
+    client = redis.Redis.from_url(feature_settings.redis_url)
+    day, ad = int(time.time() // DAY_S), budgeted.ad_ids[0]
+    # slack 1: the whole budget is spendable at any time of day, so the test does not depend on the clock
+    first, second = Pacer(budgeted, slack=1.0), Pacer(budgeted, slack=1.0)
+    first.charge(budgeted, np.array([0, 2]), np.array([60.0, 500.0]))
+    second.charge(budgeted, np.array([0]), np.array([60.0]))
+    assert first.allowed(budgeted)[0] and second.allowed(budgeted)[0]  # each alone: 60 of 100
+    first.sync(client)
+    second.sync(client)
+    first.sync(client)  # reads back the second one's spend
+    assert float(client.get(spend_key(day, ad))) == pytest.approx(120.0)
+    assert 0 < client.ttl(spend_key(day, ad)) <= 2 * DAY_S
+    assert not first.allowed(budgeted)[0] and not second.allowed(budgeted)[0]  # together: 120 of 100
+    assert first.allowed(budgeted)[2]  # unlimited
+    second.charge(budgeted, np.array([1]), np.array([10.0]))
+    assert second.spent(budgeted.ad_ids[1]) == pytest.approx(10.0)  # charged at once, before any sync
+
+
+def test_spend_survives_a_redis_outage(feature_settings, budgeted) -> None:
+    dead = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
+    live = redis.Redis.from_url(feature_settings.redis_url)
+    pacer = Pacer(budgeted, slack=1.0)
+    pacer.charge(budgeted, np.array([1]), np.array([30.0]))
+    with pytest.raises(redis.ConnectionError):
+        pacer.sync(dead)
+    assert pacer.spent(budgeted.ad_ids[1]) == pytest.approx(30.0)  # still paced locally
+    pacer.sync(live)  # the spend charged during the outage reaches the shared counter
+    assert float(live.get(spend_key(int(time.time() // DAY_S), budgeted.ad_ids[1]))) == pytest.approx(30.0)
+    assert pacer.spent(budgeted.ad_ids[1]) == pytest.approx(30.0)  # not counted twice
