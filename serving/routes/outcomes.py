@@ -1,14 +1,17 @@
-"""`GET /v1/outcomes`: impressions, clicks, CTR and conversions from the outcomes store, with the lift of
-targeting over control."""
+"""`GET /v1/outcomes`: impressions, clicks, CTR and conversions from the outcomes store (DuckDB, history),
+with the lift of targeting over control; `GET /v1/outcomes/live`: the last hour and day from the feature
+consumer's ad counters in Redis (seconds old)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 
-from serving.deps import SettingsDep
+from serving.deps import RuntimeDep, SettingsDep
 from streaming.estimators import wilson
 from streaming.outcomes import DIMENSIONS, Filters, OutcomeStore
 
@@ -47,6 +50,60 @@ def outcomes(
         "total": _with_interval(store.outcomes([], filters)[0], confidence),
         "lift": _finite(result.as_dict()),
     }
+
+
+LIVE_WINDOWS = {"1h": 3_600_000, "24h": 86_400_000}
+
+
+@router.get("/outcomes/live")
+def live_outcomes(
+    runtime: RuntimeDep,
+    campaign_id: str | None = None,
+    top: Annotated[int, Query(ge=1, le=100, description="Ads listed, by impressions over the last hour.")] = 10,
+) -> dict[str, Any]:
+    """Impressions, clicks and CTR over the last hour and day, in total, per campaign and for the top ads,
+    from the `ad_performance` rows the feature consumer keeps in Redis (both arms together: the arm split
+    and the lift are history, in `/v1/outcomes`). An ad's windows end at its latest event, so an ad is
+    counted in a window only if that event lies inside it."""
+    catalog = runtime.state.catalog
+    ids = [str(a) for a in catalog.ad_ids]
+    campaign_of = {ad: catalog.campaign_ids[catalog.campaign_code[row]] for row, ad in enumerate(ids)}
+    if campaign_id is not None:
+        ids = [ad for ad in ids if campaign_of[ad] == campaign_id]
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        for start in range(0, len(ids), 1000):
+            rows.update(runtime.reader.ads(ids[start : start + 1000]))
+    except Exception as error:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Redis unavailable: {error}") from None
+    now_ms = time.time() * 1000
+    total = {w: [0, 0] for w in LIVE_WINDOWS}
+    campaigns: dict[str, dict[str, list[int]]] = defaultdict(lambda: {w: [0, 0] for w in LIVE_WINDOWS})
+    ads = []
+    for ad, row in rows.items():
+        seen = row.get("ad_last_seen_ms") or 0
+        counts = {}
+        for window, length in LIVE_WINDOWS.items():
+            inside = now_ms - seen <= length
+            counts[window] = [int(row.get(f"ad_{k}_{window}") or 0) if inside else 0 for k in ("impressions", "clicks")]
+            for i in (0, 1):
+                total[window][i] += counts[window][i]
+                campaigns[campaign_of[ad]][window][i] += counts[window][i]
+        ads.append({"ad_id": ad, "campaign_id": campaign_of[ad], **_live(counts)})
+    ads.sort(key=lambda a: (-a["1h"]["impressions"], -a["24h"]["impressions"], a["ad_id"]))
+    by_campaign = [{"campaign_id": c, **_live(v)} for c, v in campaigns.items()]
+    by_campaign.sort(key=lambda c: (-c["1h"]["impressions"], -c["24h"]["impressions"], c["campaign_id"]))
+    return {
+        "source": "redis: the feature consumer's ad_performance rows (Feast online store)",
+        "as_of": datetime.fromtimestamp(now_ms / 1000, tz=UTC).isoformat(),
+        "total": _live(total),
+        "campaigns": [c for c in by_campaign if c["24h"]["impressions"]],
+        "ads": [a for a in ads if a["24h"]["impressions"]][:top],
+    }
+
+
+def _live(counts: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+    return {w: {"impressions": n, "clicks": k, "ctr": k / n if n else None} for w, (n, k) in counts.items()}
 
 
 def _with_interval(row: dict[str, Any], confidence: float) -> dict[str, Any]:

@@ -275,3 +275,39 @@ def test_the_serving_heap_is_frozen_out_of_the_cyclic_gc(make_app) -> None:
         assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer secret"}).status_code == 200
         assert gc.get_freeze_count() > 10_000
     gc.unfreeze()  # leave the test process as it was
+
+
+@pytest.mark.integration
+def test_live_outcomes_come_from_the_consumers_ad_counters_in_redis(make_app, feature_settings, catalog_rows) -> None:
+    from streaming.aggregates import COARSE_BUCKET_MS, FINE_BUCKET_MS, ad_features
+
+    layout = FeastLayout.from_settings(feature_settings)
+    now = int(time.time() * 1000)
+
+    def row(last_ts: int, impressions: int, clicks: int) -> dict:
+        counts = [impressions, clicks]
+        hours, fine = {str(last_ts // COARSE_BUCKET_MS): counts}, {str(last_ts // FINE_BUCKET_MS): counts}
+        return ad_features(hours, fine, last_ts)
+
+    fresh, earlier, stale = (r["ad_id"] for r in catalog_rows[:3])
+    pipe = redis.Redis.from_url(feature_settings.redis_url).pipeline()
+    write_rows(pipe, layout, "ad_performance", [
+        (fresh, now - 600_000, row(now - 600_000, 10, 2)),  # 10 min ago: in the last hour and day
+        (earlier, now - 3 * 3_600_000, row(now - 3 * 3_600_000, 5, 1)),  # 3 h ago: the day only
+        (stale, now - 3 * 86_400_000, row(now - 3 * 86_400_000, 7, 7)),  # 3 days ago: neither
+    ])  # fmt: skip
+    pipe.execute()
+    app, _ = make_app(reader=None, redis_url=feature_settings.redis_url, feast_data_dir=feature_settings.feast_data_dir)
+    with TestClient(app) as client:
+        live = client.get("/v1/outcomes/live").json()
+        one = client.get("/v1/outcomes/live", params={"campaign_id": catalog_rows[1]["campaign_id"]}).json()
+    assert live["total"]["1h"] == {"impressions": 10, "clicks": 2, "ctr": 0.2}
+    assert live["total"]["24h"] == {"impressions": 15, "clicks": 3, "ctr": 0.2}
+    assert [a["ad_id"] for a in live["ads"]] == [fresh, earlier]
+    assert one["total"]["24h"]["impressions"] == sum(
+        n for ad, n in ((fresh, 10), (earlier, 5)) if catalog_rows[1]["campaign_id"] == _campaign(catalog_rows, ad)
+    )
+
+
+def _campaign(rows: list[dict], ad_id: str) -> str:
+    return next(r["campaign_id"] for r in rows if r["ad_id"] == ad_id)
