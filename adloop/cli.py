@@ -344,7 +344,7 @@ def demo(
 
     from adloop import demo as demos
     from adloop import report as reports
-    from streaming.outcomes import OutcomeStore
+    from streaming.outcomes import Filters, OutcomeStore
 
     settings = get_settings()
     config = demos.DemoConfig(
@@ -369,7 +369,7 @@ def demo(
         f"fallbacks {dict(traffic.fallbacks) or 'none'}; model versions {dict(traffic.model_versions)}",
         highlight=False,
     )
-    data = reports.collect(OutcomeStore(settings.outcomes_path))
+    data = reports.collect(OutcomeStore(settings.outcomes_path), Filters(start=result.since))  # this run only
     reports.render(console, data)
     for path in reports.write_charts(data, settings.report_dir):
         console.print(f"chart: {path}")

@@ -56,10 +56,11 @@ class NoFeatures:
 class GuardedReader:
     """A `FeatureReader` behind a circuit breaker; reports why it fell back.
 
-    After a connection failure Redis is skipped for `retry_after_s` ("redis_down"); after a timeout
-    (the client's socket timeout is the budget) for `slow_skip_s` ("redis_slow"): short, so one slow
-    reply costs a fraction of a second of untargeted answers, while a persistently slow Redis costs
-    the loop at most one budget per `slow_skip_s`.
+    After a connection failure Redis is skipped for `retry_after_s` ("redis_down"). A timeout (the
+    client's socket timeout is the budget) answers that request without features ("redis_slow"); a
+    second one in a row also skips Redis for `slow_skip_s`: a stray slow reply (a CPU-starved Redis on
+    a busy host) costs one request, a persistently slow Redis stalls the loop at most two budgets per
+    `slow_skip_s`.
     """
 
     def __init__(self, reader: FeatureReader, *, retry_after_s: float = 1.0, slow_skip_s: float = 0.2):
@@ -67,19 +68,23 @@ class GuardedReader:
         self.retry_after_s = retry_after_s
         self.slow_skip_s = slow_skip_s
         self._skip_until, self._skip_reason = 0.0, "redis_down"
+        self._timeouts = 0  # in a row
 
     def user(self, user_id: str) -> tuple[dict[str, Any], str | None]:
         if time.monotonic() < self._skip_until:
             return {}, self._skip_reason
         try:
-            return self.reader.user(user_id), None
+            features = self.reader.user(user_id)
         except redis.TimeoutError:
-            return {}, self._skip("redis_slow", self.slow_skip_s)
+            self._timeouts += 1
+            return {}, self._skip("redis_slow", self.slow_skip_s) if self._timeouts >= 2 else "redis_slow"
         except (redis.ConnectionError, OSError):
             return {}, self._skip("redis_down", self.retry_after_s)
         except Exception:  # a broken row must not break the request
             log.exception("user feature read failed")
             return {}, "features_error"
+        self._timeouts = 0
+        return features, None
 
     def _skip(self, reason: str, seconds: float) -> str:
         self._skip_until, self._skip_reason = time.monotonic() + seconds, reason
