@@ -12,11 +12,11 @@ Keys (prefix `adloop:` by default):
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
 import redis
 
 from streaming.aggregates import UserState
@@ -47,7 +47,7 @@ class StateStore:
         if not ids:
             return {}
         blobs = self.redis.mget([f"{self.prefix}state:user:{u}" for u in ids])
-        return {u: UserState.from_json(json.loads(b)) if b else UserState() for u, b in zip(ids, blobs, strict=True)}
+        return {u: UserState.from_json(orjson.loads(b)) if b else UserState() for u, b in zip(ids, blobs, strict=True)}
 
     def ad_counters(self, ad_ids: Iterable[str]) -> dict[str, tuple[dict[str, list[int]], dict[str, list[int]], int]]:
         """Per ad: (hour bucket -> [impressions, clicks], 5-min bucket -> [..], latest event ms)."""
@@ -93,7 +93,7 @@ class StateStore:
         if states:
             pipe.mset(
                 {
-                    f"{self.prefix}state:user:{u}": json.dumps(s.to_json(), separators=(",", ":"))
+                    f"{self.prefix}state:user:{u}": orjson.dumps(s.to_json())
                     for u, s in states.items()
                 }
             )
