@@ -17,6 +17,7 @@ A crash anywhere replays from the last applied offset: nothing counts twice, not
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import defaultdict
@@ -103,7 +104,22 @@ class FeatureConsumer:
         return total
 
     def apply(self, batch: dict[TopicPartition, list[Any]]) -> BatchReport:
-        """Apply one polled batch end to end; returns what it did."""
+        """Apply one polled batch end to end; returns what it did.
+
+        The cyclic garbage collector is paused meanwhile: a batch allocates many objects per event,
+        which set off full collections over every object of the process (Feast, pandas...): 4.5 s
+        of 17.4 s when applying 110k pre-built Taobao records in batches of 5,000. The batch's
+        garbage is freed by reference counting; the collector runs again between batches.
+        """
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._apply(batch)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _apply(self, batch: dict[TopicPartition, list[Any]]) -> BatchReport:
         started = time.perf_counter()
         report = BatchReport()
         events: list[tuple[TopicPartition, int, Event]] = []
