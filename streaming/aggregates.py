@@ -104,7 +104,10 @@ def user_features(state: UserState) -> dict[str, Any]:
     row["recent_categories"] = list(state.recent_categories)
     hour = _bucket(state.last_ts, COARSE_BUCKET_MS)
     for (ids, impressions, clicks), table in zip(_FREQ_NAMES, (state.ad_hours, state.campaign_hours), strict=True):
-        sums = [(i, _window_sum(hours, hour, 24, 2)) for i, hours in sorted(table.items())] if table else []
+        if not table:  # most users never saw an ad
+            row[ids], row[impressions], row[clicks] = [], [], []
+            continue
+        sums = [(i, _window_sum(hours, hour, 24, 2)) for i, hours in sorted(table.items())]
         sums = [(i, s) for i, s in sums if s[0] or s[1]]
         row[ids] = [i for i, _ in sums]
         row[impressions] = [s[0] for _, s in sums]
