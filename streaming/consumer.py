@@ -84,6 +84,10 @@ class FeatureConsumer:
     def run(self, *, stop: Callable[[], bool] = lambda: False, idle_exit_s: float | None = None) -> BatchReport:
         """Poll and apply batches until `stop()` or until nothing arrived for `idle_exit_s` seconds."""
         total = self.total
+        # Objects made so far (Feast, pandas, kafka-python...) outlive the run: frozen, the full
+        # collections that polling still sets off skip them (0.37 -> 0.01 s over bench (b)'s run).
+        # Unfrozen at the end, so that they are collected as usual afterwards (and at exit).
+        gc.freeze()
         idle_since = time.monotonic()
         try:
             while not stop():
@@ -100,6 +104,7 @@ class FeatureConsumer:
                 idle_since = time.monotonic()
                 _merge(total, self.apply(batch))
         finally:
+            gc.unfreeze()
             self.close()
         return total
 
