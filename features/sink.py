@@ -44,8 +44,7 @@ class FeastSink:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.parquet"
         temporary = folder / f".{uuid.uuid4().hex}.tmp"
-        table = pa.Table.from_pandas(_frame(view, rows), schema=self.schemas[view], preserve_index=False)
-        pq.write_table(table, temporary)
+        pq.write_table(_table(rows, self.schemas[view]), temporary)
         temporary.replace(path)  # atomic: readers never see half a file
         return path
 
@@ -55,6 +54,15 @@ def _frame(view: str, rows: Sequence[tuple[str, int, dict[str, Any]]]) -> pd.Dat
     frame.insert(0, JOIN_KEYS[view], [entity for entity, _, _ in rows])
     frame["event_timestamp"] = pd.to_datetime([ts for _, ts, _ in rows], unit="ms", utc=True)
     return frame
+
+
+def _table(rows: Sequence[tuple[str, int, dict[str, Any]]], schema: pa.Schema) -> pa.Table:
+    """The rows as an Arrow table of `schema` (join key, features, event_timestamp), column by column."""
+    _, *features, stamp = schema.names
+    columns = [pa.array([entity for entity, _, _ in rows], pa.string())]
+    columns += [pa.array([row.get(name) for _, _, row in rows], schema.field(name).type) for name in features]
+    columns.append(pa.array([ts * 1_000_000 for _, ts, _ in rows], schema.field(stamp).type))  # ms -> ns
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def arrow_schema(store: Any, view: str) -> pa.Schema:

@@ -13,6 +13,7 @@ in their own bucket if it is still inside the longest window, else dropped from 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import add
 from typing import Any
 
 from streaming.events import Event, EventType
@@ -95,24 +96,35 @@ def user_features(state: UserState) -> dict[str, Any]:
     for window, (size, count) in WINDOWS.items():
         buckets = state.fine if size == FINE_BUCKET_MS else state.coarse
         totals = _window_sum(buckets, _bucket(state.last_ts, size), count, len(EVENT_TYPES))
-        row.update({f"{kind}_{window}": totals[i] for i, kind in enumerate(EVENT_TYPES)})
-    top = sorted(state.affinity.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CATEGORIES_N]
+        row.update(zip(_WINDOW_NAMES[window], totals, strict=True))
+    top = sorted(state.affinity.items(), key=_by_score)[:TOP_CATEGORIES_N]
     row["top_categories"] = [c for c, _ in top]
     row["top_category_scores"] = [s for _, s in top]
     row["recent_items"] = list(state.recent_items)
     row["recent_categories"] = list(state.recent_categories)
     hour = _bucket(state.last_ts, COARSE_BUCKET_MS)
-    for prefix, table in (("ad", state.ad_hours), ("campaign", state.campaign_hours)):
-        sums = {i: _window_sum(hours, hour, 24, 2) for i, hours in sorted(table.items())}
-        sums = {i: s for i, s in sums.items() if s[0] or s[1]}
-        row[f"freq_{prefix}_ids"] = list(sums)
-        row[f"freq_{prefix}_impressions_24h"] = [s[0] for s in sums.values()]
-        row[f"freq_{prefix}_clicks_24h"] = [s[1] for s in sums.values()]
+    for (ids, impressions, clicks), table in zip(_FREQ_NAMES, (state.ad_hours, state.campaign_hours), strict=True):
+        if not table:  # most users never saw an ad
+            row[ids], row[impressions], row[clicks] = [], [], []
+            continue
+        sums = [(i, _window_sum(hours, hour, 24, 2)) for i, hours in sorted(table.items())]
+        sums = [(i, s) for i, s in sums if s[0] or s[1]]
+        row[ids] = [i for i, _ in sums]
+        row[impressions] = [s[0] for _, s in sums]
+        row[clicks] = [s[1] for _, s in sums]
     row["impressions_total"] = state.impressions_total
     row["clicks_total"] = state.clicks_total
     row["user_ctr"] = smoothed_ctr(state.clicks_total, state.impressions_total)
     row["last_seen_ms"] = state.last_ts
     return row
+
+
+_WINDOW_NAMES = {window: tuple(f"{kind}_{window}" for kind in EVENT_TYPES) for window in WINDOWS}
+_FREQ_NAMES = [(f"freq_{p}_ids", f"freq_{p}_impressions_24h", f"freq_{p}_clicks_24h") for p in ("ad", "campaign")]
+
+
+def _by_score(item: tuple[str, float]) -> tuple[float, str]:
+    return -item[1], item[0]
 
 
 def ad_features(hours: dict[str, list[int]], fine: dict[str, list[int]], last_ts: int) -> dict[str, Any]:
@@ -160,12 +172,12 @@ def _count(buckets: dict[str, list[int]], bucket: int, kind: str) -> None:
 
 def _window_sum(buckets: dict[str, list[int]], now_bucket: int, count: int, width: int) -> list[int]:
     """Element-wise sum of the buckets in (now_bucket - count, now_bucket]."""
-    total = [0] * width
+    total: list[int] | None = None
+    low = now_bucket - count
     for key, values in buckets.items():
-        if now_bucket - count < int(key) <= now_bucket:
-            for i, v in enumerate(values):
-                total[i] += v
-    return total
+        if low < int(key) <= now_bucket:
+            total = list(values) if total is None else list(map(add, total, values))
+    return [0] * width if total is None else total
 
 
 def _decay(scores: dict[str, float], elapsed_ms: int) -> None:

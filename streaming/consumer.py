@@ -17,6 +17,7 @@ A crash anywhere replays from the last applied offset: nothing counts twice, not
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import defaultdict
@@ -83,6 +84,10 @@ class FeatureConsumer:
     def run(self, *, stop: Callable[[], bool] = lambda: False, idle_exit_s: float | None = None) -> BatchReport:
         """Poll and apply batches until `stop()` or until nothing arrived for `idle_exit_s` seconds."""
         total = self.total
+        # Objects made so far (Feast, pandas, kafka-python...) outlive the run: frozen, the full
+        # collections that polling still sets off skip them (0.37 -> 0.01 s over bench (b)'s run).
+        # Unfrozen at the end, so that they are collected as usual afterwards (and at exit).
+        gc.freeze()
         idle_since = time.monotonic()
         try:
             while not stop():
@@ -99,11 +104,27 @@ class FeatureConsumer:
                 idle_since = time.monotonic()
                 _merge(total, self.apply(batch))
         finally:
+            gc.unfreeze()
             self.close()
         return total
 
     def apply(self, batch: dict[TopicPartition, list[Any]]) -> BatchReport:
-        """Apply one polled batch end to end; returns what it did."""
+        """Apply one polled batch end to end; returns what it did.
+
+        The cyclic garbage collector is paused meanwhile: a batch allocates many objects per event,
+        which set off full collections over every object of the process (Feast, pandas...): 4.5 s
+        of 17.4 s when applying 110k pre-built Taobao records in batches of 5,000. The batch's
+        garbage is freed by reference counting; the collector runs again between batches.
+        """
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._apply(batch)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _apply(self, batch: dict[TopicPartition, list[Any]]) -> BatchReport:
         started = time.perf_counter()
         report = BatchReport()
         events: list[tuple[TopicPartition, int, Event]] = []

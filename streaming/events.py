@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
@@ -68,7 +69,10 @@ class Event(BaseModel):
         if isinstance(value, bool):
             raise ValueError("must be RFC 3339 text or epoch milliseconds, not a boolean")
         if isinstance(value, int | float):
-            return datetime.fromtimestamp(value / 1000, tz=UTC)
+            try:
+                return datetime.fromtimestamp(value / 1000, tz=UTC)
+            except (OverflowError, OSError, ValueError) as error:  # OverflowError would crash the consumer
+                raise ValueError(f"epoch milliseconds out of range ({error})") from error
         return value
 
     @field_validator("ts")
@@ -106,9 +110,26 @@ class InvalidEvent(ValueError):
 
 
 def parse_event(raw: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> Event:
-    """Decode and validate one message value, or raise `InvalidEvent` saying what is wrong."""
+    """Decode and validate one message value, or raise `InvalidEvent` saying what is wrong.
+
+    The common case is orjson + `model_validate` (~6 us, against ~10 us with the stdlib's json).
+    orjson is strict JSON: what it decodes, `json.loads` decodes to the same object; anything it
+    refuses (invalid UTF-8, NaN, integers beyond 64 bits, lone surrogates...) and every rejected
+    message goes through the step-by-step path, which names the reason and has the last word.
+    """
     if len(raw) > max_bytes:
         raise InvalidEvent("oversized", f"{len(raw)} bytes is over the limit of {max_bytes}")
+    try:
+        data = orjson.loads(raw)
+        if isinstance(data, dict) and _known_type(data.get("event_type")):
+            return Event.model_validate(data)
+    except (orjson.JSONDecodeError, ValidationError):
+        pass
+    return parse_event_stepwise(raw)
+
+
+def parse_event_stepwise(raw: bytes) -> Event:
+    """UTF-8, then JSON, then the event type, then the schema: the first failing step is the reason."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -119,13 +140,17 @@ def parse_event(raw: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> Event:
         raise InvalidEvent("invalid_json", str(error)) from error
     if not isinstance(data, dict):
         raise InvalidEvent("invalid_json", f"expected a JSON object, got {type(data).__name__}")
-    if "event_type" in data and data["event_type"] not in EventType.__members__:
+    if "event_type" in data and not _known_type(data["event_type"]):
         known = ", ".join(EventType)
         raise InvalidEvent("unknown_event_type", f"event_type {data['event_type']!r} is not one of: {known}")
     try:
         return Event.model_validate(data)
     except ValidationError as error:
         raise InvalidEvent("schema", _describe(error)) from error
+
+
+def _known_type(value: Any) -> bool:
+    return isinstance(value, str) and value in EventType.__members__  # a list here would raise TypeError
 
 
 def _describe(error: ValidationError) -> str:

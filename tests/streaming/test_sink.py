@@ -1,0 +1,33 @@
+"""The offline rows' Arrow table, built column by column, equals the one built through pandas (no services)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+
+from features.sink import ARROW_TYPES, _table
+from streaming.aggregates import UserState, apply_user, user_features
+from tests.streaming.test_aggregates import synthetic_events
+
+
+def test_rows_become_the_same_table_as_through_pandas() -> None:
+    states: dict[str, UserState] = {}
+    rows = []
+    for event in synthetic_events(400, users=6, seed=5):
+        state = states[event.user_id] = apply_user(states.get(event.user_id) or UserState(), event)
+        rows.append((event.user_id, state.last_ts, user_features(state)))
+    kinds = {name: "Int64" if isinstance(value, int) else "Float64" if isinstance(value, float) else
+             "Array(String)" if name.endswith(("_ids", "categories", "items")) else
+             "Array(Int64)" if name.startswith("freq_") else "Array(Float64)"
+             for name, value in rows[0][2].items()}  # fmt: skip
+    schema = pa.schema(
+        [pa.field("user_id", pa.string())]
+        + [pa.field(name, ARROW_TYPES[kind]) for name, kind in kinds.items()]
+        + [pa.field("event_timestamp", pa.timestamp("ns", tz="UTC"))]
+    )
+    frame = pd.DataFrame([features for _, _, features in rows])
+    frame.insert(0, "user_id", [user for user, _, _ in rows])
+    frame["event_timestamp"] = pd.to_datetime([ts for _, ts, _ in rows], unit="ms", utc=True)
+    via_pandas = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+    assert _table(rows, schema).equals(via_pandas)
+    assert _table(rows, schema).column("event_timestamp")[0].value == rows[0][1] * 1_000_000
