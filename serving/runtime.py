@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import torch
 
 from adloop.settings import Settings
 from serving import metrics
@@ -39,6 +40,9 @@ class Runtime:
         producer_factory=None,
     ):
         self.settings = settings
+        # Inference here is one user per request: torch's intra-op threads cannot help a batch of one,
+        # and their spinning workers take CPU from the event loop and the Kafka sender.
+        torch.set_num_threads(1)
         budget_s = settings.request_budget_ms / 1000
         self.redis = request_path_redis(settings.redis_url, timeout_s=budget_s)
         self.reader = feature_reader or default_reader(self.redis, settings)
