@@ -2,12 +2,15 @@
 
   stack up (real Kafka + Redis) and `feast apply`
   -> a demo catalog whose ad categories are the simulator's (so hidden preferences can show)
-  -> the SYNTHETIC population's browsing to Kafka (features to learn from)
+  -> the SYNTHETIC population's browsing to Kafka (features to learn from), then a SYNTHETIC served log:
+     requests shown two ads drawn uniformly (propensity logged), clicked by hidden preference
   -> subprocesses: feature consumer (`adloop consume`), outcomes lander (`adloop land`), API (`adloop serve`)
+  -> train the first model on that log (labelled impressions + point-in-time Feast features,
+     models.retrain), promote, POST /v1/admin/reload
   -> traffic, first half: simulated users ask `POST /v1/select`; each served ad may be clicked by the
      user's hidden preference (`Population.click_event`), clicks go to Kafka; the API logs the impressions
-  -> train on the served log (labelled impressions + point-in-time Feast features, models.retrain), promote,
-     POST /v1/admin/reload (too little data or a failed training: serving keeps its fallback ranking)
+  -> retrain on everything logged so far (the new impressions and clicks included), promote, reload
+     (too little data or a failed training: serving keeps what it had)
   -> traffic, second half (the new model's version is on every impression: the report compares them)
   -> wait until the lander has every impression and click, stop everything started, report.
 
@@ -27,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -47,6 +50,8 @@ CATALOG_COLUMNS = ("ad_id", "campaign_id", "advertiser_id", "advertiser_domain",
 SLOT = {"slot_id": "feed", "format": "native", "count": 2}
 START_TIMEOUT_S = 90.0  # the API and the consumers import the whole stack: seconds on a busy laptop
 CATCH_UP_TIMEOUT_S = 60.0
+HISTORY_SPAN = timedelta(seconds=30)  # the served log's event times: the half-minute before the processes start
+HISTORY_VERSION = "simulated-uniform"  # model_version on the served log's impressions
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class DemoConfig:
     users: int = 500  # simulated users
     seed: int = 7
     browsing_events: int = 20  # per user, sent before traffic (the features targeting learns from)
+    history_requests: int = 1000  # the SYNTHETIC explored log the first model is trained on
     requests_per_second: float = 20.0  # traffic rate cap
     max_requests: int | None = None  # stop traffic earlier (tests)
     control_share: float = 0.2  # share of users served without targeting (a demo wants a visible control)
@@ -78,10 +84,11 @@ class TrafficReport:
 class DemoResult:
     traffic: TrafficReport
     landed: dict[str, int]  # impressions / clicks in the outcomes store at the end
-    model_version: str | None  # the promoted version, None when no training is wired
+    model_version: str | None  # the version retrained after the first half, None when training failed
     dashboard_url: str
     folder: Path
     since: datetime  # start of this run's traffic: the report's filter
+    first_model_version: str | None = None  # trained on the explored log, served in the first half
 
 
 # --- learning ------------------------------------------------------------------------------------
@@ -125,31 +132,34 @@ def run(settings: Settings, config: DemoConfig, *, on_step: Callable[[str], None
     categories = write_demo_catalog(catalog_path, n_ads=config.ads, seed=config.seed)
     n_browsing = config.browsing_events * config.users
     on_step(f"SYNTHETIC population: {config.users:,} users, seed {config.seed}; {n_browsing:,} browsing events")
-    _send_browsing(settings, population, n_browsing)
+    _send(settings, population.events(n_browsing), "browsing")
+    history_start = datetime.now(UTC) - HISTORY_SPAN - timedelta(seconds=5)
+    with catalog_path.open(encoding="utf-8") as handle:
+        history, shown = explored_log(population, list(csv.DictReader(handle)), config.history_requests,
+                                      seed=config.seed, start=history_start)  # fmt: skip
+    on_step(f"SYNTHETIC served log: {config.history_requests:,} requests of 2 uniformly drawn ads, "
+            f"{sum(shown.clicks.values()):,} clicks")  # fmt: skip
+    _send(settings, history, "served-log")
     port = _free_port()
     token = secrets.token_hex(8)
     env = _environment(settings, catalog_path=catalog_path, port=port, token=token, config=config)
     base = f"http://127.0.0.1:{port}"
     store = OutcomeStore(settings.outcomes_path)
-    since = datetime.now(UTC)  # this run's impressions (the store keeps earlier runs')
     with _processes(folder / "logs", env, port) as started:
         on_step(f"started: {', '.join(started)}; waiting for the API")
         _wait_ready(base, started)
         on_step(f"dashboard: {base}/dashboard  (API {base}/docs)")
+        on_step("train the first model on the served log, promote, reload")
+        wait_landed(store, shown, since=history_start, timeout_s=CATCH_UP_TIMEOUT_S)
+        first = _train_and_reload(settings, base, token, on_step)
+        since = datetime.now(UTC)  # this run's traffic (the store keeps the served log and earlier runs')
         phase = replace(config, minutes=config.minutes / 2,
                         max_requests=None if config.max_requests is None else config.max_requests // 2)  # fmt: skip
         on_step(f"traffic 1/2: {phase.minutes:g} min at up to {config.requests_per_second:g} requests/s")
         traffic = drive_http(base, settings, population, categories, phase)
-        on_step("train on what was served and clicked, promote, reload")
+        on_step("retrain on everything served and clicked so far, promote, reload")
         wait_landed(store, traffic, since=since, timeout_s=CATCH_UP_TIMEOUT_S)
-        version = train_and_promote(settings)
-        if version:
-            try:
-                _post(base + "/v1/admin/reload", None, token=token)
-            except Exception as error:  # the API keeps serving what it had: say so, go on
-                on_step(f"reload of {version} failed ({error}); serving keeps its previous ranking")
-                version = None
-        on_step(f"model: {version or 'none promoted: serving ranks by its fallback (ad CTR x bid)'}")
+        version = _train_and_reload(settings, base, token, on_step)
         left = None if config.max_requests is None else config.max_requests - traffic.requests
         phase = replace(phase, seed=config.seed + 1, max_requests=left)
         on_step(f"traffic 2/2: {phase.minutes:g} min")
@@ -163,7 +173,51 @@ def run(settings: Settings, config: DemoConfig, *, on_step: Callable[[str], None
         if config.hold_s > 0:
             on_step(f"holding the API {config.hold_s:g} s for the dashboard: {base}/dashboard")
             time.sleep(config.hold_s)
-    return DemoResult(traffic, landed, version, f"{base}/dashboard", folder, since)
+    return DemoResult(traffic, landed, version, f"{base}/dashboard", folder, since, first)
+
+
+def _train_and_reload(settings: Settings, base: str, token: str, on_step: Callable[[str], None]) -> str | None:
+    """Train on the log, promote, make the API load it; the version, or None (serving keeps what it has)."""
+    version = train_and_promote(settings)
+    if version:
+        try:
+            _post(base + "/v1/admin/reload", None, token=token)
+        except Exception as error:  # the API keeps serving what it had: say so, go on
+            on_step(f"reload of {version} failed ({error}); serving keeps its previous ranking")
+            version = None
+    on_step(f"model: {version or 'none promoted: serving keeps its previous ranking'}")
+    return version
+
+
+def explored_log(
+    population: Population, catalog_rows: list[dict[str, str]], n_requests: int, *, seed: int, start: datetime
+) -> tuple[list[Event], TrafficReport]:
+    """A SYNTHETIC served log over `HISTORY_SPAN` from `start`: each request shows two catalog ads drawn
+    uniformly (propensity 2 / n ads), clicked by the user's hidden preference. (events, their counts)."""
+    rng = np.random.default_rng([seed, 5])
+    weights = np.array([u.activity for u in population.users])
+    events, report = [], TrafficReport()
+    for r in range(n_requests):
+        user = population.users[int(rng.choice(len(population.users), p=weights / weights.sum()))]
+        answer = {"request_id": f"served-log-{seed}-{r}", "user_id": user.user_id, "model_version": HISTORY_VERSION,
+                  "arm": "targeted"}  # fmt: skip
+        ts = start + HISTORY_SPAN * (r / max(n_requests, 1))
+        for rank, i in enumerate(rng.choice(len(catalog_rows), size=2, replace=False), start=1):
+            row = catalog_rows[int(i)]
+            ad = {"ad_id": row["ad_id"], "campaign_id": row["campaign_id"], "rank": rank,
+                  "propensity": 2 / len(catalog_rows)}  # fmt: skip
+            context = {"device": user.device, "country": user.country, "advertiser_id": row["advertiser_id"],
+                       "synthetic": True}  # fmt: skip
+            shown = _impression(answer, SLOT["slot_id"], ad, row["category"], ts)
+            shown = shown.model_copy(update={"source": "simulate", "context": context})
+            events.append(shown)
+            report.impressions["targeted"] += 1
+            click = population.click_event(shown)
+            if click is not None:
+                events.append(click)
+                report.clicks["targeted"] += 1
+        report.requests += 1
+    return events, report
 
 
 def drive(
@@ -306,16 +360,16 @@ def _sim_config(config: DemoConfig) -> SimConfig:
     return SimConfig(users=config.users, seed=config.seed, start=start, base_ctr=config.base_ctr)
 
 
-def _send_browsing(settings: Settings, population: Population, n: int) -> None:
+def _send(settings: Settings, events: Iterable[Event], what: str) -> None:
     from streaming.producer import build_producer, produce_events
 
     producer = build_producer(settings)
     try:
-        summary = produce_events(producer, settings.events_topic, population.events(n))
+        summary = produce_events(producer, settings.events_topic, events)
     finally:
         producer.close()
     if summary.failed:
-        raise RuntimeError(f"{summary.failed} browsing events were not acknowledged by Kafka")
+        raise RuntimeError(f"{summary.failed} {what} events were not acknowledged by Kafka")
 
 
 def _impression(answer: dict, slot_id: str, ad: dict, category: str | None, now: datetime) -> Event:
