@@ -8,7 +8,13 @@ It first compacts each view's per-batch parquet files (features/sink.py), which 
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
 import pandas as pd
+from dask.tokenize import normalize_token
 
 from adloop.settings import Settings
 from features.sink import arrow_schema, compact
@@ -24,6 +30,13 @@ def point_in_time(
     # Strictly before the decision: a state written at the decision's own millisecond (e.g. by
     # the impression being labelled) must not leak into its row.
     joined = rows.assign(event_timestamp=decided_at - pd.Timedelta(milliseconds=1)).reset_index(drop=True)
+    with _list_columns_tokenized_by_identity():
+        joined = _join(settings, store, joined, views)
+    joined["event_timestamp"] = decided_at.to_numpy()
+    return joined
+
+
+def _join(settings: Settings, store, joined: pd.DataFrame, views: tuple[str, ...]) -> pd.DataFrame:
     for view in views:
         compact(settings.feast_data_dir / "offline" / view, arrow_schema(store, view))
         key = JOIN_KEYS[view]
@@ -36,5 +49,29 @@ def point_in_time(
         found["event_timestamp"] = pd.to_datetime(found["event_timestamp"], utc=True)
         names = [ref.split(":", 1)[1] for ref in refs]
         joined = joined.merge(found[[key, "event_timestamp", *names]], on=[key, "event_timestamp"], how="left")
-    joined["event_timestamp"] = decided_at.to_numpy()
     return joined
+
+
+@contextmanager
+def _list_columns_tokenized_by_identity() -> Iterator[None]:
+    """Dask names every in-memory frame Feast's dask store builds by hashing its content; an object column
+    of lists (recent_items, top_categories...) is pickled whole, up to three times, each time: nearly all
+    of a join's time (the demo's first training spent ~2 min in it). Inside the join such arrays get a
+    fresh random token instead, which is what dask itself falls back to for objects it cannot hash
+    (nothing is cached across calls; the joined frames are identical)."""
+    normalize_token(np.zeros(1))  # dask registers its numpy handler lazily: make sure it is the one we wrap
+    numpy_token = normalize_token.dispatch(np.ndarray)
+
+    def token(x: np.ndarray):
+        if x.dtype.hasobject and x.shape:
+            try:
+                "-".join(x.flat)  # text: dask's own fast path hashes it
+            except TypeError:
+                return ("adloop-object-array", uuid.uuid4().hex)
+        return numpy_token(x)
+
+    normalize_token.register(np.ndarray, token)
+    try:
+        yield
+    finally:
+        normalize_token.register(np.ndarray, numpy_token)

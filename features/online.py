@@ -237,6 +237,7 @@ def reference_value(kind: str, value: Any) -> bytes:
     """The protobuf library's serialization of a value (the reference `encode_value` is tested against)."""
     return _encode_value(kind, value).SerializeToString()
 
+
 _LISTS = {"Array(String)": ("string_list_val", StringList), "Array(Int64)": ("int64_list_val", Int64List),
           "Array(Float64)": ("double_list_val", DoubleList)}  # fmt: skip
 _SCALARS = {"Int64": "int64_val", "Float64": "double_val", "String": "string_val"}

@@ -106,3 +106,22 @@ def test_served_with_the_trained_model_and_live_features(feature_settings: Setti
             assert answer.json()["model_version"] == version
             wins += chosen["ad_id"].startswith(f"ad-{favourite}-")
     assert wins >= 30, f"the favourite category won only {wins} of 40 requests"  # random would win ~10
+
+
+def test_the_point_in_time_join_only_swaps_dask_tokens_of_list_columns_and_restores_them() -> None:
+    """features.offline: object arrays of lists get random tokens inside the join (dask would pickle them
+    whole, again and again); text keeps dask's content hash, and dask's own handler is back afterwards."""
+    import numpy as np
+    from dask.tokenize import normalize_token, tokenize
+
+    from features.offline import _list_columns_tokenized_by_identity
+
+    lists = np.empty(2, dtype=object)
+    lists[0], lists[1] = ["a"], ["b", "c"]
+    texts = np.array(["a", "b"], dtype=object)
+    before = normalize_token.dispatch(np.ndarray)
+    with _list_columns_tokenized_by_identity():
+        assert tokenize(lists) != tokenize(lists)
+        assert tokenize(texts) == tokenize(texts)
+    assert normalize_token.dispatch(np.ndarray) is before
+    assert tokenize(lists) == tokenize(lists)
