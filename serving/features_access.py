@@ -1,7 +1,7 @@
 """Reading online features in the request path: a time-bounded user read, and an in-memory ad-stats cache.
 
 `GuardedReader.user()` never raises: it returns `(features, fallback_reason)`. It runs in the API's
-event loop: one HMGET costs ~0.07 ms of CPU, less than handing it to a thread or to an asyncio client
+event loop: one HMGET costs less CPU than handing it to a thread or awaiting it on an asyncio client
 (BENCHMARKS.md, Serving). The time budget is the Redis client's socket timeout; a timeout or a
 connection failure opens a circuit breaker, so a slow or dead Redis stalls the loop for at most one
 budget per `slow_skip_s` / `retry_after_s`, not once per request. Ad performance (CTR) changes slowly,

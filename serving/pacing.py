@@ -10,12 +10,11 @@ every `ADLOOP_PACING_SYNC_S` from a background thread (`Pacer.sync`), adds what 
 `adloop:spend:<day>:<ad_id>` (INCRBYFLOAT, expiring after two days) and reads back every budgeted
 ad's total (MGET): so uvicorn workers and replicas pace one budget together. Between syncs a process
 does not see the others' spend: the overshoot is bounded by (replicas - 1) x spend rate x sync
-interval. Without Redis each process paces alone (logged), as a single process always does.
+interval. Without Redis each process paces alone (the runtime logs it), as a single process always does.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Any
@@ -24,7 +23,6 @@ import numpy as np
 
 from serving.catalog import Catalog
 
-log = logging.getLogger(__name__)
 DAY_S = 86_400
 KEY_TTL_S = 2 * DAY_S
 

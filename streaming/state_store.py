@@ -100,12 +100,7 @@ class StateStore:
         on the transaction) and the partitions' applied offsets."""
         pipe = self.redis.pipeline(transaction=True)
         if states:
-            pipe.mset(
-                {
-                    f"{self.prefix}state:user:{u}": orjson.dumps(s.to_json())
-                    for u, s in states.items()
-                }
-            )
+            pipe.mset({f"{self.prefix}state:user:{u}": orjson.dumps(s.to_json()) for u, s in states.items()})
         if seen_ids:
             keys = [f"{self.prefix}seen:{event_id}" for event_id in seen_ids]
             pipe.register_script(_MARK_SEEN)(keys=keys, args=[self.seen_ttl_s], client=pipe)
