@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from models.ranker import PlattCalibrator, base_margin, request_features
-from models.two_tower import AD_ATTRIBUTES, TwoTower, encode_ads, encode_users, to_tensors
+from models.two_tower import AD_ATTRIBUTES, CpuUserTower, TwoTower, encode_ads, encode_users, to_tensors
 
 
 @dataclass
@@ -32,16 +32,21 @@ class ModelBundle:
     compiled: Any | None = None  # lleaves predictor of the raw margin, when available
     manifest: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _cpu_tower: CpuUserTower | None = field(default=None, init=False, repr=False)  # built on first CPU use
 
     def user_vector(self, user_features: Mapping[str, Any]) -> np.ndarray:
         """(dim,) float32 L2-normalised vector of one user_activity row."""
         return self.user_vectors([user_features])[0]
 
     def user_vectors(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """(n, dim) float32 vectors of user_activity rows."""
-        batch = to_tensors(encode_users(rows, self.tower.config), self.device)
+        """(n, dim) float32 vectors of user_activity rows: torch on CUDA, its numpy twin on the CPU."""
+        inputs = encode_users(rows, self.tower.config)
+        if self.device.type == "cpu":
+            if self._cpu_tower is None:
+                self._cpu_tower = CpuUserTower(self.tower)
+            return self._cpu_tower(inputs)
         with torch.inference_mode():
-            return self.tower.user_tower(batch).cpu().numpy()
+            return self.tower.user_tower(to_tensors(inputs, self.device)).cpu().numpy()
 
     def embed_ads(self, ad_rows: pd.DataFrame | Mapping[str, Sequence[Any]]) -> np.ndarray:
         """(n, dim) float32 vectors of catalog ads (columns ad_id, category, campaign_id, advertiser_id).

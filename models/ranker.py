@@ -13,6 +13,7 @@ import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +101,14 @@ def request_features(
     ad_ids = np.asarray(ads["ad_id"], dtype=object)
     n = len(ad_ids)
     now = as_number(context.get("ts_ms"))
-    cols: dict[str, np.ndarray] = {}
+    cols: dict[str, np.ndarray | float] = {}  # a float is a column of one value (user and context features)
     for name in USER_SCALARS:
-        cols[name] = np.full(n, as_number(user.get(name)))
+        cols[name] = as_number(user.get(name))
     for name in AD_SCALARS:
         cols[name] = _column(ads, name, n, AD_DEFAULTS[name])
     recent_items = as_list(user.get("recent_items"))
-    cols["user_recent_items"] = np.full(n, float(len(recent_items)))
-    cols["user_seconds_since_seen"] = np.full(n, _since(now, user.get("last_seen_ms")))
+    cols["user_recent_items"] = float(len(recent_items))
+    cols["user_seconds_since_seen"] = _since(now, user.get("last_seen_ms"))
     ad_seen = _column(ads, "ad_last_seen_ms", n, 0.0)
     cols["ad_seconds_since_seen"] = np.where(ad_seen > 0, (now - ad_seen) / 1000.0, np.nan)
     cols["ad_ctr_1h"] = smoothed_ctr(cols["ad_clicks_1h"], cols["ad_impressions_1h"])
@@ -115,7 +116,7 @@ def request_features(
         cols[f"{name}_rank"] = _pct_rank(cols[name])
     for name in ("ad_ctr_7d", "ad_clicks_1h"):
         top = cols[name].max(initial=0.0)
-        cols[f"{name}_vs_slate"] = cols[name] / top if top > 0 else np.zeros(n)
+        cols[f"{name}_vs_slate"] = cols[name] / top if top > 0 else 0.0
     categories = _strings(ads.get("category"), n)
     cols["ad_has_category"] = (categories != "").astype(float)
     cols["user_ad_impressions_24h"], cols["user_ad_clicks_24h"] = _lookup(user, "ad", ad_ids)
@@ -123,23 +124,25 @@ def request_features(
     cols["user_campaign_impressions_24h"], cols["user_campaign_clicks_24h"] = _lookup(user, "campaign", campaigns)
     top_categories = as_list(user.get("top_categories"))
     scores = np.asarray(as_list(user.get("top_category_scores")), dtype=float)
-    cols["user_category_affinity"], cols["user_category_rank"] = np.zeros(n), np.full(n, np.nan)
+    cols["user_category_affinity"], cols["user_category_rank"] = 0.0, np.nan
     if top_categories and scores.sum() > 0:
         where = _positions(top_categories, categories)
         cols["user_category_affinity"] = np.where(where >= 0, scores[where] / scores.sum(), 0.0)
         cols["user_category_rank"] = np.where(where >= 0, where.astype(float), np.nan)
     cols["user_recent_category_share"] = _share(as_list(user.get("recent_categories")), categories)
     viewed = set(recent_items)
-    cols["user_viewed_item"] = np.fromiter((a in viewed for a in ad_ids), dtype=float, count=n)
+    cols["user_viewed_item"] = np.fromiter(map(viewed.__contains__, ad_ids), dtype=float, count=n)
     cols["position"] = _column(ads, "position", n, as_number(context.get("position"), 1.0))
-    cols["slate_size"] = np.full(n, as_number(context.get("slate_size"), float(n)))
-    cols["hour"] = np.full(n, as_number(context.get("hour"), _hour(now)))
+    cols["slate_size"] = as_number(context.get("slate_size"), float(n))
+    cols["hour"] = as_number(context.get("hour"), _hour(now))
     device = context.get("device")
     known = isinstance(device, str) and device != ""
-    cols["device_code"] = np.full(n, float(zlib.crc32(device.encode()) % 64) if known else np.nan)
-    scores_emb = np.nan if embedding_scores is None else np.asarray(embedding_scores, dtype=float)
-    cols["embedding_score"] = np.broadcast_to(scores_emb, (n,))
-    return np.column_stack([cols[name] for name in features]) if n else np.zeros((0, len(features)))
+    cols["device_code"] = float(zlib.crc32(device.encode()) % 64) if known else np.nan
+    cols["embedding_score"] = np.nan if embedding_scores is None else np.asarray(embedding_scores, dtype=float)
+    x = np.empty((n, len(features)))
+    for j, name in enumerate(features):  # one column per feature, a float broadcast down its column
+        x[:, j] = cols[name]
+    return x
 
 
 def frame_features(frame: pd.DataFrame, embedding_scores: np.ndarray | None, features: Sequence[str]) -> np.ndarray:
@@ -276,7 +279,7 @@ def _positions(keys: Sequence[Any], values: np.ndarray) -> np.ndarray:
     """Index of each value in `keys` (unique), -1 where absent: what pandas' `Index.get_indexer` answers,
     without building an Index per call (~50 us each; a request needs several)."""
     where = {key: i for i, key in enumerate(keys)}
-    return np.fromiter((where.get(v, -1) for v in values), dtype=np.int64, count=len(values))
+    return np.fromiter(map(where.get, values, repeat(-1)), dtype=np.int64, count=len(values))
 
 
 def _share(recent: list[str], keys: np.ndarray) -> np.ndarray:
@@ -284,7 +287,7 @@ def _share(recent: list[str], keys: np.ndarray) -> np.ndarray:
     if not recent:
         return np.zeros(len(keys))
     counts = Counter(recent)
-    return np.fromiter((counts.get(k, 0) for k in keys), dtype=float, count=len(keys)) / len(recent)
+    return np.fromiter(map(counts.get, keys, repeat(0)), dtype=float, count=len(keys)) / len(recent)
 
 
 def _lookup(user: Mapping[str, Any], prefix: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -78,6 +78,44 @@ class TwoTower(nn.Module):
         return self.user_tower(users), self.ad_tower(ads)
 
 
+class CpuUserTower:
+    """The user tower's forward pass in numpy, on weights shared with a CPU `TwoTower` (no copy).
+
+    Serving embeds one user per request; torch's per-call dispatch over the tower's ~10 ops costs
+    ~0.4 ms on the CPU, this ~0.05 ms for the same float32 result (tests/models: equal to 1e-6).
+    On CUDA the torch tower is used. Reads the weights as they are: build it after training.
+    """
+
+    def __init__(self, tower: TwoTower) -> None:
+        def w(t: torch.Tensor) -> np.ndarray:
+            return t.detach().cpu().numpy()
+
+        self.items, self.categories = w(tower.user_items.weight), w(tower.user_categories.weight)  # (buckets, dim)
+        self.activity_w, self.activity_b = w(tower.user_activity.weight).T, w(tower.user_activity.bias)
+        first, last = tower.user_mlp[0], tower.user_mlp[2]
+        self.w1, self.b1 = w(first.weight).T, w(first.bias)  # (3 dim, hidden), (hidden,)
+        self.w2, self.b2 = w(last.weight).T, w(last.bias)  # (hidden, dim), (dim,)
+
+    def __call__(self, users: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, dim) float32, L2-normalised: `TwoTower.user_tower` of the same `encode_users` batch."""
+        items = _bag_means(self.items, users["items"], users["item_offsets"])  # (B, dim)
+        cats = _bag_means(self.categories, users["categories"], users["category_offsets"])  # (B, dim)
+        activity = users["activity"] @ self.activity_w + self.activity_b  # (B, dim)
+        hidden = np.maximum(np.concatenate([items, cats, activity], axis=1) @ self.w1 + self.b1, 0)  # (B, hidden)
+        out = hidden @ self.w2 + self.b2  # (B, dim)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)  # F.normalize's eps
+
+
+def _bag_means(table: np.ndarray, ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """EmbeddingBag(mode="mean"): the mean of each bag's rows, zeros for an empty bag."""
+    bounds = np.append(offsets, len(ids))
+    out = np.zeros((len(offsets), table.shape[1]), dtype=table.dtype)
+    for b in range(len(offsets)):  # one bag per user: a single iteration in serving
+        if bounds[b + 1] > bounds[b]:
+            out[b] = table[ids[bounds[b] : bounds[b + 1]]].mean(axis=0)
+    return out
+
+
 # --- inputs: hashing and batching (numpy, shared by training and serving) -----------------------------
 
 

@@ -3,13 +3,14 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from models.evaluate import holdout_split, metrics_row, score_frame
 from models.metrics import group_metrics
 from models.mind import Replay
 from models.ranker import AD_SCALARS
 from models.train import TrainConfig, sort_requests, train
-from models.two_tower import TwoTowerConfig
+from models.two_tower import CpuUserTower, TwoTowerConfig, encode_users, to_tensors
 from tests.models.conftest import synthetic_world
 
 
@@ -90,6 +91,19 @@ def test_vectors_are_unit_length_and_batch_one_matches_batch(trained):
     top, scores = bundle.nearest(batch[0], 5)
     np.testing.assert_allclose(scores, np.sort(bundle.ad_matrix @ batch[0])[::-1][:5], rtol=1e-6)
     np.testing.assert_allclose(bundle.ad_matrix[top] @ batch[0], scores, rtol=1e-6)
+
+
+def test_numpy_user_tower_equals_torch(trained):
+    """Serving's CPU forward (numpy) gives the torch tower's vectors, empty histories and unknown users included."""
+    _, _, holdout, bundle, _ = trained
+    users = [*holdout.drop_duplicates("request_id").head(16).to_dict("records"), {}, {"recent_items": ["x"]}]
+    inputs = encode_users(users, bundle.tower.config)
+    with torch.inference_mode():
+        expected = bundle.tower.user_tower(to_tensors(inputs, torch.device("cpu"))).numpy()
+    got = CpuUserTower(bundle.tower)(inputs)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bundle.user_vectors(users), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_unseen_ad_gets_a_vector_from_its_attributes(trained):
