@@ -33,8 +33,8 @@ def test_two_replicas_pace_one_budget_through_redis(feature_settings, budgeted) 
     first.sync(client)
     second.sync(client)
     first.sync(client)  # reads back the second one's spend
-    assert float(client.get(spend_key(day, ad))) == pytest.approx(120.0)
-    assert 0 < client.ttl(spend_key(day, ad)) <= 2 * DAY_S
+    assert float(client.hget(spend_key(day), ad)) == pytest.approx(120.0)
+    assert 0 < client.ttl(spend_key(day)) <= 2 * DAY_S
     assert not first.allowed(budgeted)[0] and not second.allowed(budgeted)[0]  # together: 120 of 100
     assert first.allowed(budgeted)[2]  # unlimited
     second.charge(budgeted, np.array([1]), np.array([10.0]))
@@ -50,5 +50,5 @@ def test_spend_survives_a_redis_outage(feature_settings, budgeted) -> None:
         pacer.sync(dead)
     assert pacer.spent(budgeted.ad_ids[1]) == pytest.approx(30.0)  # still paced locally
     pacer.sync(live)  # the spend charged during the outage reaches the shared counter
-    assert float(live.get(spend_key(int(time.time() // DAY_S), budgeted.ad_ids[1]))) == pytest.approx(30.0)
+    assert float(live.hget(spend_key(int(time.time() // DAY_S)), budgeted.ad_ids[1])) == pytest.approx(30.0)
     assert pacer.spent(budgeted.ad_ids[1]) == pytest.approx(30.0)  # not counted twice

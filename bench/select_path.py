@@ -1,0 +1,170 @@
+"""The request path's CPU in one process, stage by stage, with no HTTP: where a `/v1/select` spends its time.
+
+    .venv/bin/python -m bench.select_path [--requests 3000]
+
+Set-up as `bench.serve` (whose helpers it reuses): a 10,000-ad generated catalog, a trained model
+(two-tower + LightGBM + Platt, lleaves-compiled), 2,000 users' `user_activity` rows and the ads'
+`ad_performance` rows in Feast's Redis layout in db 7 (emptied before and after), one native slot of
+2 ads per request (200 candidates ranked). Needs the local stack (`adloop stack up`).
+Prints, per stage, the median and p99 over the requests (wall time in one thread, so a quiet machine
+gives about the CPU time), the whole `Runtime.select` in process CPU per request, and baselines run
+in the same process:
+- the user tower through torch (what serving ran before) beside its numpy forward (what it runs on the CPU);
+- the pacing sync (every second, in a thread that shares the GIL with the event loop) with a key and
+  two commands per ad, MGET of every budgeted ad (what it did before) beside the one-script hash sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH_REDIS_DB = 7
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    args = parser.parse_args()
+    assert args.requests <= 20_000, "bounded benchmark"
+
+    import redis
+    import torch
+
+    from adloop.settings import get_settings
+    from bench.serve import seed_features, train_bench_model
+    from features import store
+    from models.two_tower import encode_users, to_tensors
+    from serving.catalog import generate_catalog, write_catalog
+    from serving.runtime import Runtime, freeze_heap
+    from serving.selection import SelectionRequest, Slot
+
+    base = get_settings()
+    work = Path(tempfile.mkdtemp(prefix="adloop-bench-"))
+    settings = base.model_copy(
+        update={
+            "redis_url": base.redis_url.rsplit("/", 1)[0] + f"/{BENCH_REDIS_DB}",
+            "feast_data_dir": work / "feast",
+            "catalog_path": work / "ads.csv",
+            "model_registry_path": work / "models",
+            "catalog_poll_s": 0,
+            "serve_top_k": 200,
+        }
+    )
+    ads = generate_catalog(10_000, seed=7)
+    write_catalog(ads, settings.catalog_path)
+    client = redis.Redis.from_url(settings.redis_url)
+    client.flushdb()
+    try:
+        store.apply(settings)
+        users, rows = seed_features(settings, client, ads)
+        train_bench_model(ads, settings.model_registry_path)
+        runtime = Runtime(settings)  # not started: no impression sender, no background threads
+        runtime.ad_stats.refresh(runtime.reader, runtime.state.catalog)
+        freeze_heap()
+
+        def request(i: int) -> SelectionRequest:
+            return SelectionRequest(f"r{i}", users[i % len(users)], [Slot("feed", "native", 2)],
+                                    {"device": "mobile", "page_category": "tech"})  # fmt: skip
+
+        for i in range(300):  # warm-up
+            runtime.select(request(i), log_impressions=False)
+        stages: dict[str, list[float]] = {}
+        cpu = time.process_time()
+        for i in range(args.requests):
+            _, result = runtime.select(request(i))
+            for stage, seconds in result.timings.items():
+                stages.setdefault(stage, []).append(seconds)
+        cpu_ms = (time.process_time() - cpu) * 1000 / args.requests
+        print(f"\nRuntime.select in process, {args.requests} requests (200 candidates, trained model):")
+        print(f"  process CPU {cpu_ms:.3f} ms per request (impressions queued, not sent)")
+        print(f"  {'stage':<14}{'p50 ms':>9}{'p99 ms':>9}")
+        for stage, values in stages.items():
+            print(f"  {stage:<14}{_ms(values, 50):>9}{_ms(values, 99):>9}")
+
+        bundle = runtime.state.model
+        user_rows = [rows[u] for u in users[:500]]
+        inputs = [encode_users([r], bundle.tower.config) for r in user_rows]
+        tower = bundle.tower
+
+        def torch_forward(batch):
+            with torch.inference_mode():
+                return tower.user_tower(to_tensors(batch, torch.device("cpu"))).numpy()
+
+        bundle.user_vectors(user_rows[:1])  # builds the numpy twin
+        numpy_forward = bundle._cpu_tower
+        timed = {name: _each(forward, inputs) for name, forward in (("torch", torch_forward), ("numpy", numpy_forward))}
+        print("\nuser tower forward, batch 1 (encoded inputs), 500 users:")
+        for name, values in timed.items():
+            print(f"  {name:<6} p50 {_ms(values, 50)} ms  p99 {_ms(values, 99)} ms")
+        print(f"  numpy / torch (p50): {np.median(timed['numpy']) / np.median(timed['torch']):.3f}")
+
+        pacing(runtime, client)
+    finally:
+        client.flushdb()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def pacing(runtime, client) -> None:
+    """One second of spend at ~500 requests/s (800 distinct ads charged), synced ten times each way."""
+    from serving.pacing import Pacer
+
+    catalog = runtime.state.catalog
+    rng = np.random.default_rng(0)
+    results: dict[str, list[float]] = {"per-key + MGET (before)": [], "one script, day hash": []}
+    for name, sync in zip(results, (_legacy_sync, Pacer.sync), strict=True):
+        client.flushdb()
+        pacer = Pacer(catalog)
+        for _ in range(10):
+            pacer.charge(catalog, rng.integers(0, len(catalog), 800), np.full(800, 0.001))
+            started = time.process_time()
+            sync(pacer, client)
+            results[name].append(time.process_time() - started)
+    budgeted = int((catalog.daily_budget > 0).sum())
+    print(f"\npacing sync, {budgeted:,} budgeted ads, 800 ads charged per sync, process CPU per sync (10 syncs):")
+    for name, values in results.items():
+        print(f"  {name:<26} p50 {_ms(values, 50)} ms  max {max(values) * 1000:.2f} ms")
+    after, before = (np.median(v) for v in reversed(results.values()))
+    print(f"  after / before (p50): {after / before:.3f}")
+
+
+def _legacy_sync(pacer, client) -> None:
+    """The sync as it was (baseline): INCRBYFLOAT + EXPIRE per charged ad, MGET of every budgeted ad's key."""
+    from serving.pacing import KEY_TTL_S
+
+    catalog, day, pending = pacer._catalog, pacer._day, pacer._pending
+    pacer._pending = np.zeros(len(catalog))
+    budgeted = np.flatnonzero(catalog.daily_budget > 0)
+    pipe = client.pipeline(transaction=False)
+    for row in np.flatnonzero(pending):
+        key = f"adloop:spend:{day}:{catalog.ad_ids[row]}"
+        pipe.incrbyfloat(key, float(pending[row]))
+        pipe.expire(key, KEY_TTL_S)
+    pipe.mget([f"adloop:spend:{day}:{catalog.ad_ids[row]}" for row in budgeted])
+    totals = pipe.execute()[-1]
+    shared = np.array([float(v) if v is not None else 0.0 for v in totals])
+    pacer._spend[budgeted] = shared + pacer._pending[budgeted]
+
+
+def _each(forward, inputs) -> list[float]:
+    for batch in inputs[:50]:
+        forward(batch)
+    out = []
+    for batch in inputs:
+        started = time.perf_counter()
+        forward(batch)
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def _ms(values: list[float], q: float) -> str:
+    return f"{np.percentile(values, q) * 1000:.3f}"
+
+
+if __name__ == "__main__":
+    main()
