@@ -99,10 +99,15 @@ class AdStats:
         self.catalog_version = catalog.version
         self.refreshed_at: float | None = None
 
-    def refresh(self, reader: FeatureReader, catalog: Catalog, *, chunk: int = 1000) -> None:
+    def refresh(self, reader: FeatureReader, catalog: Catalog, *, chunk: int = 250, pause_s: float = 0.001) -> None:
+        """Read every ad's row, `chunk` ads per round trip. It runs in a thread beside the event loop: 10,000
+        ads cost ~130 ms of CPU under the GIL, so it sleeps `pause_s` between chunks (each ~3 ms), and a
+        request waits at most about a chunk, not the whole refresh or the interpreter's 5 ms switch."""
         columns = _prior_columns(catalog)
         ids = [str(a) for a in catalog.ad_ids]
         for start in range(0, len(ids), chunk):
+            if start and pause_s:
+                time.sleep(pause_s)
             rows = reader.ads(ids[start : start + chunk])
             for ad_id, row in rows.items():
                 i = catalog.index.get(ad_id)
