@@ -8,7 +8,9 @@ than the one the trees learned from, so outputs are click probabilities.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -235,13 +237,25 @@ class PlattCalibrator:
 
 
 def compile_booster(model_file: Path, cache: Path) -> Any | None:
-    """An lleaves (LLVM-compiled) predictor of the raw margin, cached per model file; None without lleaves."""
+    """An lleaves (LLVM-compiled) predictor of the raw margin, cached per model file; None without lleaves.
+
+    Serving workers load one version at the same moment: a lock file lets one of them compile while the
+    others wait and then load its cache, and the cache appears whole (written aside, then renamed), so
+    no process ever loads half an object file, even after a crash mid-compile.
+    """
     try:
         import lleaves
     except ImportError:
         return None
     model = lleaves.Model(model_file=str(model_file))
-    model.compile(cache=str(cache), raw_score=True)
+    with open(cache.parent / f"{cache.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if cache.is_file():
+            model.compile(cache=str(cache), raw_score=True)
+        else:
+            partial = cache.parent / f"{cache.name}.{os.getpid()}.partial"
+            model.compile(cache=str(partial), raw_score=True)
+            os.replace(partial, cache)
     return model
 
 

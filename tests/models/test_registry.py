@@ -98,3 +98,19 @@ def test_compiled_predictor_equals_lightgbm(registry, synthetic_frame):
     plain = registry.load("v0001", compiled=False)
     rows = synthetic_frame.tail(200)
     np.testing.assert_allclose(score_frame(compiled, rows)[1], score_frame(plain, rows)[1], rtol=0, atol=1e-12)
+
+
+def _load_compiled(root: str) -> bool:
+    return Registry(root).load("v0001", compiled=True).compiled is not None
+
+
+def test_workers_loading_one_version_at_once_share_one_compile(registry):
+    """uvicorn workers start together: each gets a working compiled predictor, one cache file, no leftovers."""
+    pytest.importorskip("lleaves", reason="lleaves (LLVM-compiled LightGBM) is not installed")
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        assert pool.map(_load_compiled, [str(registry.root)] * 3) == [True, True, True]
+    folder = registry.root / "v0001"
+    assert (folder / "ranker.compiled").is_file()
+    assert not list(folder.glob("*.partial"))
