@@ -2,13 +2,15 @@
 
 Each MIND impression is replayed as a request (its candidate list), scored with the state that
 strictly earlier events built, and only then revealed: an `ad_impression` per candidate, an
-`ad_click` plus a `page_view` of the article per click (the click opens the article). Impressions
-that share a timestamp are all featurised before any of them is revealed.
+`ad_click` plus a `page_view` of the article per click (the click opens the article), 1 s later.
+Impressions that share a timestamp are all featurised before any of them is revealed. These are the
+events `adloop replay --format mind` sends through Kafka (`streaming.replay.mind`), in the same order,
+so the features here are those the consumer builds (tests/models/test_prequential.py checks it).
 
 User features come from `streaming.aggregates` (`apply_user` / `user_features`, the consumer's own
 code); ad features from `ad_features` over per-ad hourly and 5-minute counters, as the consumer keeps
 them. A user's MIND `history` (articles clicked before the data window) is folded in as `page_view`
-events one millisecond before the user's first impression.
+events 1 ms apart, ending 1 ms before the user's first impression.
 
 MIND has no campaigns: an article's subcategory stands in as its `campaign_id` (so the per-campaign
 frequency counters mean "this user's impressions of this subcategory").
@@ -17,6 +19,7 @@ frequency counters mean "this user's impressions of this subcategory").
 from __future__ import annotations
 
 import csv
+import heapq
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +37,9 @@ from streaming.aggregates import (
     user_features,
 )
 from streaming.events import Event, EventType
+from streaming.replay.mind import CLICK_DELAY
+
+CLICK_DELAY_MS = int(CLICK_DELAY.total_seconds() * 1000)
 
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # 11/12/2019 2:14:46 PM (MIND writes US-format times)
 
@@ -91,6 +97,7 @@ class Replay:
         self.news = news
         self.users: dict[str, UserState] = {}
         self.ads: dict[str, AdCounters] = {}
+        self._last_ms = 0  # the previous impression's time: a new user's history is not placed before it
 
     def attributes(self, ad_id: str) -> tuple[str | None, str | None]:
         """(category, campaign_id) of an article; None where news.tsv has no row for it."""
@@ -99,24 +106,31 @@ class Replay:
 
     def run(self, impressions: list[Impression]) -> pd.DataFrame:
         rows: list[dict[str, Any]] = []
+        clicks: list[tuple[int, int, Impression]] = []  # (due ms, order, impression): revealed clicks not yet due
         start = 0
         while start < len(impressions):
             end = start
             while end < len(impressions) and impressions[end].ts_ms == impressions[start].ts_ms:
                 end += 1
             batch = impressions[start:end]
+            self._click(clicks, until_ms=batch[0].ts_ms)
             for imp in batch:  # all featurised before any is revealed
                 rows.extend(self.featurise(imp))
-            for imp in batch:
+            for order, imp in enumerate(batch, start=start):
                 self.reveal(imp)
+                heapq.heappush(clicks, (imp.ts_ms + CLICK_DELAY_MS, order, imp))
             start = end
+        self._click(clicks, until_ms=None)
         return pd.DataFrame(rows)
 
     def featurise(self, imp: Impression) -> list[dict[str, Any]]:
         if imp.user_id not in self.users:
             state = self.users[imp.user_id] = UserState()
-            for item in imp.history:
-                self._apply(state, EventType.page_view, imp.ts_ms - 1, item_id=item, category=self.attributes(item)[0])
+            n = len(imp.history)
+            for index, item in enumerate(imp.history):  # 1 ms apart, never before the previous impression
+                ts_ms = max(self._last_ms, imp.ts_ms - (n - index))
+                self._apply(state, EventType.page_view, ts_ms, item_id=item, category=self.attributes(item)[0])
+        self._last_ms = imp.ts_ms
         user = user_features(self.users[imp.user_id])
         hour = datetime.fromtimestamp(imp.ts_ms / 1000, tz=UTC).hour
         rows = []
@@ -130,15 +144,25 @@ class Replay:
         return rows
 
     def reveal(self, imp: Impression) -> None:
+        """The impression's `ad_impression` events (its clicks come 1 s later: `run` applies them when due)."""
         state = self.users[imp.user_id]
-        for ad_id, label in zip(imp.ad_ids, imp.labels, strict=True):
+        for ad_id in imp.ad_ids:
             category, campaign = self.attributes(ad_id)
             ad = dict(ad_id=ad_id, campaign_id=campaign, category=category, request_id=imp.request_id)
-            kinds = [EventType.ad_impression] + [EventType.ad_click] * label
-            for kind in kinds:
-                self._count_ad(self._apply(state, kind, imp.ts_ms, **ad))
-            if label:
-                self._apply(state, EventType.page_view, imp.ts_ms, item_id=ad_id, category=category)
+            self._count_ad(self._apply(state, EventType.ad_impression, imp.ts_ms, **ad))
+
+    def _click(self, due: list[tuple[int, int, Impression]], *, until_ms: int | None) -> None:
+        """Apply the clicks due by `until_ms` (all if None), oldest first: an `ad_click` and a `page_view` of
+        the article per click, as `streaming.replay.mind` sends them (a click at a request's very time is seen)."""
+        while due and (until_ms is None or due[0][0] <= until_ms):
+            click_ms, _, imp = heapq.heappop(due)
+            state = self.users[imp.user_id]
+            for ad_id, label in zip(imp.ad_ids, imp.labels, strict=True):
+                if label:
+                    category, campaign = self.attributes(ad_id)
+                    ad = dict(ad_id=ad_id, campaign_id=campaign, category=category, request_id=imp.request_id)
+                    self._count_ad(self._apply(state, EventType.ad_click, click_ms, **ad))
+                    self._apply(state, EventType.page_view, click_ms, item_id=ad_id, category=category)
 
     def _apply(self, state: UserState, kind: EventType, ts_ms: int, **fields: Any) -> Event:
         # model_construct skips validation: the replay builds every field itself, with the contract's types.

@@ -5,12 +5,16 @@ Each impression row `impression_id, user_id, time, history, impressions` is one 
   `position` = its index + 1, `category` / `subcategory` from news.tsv when the article is there),
   ids `mind-<impression_id>-<position>`;
 - an `ad_click` for each clicked candidate, 1 s after the impression (MIND has no click times),
-  ids `mind-<impression_id>-<position>-click`;
+  ids `mind-<impression_id>-<position>-click`, followed by a `page_view` of the article (the
+  click opens it), ids `...-click-view`;
 - the first time a user is seen, their `history` (news they clicked before the data window)
-  becomes `page_view` events of those articles, 1 ms apart and ending 1 ms before the
-  impression, ids `mind-<impression_id>-h<index>`. Page views, not ad clicks: they give the
-  user's reading interests to the features without counting as clicks on ads, and they come
-  only once per user because MIND repeats the whole history on every impression row.
+  becomes `page_view` events of those articles (with their category), 1 ms apart and ending
+  1 ms before the impression, ids `mind-<impression_id>-h<index>`. Page views, not ad clicks:
+  they give the user's reading interests to the features without counting as clicks on ads, and
+  they come only once per user because MIND repeats the whole history on every impression row.
+MIND has no campaigns: `campaign_id` = `sub:<subcategory>` where news.tsv has the article.
+These are the very events `models.mind.Replay` folds for training and evaluation, so a model
+trained there sees the features this replay builds through the consumer (tests/models prove it).
 `time` (`11/12/2019 2:14:46 PM`) carries no zone; it is read as UTC. Rows are sorted by time
 (ties by file order) before the replay, so the whole file is read first (MIND-small: ~157k rows).
 """
@@ -53,7 +57,7 @@ def read(path: Path) -> Iterator[Event]:
     def groups() -> Iterator[tuple[list[Event], list[Event]]]:
         nonlocal last_ts
         for row in rows:
-            history = [] if row.user_id in seen_users else _history(row, after=last_ts)
+            history = [] if row.user_id in seen_users else _history(row, news, after=last_ts)
             seen_users.add(row.user_id)
             shown, clicked = _candidates(row, news)
             last_ts = row.ts
@@ -90,7 +94,7 @@ def _impressions(path: Path) -> Iterator[_Impression]:
             yield _Impression(number, impression_id, user_id, ts, history.split(), candidates)
 
 
-def _history(row: _Impression, *, after: datetime) -> list[Event]:
+def _history(row: _Impression, news: dict[str, tuple[str, str]], *, after: datetime) -> list[Event]:
     """Page views of the user's earlier clicks, just before the impression (never before `after`)."""
     n = len(row.history)
     return [
@@ -101,6 +105,7 @@ def _history(row: _Impression, *, after: datetime) -> list[Event]:
             user_id=row.user_id,
             ts=max(after, row.ts - (n - index) * HISTORY_STEP),
             item_id=news_id,
+            category=news.get(news_id, (None, None))[0],
             source=SOURCE,
         )
         for index, news_id in enumerate(row.history)
@@ -117,6 +122,7 @@ def _candidates(row: _Impression, news: dict[str, tuple[str, str]]) -> tuple[lis
             "ad_id": news_id,
             "item_id": news_id,
             "category": category,
+            "campaign_id": f"sub:{subcategory}" if subcategory else None,
             "request_id": f"mind-{row.impression_id}",
             "slot_id": SLOT_ID,
             "position": index + 1,
@@ -128,4 +134,7 @@ def _candidates(row: _Impression, news: dict[str, tuple[str, str]]) -> tuple[lis
         if was_clicked:
             click_ts = row.ts + CLICK_DELAY
             clicked.append(Event(event_id=f"{event_id}-click", event_type=EventType.ad_click, ts=click_ts, **common))
+            clicked.append(Event(event_id=f"{event_id}-click-view", schema_version=SCHEMA_VERSION,
+                                 event_type=EventType.page_view, user_id=row.user_id, ts=click_ts, item_id=news_id,
+                                 category=category, source=SOURCE))  # fmt: skip
     return shown, clicked

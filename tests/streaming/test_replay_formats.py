@@ -71,23 +71,26 @@ def test_mind_impressions_clicks_and_history(tmp_path: Path) -> None:
     _assert_time_ordered(events)
     assert [e.event_id for e in events] == [
         "mind-3-1", "mind-3-2",  # 9:00 impression of U2
-        "mind-3-1-click",  # its click, 1 s later
+        "mind-3-1-click", "mind-3-1-click-view",  # its click, 1 s later, and the article it opened
         "mind-7-h0", "mind-7-h1",  # U1's history, just before the 14:14:46 impression
         "mind-7-1", "mind-7-2", "mind-7-3",
         "mind-9-1",  # same time, later line; U1 already seen: no history
-        "mind-7-2-click",
+        "mind-7-2-click", "mind-7-2-click-view",
     ]  # fmt: skip
     by_id = {e.event_id: e for e in events}
     shown = by_id["mind-7-2"]
     assert shown.event_type.value == "ad_impression"
     assert (shown.request_id, shown.ad_id, shown.position, shown.category) == ("mind-7", "N11", 2, "news")
-    assert shown.context == {"subcategory": "newsworld"}
+    assert shown.context == {"subcategory": "newsworld"} and shown.campaign_id == "sub:newsworld"
     assert by_id["mind-7-3"].category is None  # N12 is not in news.tsv
     click = by_id["mind-7-2-click"]
     assert (click.event_type.value, click.ad_id, click.request_id) == ("ad_click", "N11", "mind-7")
     assert (click.ts - shown.ts).total_seconds() == 1
     history = [by_id["mind-7-h0"], by_id["mind-7-h1"]]
-    assert [(h.event_type.value, h.item_id) for h in history] == [("page_view", "N1"), ("page_view", "N2")]
+    assert [(h.event_type.value, h.item_id, h.category) for h in history] == [("page_view", "N1", None),
+                                                                              ("page_view", "N2", None)]  # fmt: skip
+    view = by_id["mind-7-2-click-view"]
+    assert (view.event_type.value, view.item_id, view.category, view.ts) == ("page_view", "N11", "news", click.ts)
     assert history[0].ts < history[1].ts < shown.ts
     assert {e.source for e in events} == {"replay:mind"}
 
