@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
+from kafka.partitioner.default import murmur2
 
 from serving import metrics
 from streaming.events import SCHEMA_VERSION, Event, EventType
@@ -55,6 +56,8 @@ class ImpressionLogger:
         self._thread: threading.Thread | None = None
         self._producer = None
         self._healthy = False
+        self._pending: deque[Any] = deque()  # kafka-python futures of the records sent, oldest first
+        self._reap_lock = threading.Lock()
         self.counts = {"enqueued": 0, "sent": 0, "dropped_buffer_full": 0, "failed": 0}
         self.last_error: str | None = None
 
@@ -111,6 +114,7 @@ class ImpressionLogger:
                 self._producer.close(timeout=1)
             except Exception as error:
                 log.warning("closing the impression producer: %s", error)
+            self._reap()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until the buffer is empty and the producer has delivered (tests, shutdown)."""
@@ -121,6 +125,7 @@ class ImpressionLogger:
         if self._producer is None:
             return False
         self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
+        self._reap()  # flush returns once every record's future is done
         return not self._buffer
 
     # --- sender thread ----------------------------------------------------------------------
@@ -132,12 +137,19 @@ class ImpressionLogger:
                 continue
             self._wake.wait(SEND_INTERVAL_S)
             self._wake.clear()
-            while self._buffer and not self._stop.is_set():
-                if not self._send_batch():
-                    self._stop.wait(self.retry_s)
-                    break
+            if not self._drain():
+                self._stop.wait(self.retry_s)
             metrics.KAFKA_CONNECTED.set(1 if self.connected else 0)
             metrics.IMPRESSIONS_BUFFERED.set(len(self._buffer))
+
+    def _drain(self) -> bool:
+        """Hand the buffer to the producer, `BATCH` records at a time, and count what was delivered since
+        the last drain; False: Kafka refused, retry later."""
+        ok = True
+        while ok and self._buffer and not self._stop.is_set():
+            ok = self._send_batch()
+        self._reap()
+        return ok
 
     def _connect(self) -> bool:
         try:
@@ -155,6 +167,10 @@ class ImpressionLogger:
     def _send_batch(self) -> bool:
         with self._lock:
             batch = [self._buffer.popleft() for _ in range(min(BATCH, len(self._buffer)))]
+        try:  # waits for the topic's metadata as `send` would (max_block_ms)
+            partitions = sorted(self._producer.partitions_for(self.topic))
+        except Exception as error:
+            return self._put_back(batch, f"send: {error}")
         for i, record in enumerate(batch):
             try:
                 key, value = encode(record)
@@ -163,27 +179,45 @@ class ImpressionLogger:
                 log.error("impression record breaks the event contract: %s", error)
                 continue
             try:
-                future = self._producer.send(self.topic, key=key, value=value)
+                future = self._producer.send(self.topic, key=key, value=value, partition=partition(key, partitions))
             except Exception as error:  # metadata unavailable: put the rest back in front, retry later
-                self.last_error, self._healthy = f"send: {error}", False
-                with self._lock:
-                    self._buffer.extendleft(reversed(batch[i:]))
-                return False
-            future.add_callback(self._sent)
-            future.add_errback(self._failed)
+                return self._put_back(batch[i:], f"send: {error}")
+            self._pending.append(future)  # counted by `_reap`: no callbacks per record in kafka-python's thread
         return True
 
-    def _sent(self, _metadata) -> None:
-        self._healthy = True
-        self._count("sent", 1)
+    def _put_back(self, records: list[dict[str, Any]], error: str) -> bool:
+        self.last_error, self._healthy = error, False
+        with self._lock:
+            self._buffer.extendleft(reversed(records))
+        return False
 
-    def _failed(self, error: Exception) -> None:
-        self.last_error, self._healthy = f"delivery: {error}", False
-        self._count("failed", 1)
+    def _reap(self) -> None:
+        """Count the deliveries kafka-python has finished, oldest first, up to the first still in flight."""
+        sent = failed = 0
+        healthy = self._healthy
+        with self._reap_lock:  # the sender thread, `flush` and `close` all reap
+            pending = self._pending
+            while pending and pending[0].is_done:
+                error = pending.popleft().exception
+                if error is None:
+                    sent, healthy = sent + 1, True
+                else:
+                    failed, healthy, self.last_error = failed + 1, False, f"delivery: {error}"
+        self._healthy = healthy
+        if sent:
+            self._count("sent", sent)
+        if failed:
+            self._count("failed", failed)
 
     def _count(self, outcome: str, n: int) -> None:
         self.counts[outcome] += n
         metrics.IMPRESSIONS.labels(outcome).inc(n)
+
+
+def partition(key: bytes, partitions: list[int]) -> int:
+    """The partition kafka-python's default partitioner picks for `key` among the topic's sorted `partitions`
+    (murmur2, as the Java client): passing it to `send` skips the partitioner's per-record work."""
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
 def encode(record: dict[str, Any]) -> tuple[bytes, bytes]:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 from fastapi.testclient import TestClient
 from kafka.future import Future
+from kafka.partitioner.default import DefaultPartitioner
 
 from adloop.settings import Settings
 from serving import impressions
@@ -55,6 +56,7 @@ def test_served_ads_arrive_on_kafka_as_contract_events(
     served = {(b["request_id"], s["slot_id"], a["ad_id"]): (b, a) for b in bodies for s in b["slots"] for a in s["ads"]}
     assert len(served) == 12
     messages = read_back(local_stack, topic, len(served))
+    cluster = Cluster(topic, 3)
     events = [parse_event(m.value) for m in messages]
     assert len(events) == len(served)
     assert len({e.event_id for e in events}) == len(events)
@@ -68,6 +70,7 @@ def test_served_ads_arrive_on_kafka_as_contract_events(
         assert event.arm == body["arm"] and event.model_version == body["model_version"]
         assert event.propensity == pytest.approx(ad["propensity"])
         assert event.context["device"] == "mobile" and event.context["format"] in ("banner_728x90", "native")
+        assert message.partition == DefaultPartitioner().partition(topic, None, message.key, None, None, cluster)
 
 
 def test_kafka_down_buffers_counts_and_drops_oldest() -> None:
@@ -271,15 +274,16 @@ def test_served_records_take_the_fast_path(make_app) -> None:
 class FakeProducer:
     """Delivers at once; records what it was given."""
 
-    def __init__(self):
+    def __init__(self, error: Exception | None = None):
         self.sent: list[tuple] = []
+        self.error = error
 
     def partitions_for(self, topic):
         return {0, 1, 2}
 
     def send(self, topic, *, key, value, partition=None):
         self.sent.append((topic, key, value, partition))
-        return Future().success(None)
+        return Future().failure(self.error) if self.error else Future().success(None)
 
     def flush(self, timeout=None):
         pass
@@ -300,3 +304,42 @@ def test_a_record_that_breaks_the_contract_is_counted_and_the_rest_go_out() -> N
     logger.close(timeout=1)
     assert [parse_event(value).event_id for _, _, value, _ in producer.sent] == ["e1", "e3", "e4"]
     assert logger.counts["failed"] == 1 and logger.counts["sent"] == 3
+
+
+class Cluster:
+    """What kafka-python's `DefaultPartitioner` reads of the cluster metadata: one topic's partitions."""
+
+    def __init__(self, topic: str, n: int):
+        self.topic, self.partitions = topic, set(range(n))
+
+    def topics(self):
+        return {self.topic}
+
+    def partitions_for_topic(self, topic):
+        return self.partitions
+
+    def available_partitions_for_topic(self, topic):
+        return self.partitions
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 12])
+def test_our_partition_is_the_default_partitioners(n: int) -> None:
+    cluster = Cluster("t", n)
+    rng = random.Random(n)
+    keys = [u.encode() for u in UNICODE] + [f"user-{rng.randrange(10**9)}".encode() for _ in range(3000)]
+    keys += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))) for _ in range(1000)]  # every tail length
+    default = DefaultPartitioner()
+    for key in keys:
+        assert impressions.partition(key, list(range(n))) == default.partition("t", None, key, None, None, cluster)
+
+
+def test_failed_deliveries_are_counted_and_flagged() -> None:
+    producer = FakeProducer(error=TimeoutError("broker gone"))
+    logger = ImpressionLogger(bootstrap_servers="unused", topic="t", producer_factory=lambda: producer)
+    logger.start()
+    logger.log([{"user_id": "u", "ad_id": "a", "event_id": f"e{i}"} for i in range(3)])
+    logger.flush(timeout=5)
+    logger.close(timeout=1)
+    assert logger.counts["failed"] == 3 and logger.counts["sent"] == 0
+    assert not logger.connected and logger.last_error == "delivery: broker gone"
+    assert [p for *_, p in producer.sent] == [impressions.partition(b"u", [0, 1, 2])] * 3
