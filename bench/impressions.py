@@ -12,7 +12,7 @@ alternate OLD and NEW, each with a fresh producer, on one fresh topic (3 partiti
 afterwards). CPU is read per thread from /proc (schedstat, ns): the logger thread, kafka-python's
 network thread, and the whole process (which includes the feeding loop, the same for both). Prints
 medians over rounds of CPU per record, the logger thread's CPU per drain (median, p99 over all
-drains), what was delivered, and the ratios new / old.
+drains), what was delivered, the ratios new / old, and the CPU of the encoding alone.
 """
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ class MainLogger(Timed, ImpressionLogger):
     def _failed(self, error: Exception) -> None:
         self.last_error, self._healthy = f"delivery: {error}", False
         self._count("failed", 1)
+
+
+def main_encode(record: dict[str, Any]) -> tuple[bytes, bytes]:
+    event = to_event(record)
+    return event.user_id.encode(), event.to_bytes()
 
 
 def main_producer(bootstrap_servers: str):
@@ -153,6 +158,17 @@ def one_round(cls, factory, topic: str, *, rate: int, seconds: float, seed: int)
     return result
 
 
+def encoding_us(encode, records: list[dict[str, Any]], repeat: int = 5) -> float:
+    """Median over `repeat` passes of the CPU per record of `encode` alone (this thread, no Kafka)."""
+    passes = []
+    for _ in range(repeat):
+        started = time.thread_time()
+        for record in records:
+            encode(record)
+        passes.append((time.thread_time() - started) / len(records) * 1e6)
+    return statistics.median(passes)
+
+
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) > 1 else values[0]
 
@@ -188,6 +204,11 @@ def main() -> None:
         admin.delete_topics([topic])
         admin.close()
 
+    records = [r for batch in requests(2000, 0) for r in batch]
+    encoding = {
+        "old": encoding_us(main_encode, records),
+        "new": encoding_us(impressions.encode, records),
+    }
     load = os.getloadavg()[0]
     print(f"{args.rate:,} records/s ({args.rate // 2:,} requests x 2 ads), {args.seconds:g} s a round, "
           f"{args.rounds} rounds a path alternating, 3 partitions, load {load:.2f} at the end")  # fmt: skip
@@ -207,6 +228,8 @@ def main() -> None:
     old, new = summary["old"], summary["new"]
     ratios = "  ".join(f"{k} {new[k] / old[k]:.2f}" for k in ("logger", "kafka", "both", "process", "drain_p50"))
     print(f"  new / old: {ratios}")
+    print(f"  encoding alone, us per record: old (to_event + to_bytes) {encoding['old']:.1f}, "
+          f"new (encode) {encoding['new']:.1f}, new / old {encoding['new'] / encoding['old']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
