@@ -2,13 +2,13 @@
 
     .venv/bin/python -m bench.impressions [--rate 1000] [--seconds 5] [--rounds 3]
 
-Both paths run in this process through `ImpressionLogger`, whose thread drains the buffer every 100 ms,
-fed as the API feeds it: one `log()` of 2 records per request at rate / 2 requests per second, records
-shaped as `serving.runtime.impression_records` builds them (2,000 users, context of 4 keys). OLD is
-main's drain (56502e7, reproduced here): a pydantic `Event` per record, `Event.to_bytes`, `send` with two
-callbacks per record and main's producer settings, in this branch's loop (`log`, the 100 ms drain);
-NEW is `serving.impressions` as it is. Rounds
-alternate OLD and NEW, each with a fresh producer, on one fresh topic (3 partitions, loopback, deleted
+Both paths run in this process through `ImpressionLogger`, whose thread drains the buffer every
+100 ms, fed as the API feeds it: one `log()` of 2 records per request at rate / 2 requests per second,
+records shaped as `serving.runtime.impression_records` builds them (2,000 users, context of 4 keys).
+OLD is main's drain (56502e7, reproduced here): a pydantic `Event` per record, `Event.to_bytes`, `send`
+with two callbacks per record and main's producer settings, in this branch's loop (`log`, the 100 ms
+drain); NEW is `serving.impressions` as it is. Rounds alternate OLD and NEW, each with a fresh
+producer, on one fresh topic (`ADLOOP_EVENT_PARTITIONS` partitions, 6 by default; loopback; deleted
 afterwards). CPU is read per thread from /proc (schedstat, ns): the logger thread, kafka-python's
 network thread, and the whole process (which includes the feeding loop, the same for both). Prints
 medians over rounds of CPU per record, the logger thread's CPU per drain (median, p99 over all
@@ -185,7 +185,8 @@ def main() -> None:
 
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    servers = get_settings().kafka_bootstrap_servers
+    settings = get_settings()
+    servers = settings.kafka_bootstrap_servers
     if any(s.rsplit(":", 1)[0].strip("[]") not in ("127.0.0.1", "localhost", "::1") for s in servers.split(",")):
         parser.error(f"runs against the local broker only, not {servers}")
     paths = {
@@ -194,7 +195,7 @@ def main() -> None:
     }
     topic = f"adloop.bench.{uuid.uuid4().hex[:8]}"
     admin = KafkaAdminClient(bootstrap_servers=servers, bootstrap_timeout_ms=5000)
-    admin.create_topics([NewTopic(topic, 3, 1)])
+    admin.create_topics([NewTopic(topic, settings.event_partitions, 1)])
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
     try:
         for r in range(args.rounds):
@@ -211,7 +212,8 @@ def main() -> None:
     }
     load = os.getloadavg()[0]
     print(f"{args.rate:,} records/s ({args.rate // 2:,} requests x 2 ads), {args.seconds:g} s a round, "
-          f"{args.rounds} rounds a path alternating, 3 partitions, load {load:.2f} at the end")  # fmt: skip
+          f"{args.rounds} rounds a path alternating, {settings.event_partitions} partitions, "
+          f"load {load:.2f} at the end")  # fmt: skip
     print("         CPU us per record (median of rounds)       logger CPU per drain ms      delivered")
     print("         logger  kafka thread  both   process          median    p99")
     summary = {}

@@ -352,8 +352,9 @@ def _kafka_producer(bootstrap_servers: str):
         bootstrap_servers=bootstrap_servers,
         acks="all",
         linger_ms=50,  # batches of a 100 ms drain go out in one request per partition
-        # ... and in one batch per partition: with the default 16 KiB (~25 impressions) a drain of 100 opened
-        # more batches and woke the network thread more (its CPU per record 30 -> 20 us, bench/impressions.py)
+        # ... in one batch per partition: the default 16 KiB holds ~25 impressions, so a larger drain (3
+        # partitions at 1,000/s, or up to BATCH=500 records after a backlog) opened more batches and woke the
+        # network thread more (3 partitions: its CPU 30 -> 20 us per record; 6: within noise; bench/impressions.py)
         batch_size=256 * 1024,
         bootstrap_timeout_ms=3000,  # kafka-python 3.x: fail fast when no broker (STACK.md)
         max_block_ms=2000,
