@@ -1,6 +1,6 @@
 """CPU that impression logging costs the serving process: main's path against this one, on the local Kafka.
 
-    .venv/bin/python -m bench.impressions [--rate 1000] [--seconds 5] [--rounds 3]
+    .venv/bin/python -m bench.impressions [--rate 1000] [--seconds 5] [--rounds 3] [--partitions N]
 
 Both paths run in this process through `ImpressionLogger`, whose thread drains the buffer every
 100 ms, fed as the API feeds it: one `log()` of 2 records per request at rate / 2 requests per second,
@@ -8,7 +8,7 @@ records shaped as `serving.runtime.impression_records` builds them (2,000 users,
 OLD is main's drain (56502e7, reproduced here): a pydantic `Event` per record, `Event.to_bytes`, `send`
 with two callbacks per record and main's producer settings, in this branch's loop (`log`, the 100 ms
 drain); NEW is `serving.impressions` as it is. Rounds alternate OLD and NEW, each with a fresh
-producer, on one fresh topic (`ADLOOP_EVENT_PARTITIONS` partitions, 6 by default; loopback; deleted
+producer, on one fresh topic (`--partitions`, default `ADLOOP_EVENT_PARTITIONS`: 6; loopback; deleted
 afterwards). CPU is read per thread from /proc (schedstat, ns): the logger thread, kafka-python's
 network thread, and the whole process (which includes the feeding loop, the same for both). Prints
 medians over rounds of CPU per record, the logger thread's CPU per drain (median, p99 over all
@@ -179,13 +179,15 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000, help="records per second (2 per request)")
     parser.add_argument("--seconds", type=float, default=5.0, help="per round")
     parser.add_argument("--rounds", type=int, default=3, help="per path")
+    parser.add_argument("--partitions", type=int, default=None, help="of the topic (default: as deployed)")
     args = parser.parse_args()
+    settings = get_settings()
+    partitions = args.partitions or settings.event_partitions
     if not 10 <= args.rate <= 20_000 or not 0.5 <= args.seconds <= 60 or not 1 <= args.rounds <= 10:
         parser.error("bounded: --rate 10..20000, --seconds 0.5..60, --rounds 1..10")
 
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    settings = get_settings()
     servers = settings.kafka_bootstrap_servers
     if any(s.rsplit(":", 1)[0].strip("[]") not in ("127.0.0.1", "localhost", "::1") for s in servers.split(",")):
         parser.error(f"runs against the local broker only, not {servers}")
@@ -195,7 +197,7 @@ def main() -> None:
     }
     topic = f"adloop.bench.{uuid.uuid4().hex[:8]}"
     admin = KafkaAdminClient(bootstrap_servers=servers, bootstrap_timeout_ms=5000)
-    admin.create_topics([NewTopic(topic, settings.event_partitions, 1)])
+    admin.create_topics([NewTopic(topic, partitions, 1)])
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
     try:
         for r in range(args.rounds):
@@ -212,7 +214,7 @@ def main() -> None:
     }
     load = os.getloadavg()[0]
     print(f"{args.rate:,} records/s ({args.rate // 2:,} requests x 2 ads), {args.seconds:g} s a round, "
-          f"{args.rounds} rounds a path alternating, {settings.event_partitions} partitions, "
+          f"{args.rounds} rounds a path alternating, {partitions} partitions, "
           f"load {load:.2f} at the end")  # fmt: skip
     print("         CPU us per record (median of rounds)       logger CPU per drain ms      delivered")
     print("         logger  kafka thread  both   process          median    p99")
