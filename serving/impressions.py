@@ -192,18 +192,21 @@ class ImpressionLogger:
         return False
 
     def _reap(self) -> None:
-        """Count the deliveries kafka-python has finished, oldest first, up to the first still in flight."""
+        """Count the deliveries kafka-python has finished since the last pass (one look at each pending future)."""
         sent = failed = 0
-        healthy = self._healthy
-        with self._reap_lock:  # the sender thread, `flush` and `close` all reap
+        healthy = None
+        with self._reap_lock:  # the sender thread, `flush` and `close` all reap; `_send_batch` only appends
             pending = self._pending
-            while pending and pending[0].is_done:
-                error = pending.popleft().exception
-                if error is None:
+            for _ in range(len(pending)):
+                future = pending.popleft()
+                if not future.is_done:  # still in flight (e.g. one partition's leader is away): next pass
+                    pending.append(future)
+                elif future.exception is None:
                     sent, healthy = sent + 1, True
                 else:
-                    failed, healthy, self.last_error = failed + 1, False, f"delivery: {error}"
-        self._healthy = healthy
+                    failed, healthy, self.last_error = failed + 1, False, f"delivery: {future.exception}"
+        if healthy is not None:
+            self._healthy = healthy
         if sent:
             self._count("sent", sent)
         if failed:

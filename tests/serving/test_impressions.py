@@ -343,3 +343,14 @@ def test_failed_deliveries_are_counted_and_flagged() -> None:
     assert logger.counts["failed"] == 3 and logger.counts["sent"] == 0
     assert not logger.connected and logger.last_error == "delivery: broker gone"
     assert [p for *_, p in producer.sent] == [impressions.partition(b"u", [0, 1, 2])] * 3
+
+
+def test_deliveries_are_counted_whatever_order_they_finish_in() -> None:
+    logger = ImpressionLogger(bootstrap_servers="unused", topic="t")
+    slow = Future()  # e.g. a partition whose leader is away
+    logger._pending.extend([slow, Future().success(None), Future().failure(TimeoutError("x")), Future()])
+    logger._reap()
+    assert logger.counts["sent"] == 1 and logger.counts["failed"] == 1 and len(logger._pending) == 2
+    slow.success(None)
+    logger._reap()
+    assert logger.counts["sent"] == 2 and logger.counts["failed"] == 1 and len(logger._pending) == 1
