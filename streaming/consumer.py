@@ -10,8 +10,7 @@ One batch, in order (poll -> decode -> handle -> sink -> store offsets after the
      serving reads online after this batch), plus a user's state just before each ad impression
      (what the ranker saw), so point-in-time training rows do not depend on batch sizes;
   4. one atomic Redis write: states, seen ids, ad counters, the latest online rows in Feast's
-     own layout (features/online.py; a user's row as the fields that changed since the row this
-     process wrote, streaming/online_rows.py) and each partition's applied offset;
+     own layout (features/online.py) and each partition's applied offset;
   5. commit the Kafka offsets.
 A crash anywhere replays from the last applied offset: nothing counts twice, nothing is lost.
 """
@@ -37,7 +36,6 @@ from streaming import metrics
 from streaming.aggregates import ad_bucket_keys, ad_features, apply_user, prune, stale_ad_counters, user_features
 from streaming.dead_letters import DeadLetters
 from streaming.events import Event, EventType, InvalidEvent, parse_event
-from streaming.online_rows import OnlineRows
 from streaming.state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -78,7 +76,6 @@ class FeatureConsumer:
         )
         self.applied = self.state.applied_offsets()
         self.layout = FeastLayout.from_settings(settings)
-        self.user_rows = OnlineRows(self.layout, USER_VIEW)
         self.touched_ads: set[str] = set()
         self.total = BatchReport()  # everything `run` has done so far
         self.stale_counters: dict[str, list[str]] = {}  # ad -> counter fields outside every window
@@ -150,7 +147,7 @@ class FeatureConsumer:
         events = self._drop_duplicates(events, report)
         self.dead_letters.flush()  # dead letters are durable before their offsets are stored
 
-        users, loaded = self.state.user_states({e.user_id for _, _, e in events})
+        users = self.state.user_states({e.user_id for _, _, e in events})
         ad_increments: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         ad_last: dict[str, int] = {}
         snapshots: dict[tuple[str, int], tuple[str, int, dict[str, Any]]] = {}
@@ -180,24 +177,19 @@ class FeatureConsumer:
         self.sink.write_offline(AD_VIEW, ad_rows, name=name)
 
         def online(pipe: Any) -> None:
-            self.user_rows.queue(pipe, user_rows, loaded)
+            write_rows(pipe, self.layout, USER_VIEW, user_rows)
             write_rows(pipe, self.layout, AD_VIEW, ad_rows)
             self.state.drop_ad_counters(pipe, self.stale_counters)
             self.stale_counters.clear()
 
-        try:
-            stored = self.state.commit_batch(
-                states=users,
-                seen_ids=[e.event_id for _, _, e in events],
-                ad_increments=ad_increments,
-                ad_last=ad_last,
-                offsets=last_offsets,
-                online=online,
-            )
-        except BaseException:
-            self.user_rows.forget()  # what Redis holds for these users is unknown now
-            raise
-        self.user_rows.committed(stored)
+        self.state.commit_batch(
+            states=users,
+            seen_ids=[e.event_id for _, _, e in events],
+            ad_increments=ad_increments,
+            ad_last=ad_last,
+            offsets=last_offsets,
+            online=online,
+        )
         self.applied.update(last_offsets)
         self.touched_ads.update(ad_last)
         self.consumer.commit(
@@ -267,7 +259,6 @@ class _Rebalance(ConsumerRebalanceListener):
         self.owner = owner
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.owner.user_rows.forget()  # another consumer may write these users' rows next
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:

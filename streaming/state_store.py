@@ -51,15 +51,12 @@ class StateStore:
         flags = self.redis.mget([f"{self.prefix}seen:{e}" for e in event_ids])
         return {e for e, flag in zip(event_ids, flags, strict=True) if flag is not None}
 
-    def user_states(self, user_ids: Iterable[str]) -> tuple[dict[str, UserState], dict[str, int]]:
-        """Each user's state (a new one where none is stored), and the fingerprint of each stored state."""
+    def user_states(self, user_ids: Iterable[str]) -> dict[str, UserState]:
         ids = list(user_ids)
         if not ids:
-            return {}, {}
+            return {}
         blobs = self.redis.mget([f"{self.prefix}state:user:{u}" for u in ids])
-        pairs = list(zip(ids, blobs, strict=True))
-        states = {u: UserState.from_json(orjson.loads(b)) if b else UserState() for u, b in pairs}
-        return states, {u: fingerprint(b) for u, b in pairs if b}
+        return {u: UserState.from_json(orjson.loads(b)) if b else UserState() for u, b in zip(ids, blobs, strict=True)}
 
     def ad_counters(self, ad_ids: Iterable[str]) -> dict[str, tuple[dict[str, list[int]], dict[str, list[int]], int]]:
         """Per ad: (hour bucket -> [impressions, clicks], 5-min bucket -> [..], latest event ms)."""
@@ -98,14 +95,12 @@ class StateStore:
         ad_last: dict[str, int],
         offsets: dict[int, int],
         online: Callable[[Any], None],
-    ) -> dict[str, int]:
+    ) -> None:
         """One atomic write: states, seen ids, ad counters, the online feature rows (queued by `online`
-        on the transaction) and the partitions' applied offsets. Returns the fingerprints of the states
-        written (what `user_states` will find for them, as long as nobody else writes them)."""
+        on the transaction) and the partitions' applied offsets."""
         pipe = self.redis.pipeline(transaction=True)
-        blobs = {u: orjson.dumps(s.to_json()) for u, s in states.items()}
-        if blobs:
-            pipe.mset({f"{self.prefix}state:user:{u}": b for u, b in blobs.items()})
+        if states:
+            pipe.mset({f"{self.prefix}state:user:{u}": orjson.dumps(s.to_json()) for u, s in states.items()})
         if seen_ids:
             keys = [f"{self.prefix}seen:{event_id}" for event_id in seen_ids]
             pipe.register_script(_MARK_SEEN)(keys=keys, args=[self.seen_ttl_s], client=pipe)
@@ -118,10 +113,3 @@ class StateStore:
         if offsets:
             pipe.hset(self.offsets_key, mapping={str(p): o for p, o in offsets.items()})
         pipe.execute()
-        return {u: fingerprint(b) for u, b in blobs.items()}
-
-
-def fingerprint(blob: bytes) -> int:
-    """Identifies a stored state's JSON within this process (64-bit SipHash: a collision between two
-    states of one user is a 2**-64 chance)."""
-    return hash(blob)

@@ -24,7 +24,7 @@ from streaming.dead_letters import describe
 from streaming.events import Event
 from tests.conftest import adloop_env, consume_all, produce, shared_data
 from tests.streaming import batch_features
-from tests.streaming.test_aggregates import fold, synthetic_events
+from tests.streaming.test_aggregates import synthetic_events
 
 pytestmark = pytest.mark.integration
 
@@ -216,45 +216,3 @@ def test_feast_layout_read_and_write_match_feast(feature_settings: Settings) -> 
         assert reader.user(f"pushed-{user}")["freq_ad_ids"] == rows[user][1]["freq_ad_ids"]
     assert reader.user("nobody") == {}
     assert all(v is None for v in via_feast["nobody"].values())
-
-
-def test_partial_writes_leave_the_row_a_full_write_gives(feature_settings: Settings) -> None:
-    """A user updated in later batches of one consumer gets only its changed fields written; the hash
-    equals, byte for byte, a full write of the same row, and reads back as the batch recomputation."""
-    from features.online import FeastLayout, write_rows
-    from streaming.aggregates import prune
-    from streaming.consumer import FeatureConsumer
-
-    events = synthetic_events(600, users=5, seed=21)
-    waves = [events[:580], events[580:590], events[590:]]  # then a couple of events per user and wave
-    client = redis.Redis.from_url(feature_settings.redis_url)
-    consumer = FeatureConsumer(feature_settings, redis_client=client, group="test-partial")
-    stop = threading.Event()
-    runner = threading.Thread(target=consumer.run, kwargs={"stop": stop.is_set}, daemon=True)
-    runner.start()
-    width = 1 + len(FeastLayout.from_settings(feature_settings).views[USER_VIEW].features)
-    written, sent = [], 0
-    for wave in waves:
-        produce(feature_settings, wave)
-        sent += len(wave)
-        deadline = time.monotonic() + 60
-        while consumer.total.handled < sent:
-            assert time.monotonic() < deadline, "the consumer did not apply the wave"
-            time.sleep(0.05)
-        written.append((consumer.user_rows.rows_written, consumer.user_rows.fields_written))
-    stop.set()
-    runner.join(timeout=30)
-    (rows, fields), _, (last_rows, last_fields) = written
-    assert fields >= 5 * width  # each user's first row is written whole
-    per_row = (last_fields - fields) / (last_rows - rows)  # waves 2 and 3
-    assert per_row < 0.7 * width, f"later waves wrote {per_row:.1f} of {width} fields per row"
-
-    states = fold(events)
-    layout = FeastLayout.from_settings(feature_settings)
-    pipe = client.pipeline()
-    write_rows(pipe, layout, USER_VIEW, [(f"full-{u}", s.last_ts, user_features(prune(s))) for u, s in states.items()])
-    pipe.execute()
-    for user in states:
-        partial = client.hgetall(layout.key(USER_VIEW, user))
-        assert partial == client.hgetall(layout.key(USER_VIEW, f"full-{user}")), user
-    assert_online_equals_batch(feature_settings, events)
