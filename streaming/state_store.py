@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from streaming.aggregates import UserState
 
@@ -36,6 +38,13 @@ class StateStore:
         self, client: redis.Redis, *, group: str, topic: str, prefix: str = "adloop:", seen_ttl_s: int = 8 * 86400
     ):
         self.redis = client
+        # The batch's MULTI/EXEC goes through a client that never retries: redis-py retries a pipeline after
+        # a connection error (3 times by default), and if the EXEC had applied but its reply was lost, the
+        # retry would apply the batch again (HINCRBY counts twice). Without retries the error stops the
+        # consumer; on restart the offsets stored with the batch say whether it applied.
+        pool = client.connection_pool
+        kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+        self.transactions = redis.Redis(connection_pool=redis.ConnectionPool(pool.connection_class, **kwargs))
         self.prefix = prefix
         self.offsets_key = f"{prefix}offsets:{group}:{topic}"
         self.seen_ttl_s = seen_ttl_s
@@ -98,7 +107,7 @@ class StateStore:
     ) -> None:
         """One atomic write: states, seen ids, ad counters, the online feature rows (queued by `online`
         on the transaction) and the partitions' applied offsets."""
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.transactions.pipeline(transaction=True)
         if states:
             pipe.mset({f"{self.prefix}state:user:{u}": orjson.dumps(s.to_json()) for u, s in states.items()})
         if seen_ids:
