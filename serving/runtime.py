@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -29,7 +28,6 @@ from serving.scoring import FeatureReader, ModelBundle, ModelRegistry
 from serving.selection import SelectionConfig, SelectionRequest, SelectionResult, Selector, ServingState
 
 log = logging.getLogger(__name__)
-SWITCH_INTERVAL_S = 0.001
 
 
 class Runtime:
@@ -80,10 +78,6 @@ class Runtime:
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        # The background threads (impression sender, Kafka's network thread, ad-stats refresh, pacing sync)
-        # share the GIL with the event loop; by default a thread keeps it up to 5 ms when the loop asks for
-        # it, a delay every request queued behind it pays. 1 ms bounds that wait at a small switching cost.
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.logger.start()
         threads = [
             threading.Thread(
