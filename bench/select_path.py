@@ -1,6 +1,9 @@
 """The request path's CPU in one process, stage by stage, with no HTTP: where a `/v1/select` spends its time.
 
-    .venv/bin/python -m bench.select_path [--requests 3000]
+    .venv/bin/python -m bench.select_path [--requests 3000] [--stages-only]
+
+Before/after pairs: copy this file into a checkout of the older commit and run both back to back with
+`--stages-only` (the machine's speed drifts by ~20% over an hour; compare runs minutes apart).
 
 Set-up as `bench.serve` (whose helpers it reuses): a 10,000-ad generated catalog, a trained model
 (two-tower + LightGBM + Platt, lleaves-compiled), 2,000 users' `user_activity` rows and the ads'
@@ -30,6 +33,8 @@ BENCH_REDIS_DB = 7
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--stages-only", action="store_true",
+                        help="only Runtime.select (runs on older checkouts too, for a before/after pair)")  # fmt: skip
     args = parser.parse_args()
     assert args.requests <= 20_000, "bounded benchmark"
 
@@ -87,6 +92,8 @@ def main() -> None:
         for stage, values in stages.items():
             print(f"  {stage:<14}{_ms(values, 50):>9}{_ms(values, 99):>9}")
 
+        if args.stages_only:
+            return
         bundle = runtime.state.model
         user_rows = [rows[u] for u in users[:500]]
         inputs = [encode_users([r], bundle.tower.config) for r in user_rows]
