@@ -1,6 +1,6 @@
 """Ingest: the feature consumer against kafka-python's own ceiling, Feast's per-event push, and freshness.
 
-    python bench/ingest.py [--events N] [--fresh-seconds S] [--naive N]
+    python -m bench.ingest [--events N] [--fresh-seconds S] [--naive N]
 
 On the local stack (`adloop stack up`), with fresh topics, Redis db 5 and a temporary Feast folder:
   (a) raw: kafka-python alone drains the topic (poll, no processing): this client's ceiling;

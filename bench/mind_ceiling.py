@@ -1,6 +1,6 @@
 """How far can popularity go on MIND's last day? Diagnostics behind issue #7's 0.63 group AUC target.
 
-    python bench/mind_ceiling.py [MIND folder, default ../shared/data/mind] [--days 3]
+    python -m bench.mind_ceiling [MIND folder, default ../shared/data/mind] [--days 3]
 
 Prints, for the last day (and the last `--days` days pooled, each scored by a model of the days before):
 the news.tsv coverage of candidates, the share of requests from users never seen before that day, and
@@ -19,16 +19,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the `models`
-# package: put the project root there instead.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 DAY_MS = 86_400_000
 

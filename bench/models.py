@@ -1,7 +1,7 @@
 """Model benchmarks on MIND: training time, user-tower latency, LightGBM vs the compiled predictor.
 
-    python bench/models.py [MIND folder, default ../shared/data/mind] [--threads N]
-    python bench/models.py --tower-only     # user tower alone (CPU, and CUDA when present)
+    python -m bench.models [MIND folder, default ../shared/data/mind] [--threads N]
+    python -m bench.models --tower-only     # user tower alone (CPU, and CUDA when present)
 
 Prints medians and p99 in milliseconds (wall clock, perf_counter). LightGBM runs with num_threads=1
 and lleaves with n_jobs=1, on the same 200-candidate matrices in the same process, interleaved.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,11 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the `models`
-# package: put the project root there instead.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 
 def timed(fn: Callable[[], object], repeat: int, warmup: int = 20) -> np.ndarray:

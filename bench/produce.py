@@ -1,6 +1,6 @@
 """Producer throughput: replay a file to a fresh topic on the local broker, gzip vs no compression.
 
-    python bench/produce.py [PATH] [--format taobao] [--runs 3]
+    python -m bench.produce [PATH] [--format taobao] [--runs 3]
 
 Default PATH: the Taobao slice in ../shared/data, else the committed OBD slice. Events are read
 and validated once, before timing, so the figures are the producer's (send + flush, acks=all).

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.serve [--rates 100,250,500] [--seconds 10] [--workers 1] [--targets ...]
 
-(as a module: run as a file, `bench/models.py` would shadow the `models` package.)
+(Every bench runs as a module from the project root: `python -m bench.<name>`.)
 
 What runs (all on 127.0.0.1, bounded in count and time):
 - the app under uvicorn (`--workers`, default one; a subprocess) with a 10,000-ad generated catalog,

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.targeting [--requests 600] [--seeds 10] [--users 200]
 
-(as a module: run as a file, `bench/models.py` would shadow the `models` package.)
+(Every bench runs as a module from the project root: `python -m bench.<name>`.)
 
 The demo's first phase, in process and without services: the SYNTHETIC population browses (the
 consumer's own `streaming.aggregates` build the user rows), then `--requests` requests are served two
