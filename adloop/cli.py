@@ -487,6 +487,9 @@ def evaluate_cmd(
     path: Annotated[Path | None, typer.Argument(help="MIND folder; default ../shared/data/mind.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="A saved version to score PATH's last day.")] = None,
     days: Annotated[int, typer.Option("--days", help="Holdout days, each scored by a model of the days before.")] = 1,
+    pipeline: Annotated[
+        bool, typer.Option("--pipeline", help="With --model: replay PATH through Kafka, the consumer and Redis.")
+    ] = False,
 ) -> None:
     """The evaluation table (train on earlier days, score the last day prequentially), or one saved version's."""
     from models.evaluate import evaluate_bundle, evaluation_table, format_table, holdout_split, load_mind
@@ -501,9 +504,32 @@ def evaluate_cmd(
     except RegistryError as error:
         console.print(f"[red]cannot load {model}:[/red] {error}", highlight=False)
         raise typer.Exit(1) from error
+    if pipeline:
+        _evaluate_through_pipeline(_mind_path(path), bundle)
+        return
     out = evaluate_bundle(bundle, holdout_split(frame)[1])
     console.print(format_table({f"{bundle.version}": out["metrics"]}), highlight=False, markup=False, soft_wrap=True)
     _print_reliability(out["reliability"])
+
+
+def _evaluate_through_pipeline(path: Path, bundle) -> None:
+    from rich.progress import Progress
+
+    from adloop.pipeline_eval import score_through_pipeline
+    from models.evaluate import format_table, metrics_row
+    from models.metrics import reliability_table
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("requests of the last day, scored from Redis", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        rows = score_through_pipeline(get_settings(), path / "behaviors.tsv", bundle, progress=advance)
+    probs = rows["prob"].to_numpy()
+    title = f"{bundle.version} through Kafka, the consumer and Redis"
+    console.print(format_table({title: metrics_row(rows, probs, probs)}), highlight=False, markup=False, soft_wrap=True)
+    _print_reliability(reliability_table(rows["label"].to_numpy(), probs, 10, "quantile"))
 
 
 @models_app.command("list")

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
 
     # Redis (Feast's online store and the consumer's offsets)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    eval_redis_db: int = 14  # database `adloop evaluate --pipeline` owns (emptied before and after)
 
     # Paths
     stack_dir: Path = PROJECT_ROOT / ".stack"  # broker data, logs, pid files of `adloop stack`
