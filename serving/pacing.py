@@ -12,7 +12,8 @@ the whole hash back, in one script call: so uvicorn workers and replicas pace on
 The read costs in proportion to the ads that spent today, not to the catalog: a sync holds the
 serving process's GIL (commands and keys per ad cost 11-14 ms a second with 7,500 budgeted ads, one
 script call 2.5-3.4 ms: `python -m bench.select_path`). Between syncs a process does not see the
-others' spend: the overshoot is bounded by (replicas - 1) x spend rate x sync interval. Without Redis each process paces alone (the runtime logs it), as a single process always does.
+others' spend: the overshoot is bounded by (replicas - 1) x spend rate x sync interval. Without Redis
+each process paces alone (the runtime logs it), as a single process always does.
 """
 
 from __future__ import annotations
