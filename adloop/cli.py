@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -512,7 +512,8 @@ def evaluate_cmd(
     _print_reliability(out["reliability"])
 
 
-def _evaluate_through_pipeline(path: Path, bundle) -> None:
+def _evaluate_through_pipeline(path: Path, bundle: Any) -> None:
+    """The saved version's metrics on PATH's last day, replayed through Kafka, the consumer and Redis."""
     from rich.progress import Progress
 
     from adloop.pipeline_eval import score_through_pipeline

@@ -116,7 +116,10 @@ def _batches(events: list[Event], requests: dict[str, tuple[int, list[Event]]]) 
     return batches
 
 
-def _score(reader: OnlineFeatureReader, bundle: ModelBundle, request_id: str, ts_ms: int, events: list[Event]):
+def _score(
+    reader: OnlineFeatureReader, bundle: ModelBundle, request_id: str, ts_ms: int, events: list[Event]
+) -> list[dict[str, Any]]:
+    """One request's candidates scored as serving would, from the online rows the consumer wrote."""
     shown = sorted((e for e in events if e.event_type == EventType.ad_impression), key=lambda e: e.position)
     clicked = {e.ad_id for e in events if e.event_type == EventType.ad_click}
     ad_ids = [e.ad_id for e in shown]
