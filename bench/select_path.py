@@ -1,6 +1,6 @@
 """The request path's CPU in one process, stage by stage, with no HTTP: where a `/v1/select` spends its time.
 
-    .venv/bin/python -m bench.select_path [--requests 3000] [--stages-only]
+    .venv/bin/python -m bench.select_path [--requests 3000] [--stages-only] [--profile N]
 
 Before/after pairs: copy this file into a checkout of the older commit and run both back to back with
 `--stages-only` (the machine's speed drifts by ~20% over an hour; compare runs minutes apart).
@@ -33,6 +33,13 @@ BENCH_REDIS_DB = 7
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the stages, cProfile the requests and print the N costliest functions",
+    )
     parser.add_argument("--stages-only", action="store_true",
                         help="only Runtime.select (runs on older checkouts too, for a before/after pair)")  # fmt: skip
     args = parser.parse_args()
@@ -92,6 +99,8 @@ def main() -> None:
         for stage, values in stages.items():
             print(f"  {stage:<14}{_ms(values, 50):>9}{_ms(values, 99):>9}")
 
+        if args.profile:
+            profile(lambda: [runtime.select(request(i)) for i in range(args.requests)], args.profile)
         if args.stages_only:
             return
         bundle = runtime.state.model
@@ -115,6 +124,17 @@ def main() -> None:
     finally:
         client.flushdb()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def profile(run, top: int) -> None:
+    """cProfile of `run`, the `top` functions by their own time (where to look next)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    print(f"\ncProfile, the {top} functions with the most own time:")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
 
 
 def pacing(runtime, client) -> None:

@@ -97,16 +97,26 @@ class FeastLayout:
 
 
 class OnlineFeatureReader:
-    """The request path's read: one HMGET per user; ads pipelined in one round trip."""
+    """The request path's read: one HMGET per user; ads pipelined in one round trip.
 
-    def __init__(self, client: Any, layout: FeastLayout) -> None:
+    `async_client` (serving.redis_async.AsyncRedis) lets `user_async` wait for Redis without blocking
+    an event loop; without one it reads synchronously."""
+
+    def __init__(self, client: Any, layout: FeastLayout, async_client: Any | None = None) -> None:
         self.client = client
+        self.async_client = async_client
         self.layout = layout
         self._user_fields = list(layout.views[USER_VIEW].fields)
         self._ad_fields = list(layout.views[AD_VIEW].fields)
 
     def user(self, user_id: str) -> dict[str, Any]:
         values = self.client.hmget(self.layout.key(USER_VIEW, user_id), self._user_fields)
+        return self.layout.decode(USER_VIEW, values)
+
+    async def user_async(self, user_id: str) -> dict[str, Any]:
+        if self.async_client is None:
+            return self.user(user_id)
+        values = await self.async_client.execute("HMGET", self.layout.key(USER_VIEW, user_id), *self._user_fields)
         return self.layout.decode(USER_VIEW, values)
 
     def ads(self, ad_ids: Sequence[str]) -> dict[str, dict[str, Any]]:

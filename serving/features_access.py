@@ -1,8 +1,9 @@
 """Reading online features in the request path: a time-bounded user read, and an in-memory ad-stats cache.
 
-`GuardedReader.user()` never raises: it returns `(features, fallback_reason)`. It runs in the API's
-event loop: one HMGET costs less CPU than handing it to a thread or awaiting it on an asyncio client
-(BENCHMARKS.md, Serving). The time budget is the Redis client's socket timeout; a timeout or a
+`GuardedReader.user()` never raises: it returns `(features, fallback_reason)`. The API's routes await
+`user_async()`: one HMGET on a pipelined asyncio connection (serving.redis_async: hiredis, no
+redis.asyncio, whose CPU per read was more than the read's), so the event loop serves other requests
+while Redis answers. The time budget is the Redis client's socket timeout; a timeout or a
 connection failure opens a circuit breaker, so a slow or dead Redis stalls the loop for at most one
 budget per `slow_skip_s` / `retry_after_s`, not once per request. Ad performance (CTR) changes slowly,
 so it is refreshed in the background into numpy columns aligned with the catalog instead of being read
@@ -75,16 +76,35 @@ class GuardedReader:
             return {}, self._skip_reason
         try:
             features = self.reader.user(user_id)
-        except redis.TimeoutError:
-            self._timeouts += 1
-            return {}, self._skip("redis_slow", self.slow_skip_s) if self._timeouts >= 2 else "redis_slow"
-        except (redis.ConnectionError, OSError):
-            return {}, self._skip("redis_down", self.retry_after_s)
-        except Exception:  # a broken row must not break the request
-            log.exception("user feature read failed")
-            return {}, "features_error"
+        except Exception as error:
+            return {}, self._failed(error)
         self._timeouts = 0
         return features, None
+
+    async def user_async(self, user_id: str) -> tuple[dict[str, Any], str | None]:
+        """`user` awaiting Redis in the event loop when the reader can (`user_async`), so the loop serves
+        other requests meanwhile."""
+        read = getattr(self.reader, "user_async", None)
+        if read is None:
+            return self.user(user_id)
+        if time.monotonic() < self._skip_until:
+            return {}, self._skip_reason
+        try:
+            features = await read(user_id)
+        except Exception as error:
+            return {}, self._failed(error)
+        self._timeouts = 0
+        return features, None
+
+    def _failed(self, error: Exception) -> str:
+        """The fallback reason of a failed read, opening the breaker where the failure says so."""
+        if isinstance(error, redis.TimeoutError):
+            self._timeouts += 1
+            return self._skip("redis_slow", self.slow_skip_s) if self._timeouts >= 2 else "redis_slow"
+        if isinstance(error, (redis.ConnectionError, OSError)):
+            return self._skip("redis_down", self.retry_after_s)
+        log.error("user feature read failed", exc_info=error)  # a broken row must not break the request
+        return "features_error"
 
     def _skip(self, reason: str, seconds: float) -> str:
         self._skip_until, self._skip_reason = time.monotonic() + seconds, reason

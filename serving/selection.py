@@ -36,6 +36,7 @@ from serving.scoring import AD_STAT_COLUMNS, ModelBundle
 log = logging.getLogger(__name__)
 FALLBACK_VERSION = "fallback-ctr-x-bid"
 AD_COLUMNS = ("ad_id", "category", "campaign_id", "advertiser_id")  # what embed_ads gets of an unseen ad
+UserRead = tuple[dict[str, Any], str | None, float]  # (features, fallback reason or None, seconds it took)
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,22 @@ class Selector:
         self._local = threading.local()
 
     def select(
-        self, request: SelectionRequest, *, state: ServingState | None = None, now: float | None = None
+        self,
+        request: SelectionRequest,
+        *,
+        state: ServingState | None = None,
+        now: float | None = None,
+        user_read: UserRead | None = None,
     ) -> SelectionResult:
-        """`state`: the snapshot the caller will also use to read the result's rows (default: the current one)."""
+        """`state`: the snapshot the caller will also use to read the result's rows (default: the current one).
+        `user_read`: the user's features as already read (`read_user`); read here when None."""
         state, timings = state or self.state, {}
-        clock = time.perf_counter()
-        user, fallback = self.features.user(request.user_id)
-        timings["features"], clock = _lap(clock)
+        if user_read is None:
+            clock = time.perf_counter()
+            user, fallback = self.features.user(request.user_id)
+            timings["features"], _ = _lap(clock)
+        else:
+            user, fallback, timings["features"] = user_read
         result = self.select_with(state, request, user, fallback=fallback, now=now, timings=timings)
         timings["total_select"] = sum(timings.values())
         return result
@@ -200,6 +210,12 @@ class Selector:
             len(cands),
             timings,
         )
+
+    async def read_user(self, user_id: str) -> UserRead:
+        """The user's features awaited without blocking the event loop (the API's routes)."""
+        clock = time.perf_counter()
+        user, fallback = await self.features.user_async(user_id)
+        return user, fallback, time.perf_counter() - clock
 
     def charge(self, state: ServingState, result: SelectionResult) -> None:
         """Record the expected spend of what was served (pacing)."""

@@ -29,7 +29,7 @@ async def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: Setting
         candidate_ad_ids=body.candidate_ad_ids,
         exclude_ad_ids=body.exclude_ad_ids,
     )
-    state, result = runtime.select(request)  # in the loop: cheaper than a thread-pool hop (docs/serving.md)
+    state, result = await runtime.select_async(request)  # in the loop: no thread-pool hop (docs/serving.md)
     body = response_body(result, request, state.catalog)
     metrics.REQUEST_SECONDS.labels("select").observe(time.perf_counter() - started)
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")

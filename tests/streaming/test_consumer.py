@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -194,6 +195,7 @@ def test_feast_layout_read_and_write_match_feast(feature_settings: Settings) -> 
     """Rows written in Feast's layout, and the request path's HMGET read, equal Feast's own push and read."""
     from features.online import FeastLayout, OnlineFeatureReader, write_rows
     from features.sink import FeastSink
+    from serving.redis_async import AsyncRedis
 
     events = synthetic_events(400, users=4, seed=9)
     states = {}
@@ -209,10 +211,11 @@ def test_feast_layout_read_and_write_match_feast(feature_settings: Settings) -> 
 
     ids = [f"{kind}-{u}" for u in rows for kind in ("pushed", "direct")]
     via_feast = features_via_feast(feature_settings, USER_VIEW, [*ids, "nobody"])
-    reader = OnlineFeatureReader(client, layout)
+    reader = OnlineFeatureReader(client, layout, AsyncRedis(feature_settings.redis_url, timeout_s=5.0))
     for user in rows:
         assert via_feast[f"direct-{user}"] == via_feast[f"pushed-{user}"]  # our write == Feast's push
         assert reader.user(f"pushed-{user}") == via_feast[f"pushed-{user}"]  # our read == Feast's read
         assert reader.user(f"pushed-{user}")["freq_ad_ids"] == rows[user][1]["freq_ad_ids"]
-    assert reader.user("nobody") == {}
+        assert asyncio.run(reader.user_async(f"pushed-{user}")) == via_feast[f"pushed-{user}"]  # the routes' read
+    assert reader.user("nobody") == {} and asyncio.run(reader.user_async("nobody")) == {}
     assert all(v is None for v in via_feast["nobody"].values())
