@@ -87,6 +87,36 @@ def feature_source(name: str) -> str:
     return DERIVED[name]
 
 
+class AdColumns(dict):
+    """`ad_columns`' output: the candidates' columns, already prepared (request_features skips that step)."""
+
+    def take(self, rows: np.ndarray) -> AdColumns:
+        """The same columns for `rows` (e.g. a request's candidates out of the whole catalog's)."""
+        return AdColumns({name: column[rows] for name, column in self.items()})
+
+
+def ad_columns(ads: Mapping[str, Any]) -> AdColumns:
+    """What `request_features` needs of each ad that no request changes: ad_performance values (an untouched
+    ad's where missing), ad_last_seen_ms, ad_ctr_1h, ad_has_category, and ad_id / category / campaign_id
+    as text; other columns (bid, advertiser_id...) are carried as they are, position as numbers.
+    Training prepares each request's candidates; serving prepares the whole catalog once per ad-stats
+    refresh and takes the candidates' rows: one code, so the two cannot differ."""
+    ad_ids = np.asarray(ads["ad_id"], dtype=object)
+    n = len(ad_ids)
+    cols = AdColumns({name: np.asarray(values) for name, values in ads.items()})
+    cols["ad_id"] = ad_ids
+    for name in AD_SCALARS:
+        cols[name] = _column(ads, name, n, AD_DEFAULTS[name])
+    cols["ad_last_seen_ms"] = _column(ads, "ad_last_seen_ms", n, 0.0)
+    cols["ad_ctr_1h"] = smoothed_ctr(cols["ad_clicks_1h"], cols["ad_impressions_1h"])
+    cols["category"] = _strings(ads.get("category"), n)
+    cols["campaign_id"] = _strings(ads.get("campaign_id"), n)
+    cols["ad_has_category"] = (cols["category"] != "").astype(float)
+    if "position" in ads:
+        cols["position"] = _column(ads, "position", n, np.nan)  # NaN: the request's position applies
+    return cols
+
+
 def request_features(
     user: Mapping[str, Any],
     ads: Mapping[str, Any],
@@ -98,31 +128,31 @@ def request_features(
 
     user: a user_activity row (user_features names; missing -> 0 / empty). ads: columns of equal
     length: ad_id, optional category, campaign_id, position and ad_performance names (missing ->
-    an untouched ad's value). context: ts_ms (request time), optional hour, position, slate_size, device.
+    an untouched ad's value), or `ad_columns` of them. context: ts_ms (request time), optional hour,
+    position, slate_size, device.
     """
-    ad_ids = np.asarray(ads["ad_id"], dtype=object)
+    ads = ads if isinstance(ads, AdColumns) else ad_columns(ads)
+    ad_ids = ads["ad_id"]
     n = len(ad_ids)
     now = as_number(context.get("ts_ms"))
     cols: dict[str, np.ndarray | float] = {}  # a float is a column of one value (user and context features)
     for name in USER_SCALARS:
         cols[name] = as_number(user.get(name))
-    for name in AD_SCALARS:
-        cols[name] = _column(ads, name, n, AD_DEFAULTS[name])
+    for name in (*AD_SCALARS, "ad_ctr_1h", "ad_has_category"):
+        cols[name] = ads[name]
     recent_items = as_list(user.get("recent_items"))
     cols["user_recent_items"] = float(len(recent_items))
     cols["user_seconds_since_seen"] = _since(now, user.get("last_seen_ms"))
-    ad_seen = _column(ads, "ad_last_seen_ms", n, 0.0)
+    ad_seen = ads["ad_last_seen_ms"]
     cols["ad_seconds_since_seen"] = np.where(ad_seen > 0, (now - ad_seen) / 1000.0, np.nan)
-    cols["ad_ctr_1h"] = smoothed_ctr(cols["ad_clicks_1h"], cols["ad_impressions_1h"])
     for name in ("ad_ctr_1h", "ad_ctr_24h", "ad_ctr_7d"):
         cols[f"{name}_rank"] = _pct_rank(cols[name])
     for name in ("ad_ctr_7d", "ad_clicks_1h"):
         top = cols[name].max(initial=0.0)
         cols[f"{name}_vs_slate"] = cols[name] / top if top > 0 else 0.0
-    categories = _strings(ads.get("category"), n)
-    cols["ad_has_category"] = (categories != "").astype(float)
+    categories = ads["category"]
     cols["user_ad_impressions_24h"], cols["user_ad_clicks_24h"] = _lookup(user, "ad", ad_ids)
-    campaigns = _strings(ads.get("campaign_id"), n)
+    campaigns = ads["campaign_id"]
     cols["user_campaign_impressions_24h"], cols["user_campaign_clicks_24h"] = _lookup(user, "campaign", campaigns)
     top_categories = as_list(user.get("top_categories"))
     scores = np.asarray(as_list(user.get("top_category_scores")), dtype=float)
@@ -134,7 +164,8 @@ def request_features(
     cols["user_recent_category_share"] = _share(as_list(user.get("recent_categories")), categories)
     viewed = set(recent_items)
     cols["user_viewed_item"] = np.fromiter(map(viewed.__contains__, ad_ids), dtype=float, count=n)
-    cols["position"] = _column(ads, "position", n, as_number(context.get("position"), 1.0))
+    position = as_number(context.get("position"), 1.0)
+    cols["position"] = np.where(np.isnan(ads["position"]), position, ads["position"]) if "position" in ads else position
     cols["slate_size"] = as_number(context.get("slate_size"), float(n))
     cols["hour"] = as_number(context.get("hour"), _hour(now))
     device = context.get("device")

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from models.ranker import request_features
 from serving.catalog import CATEGORIES, build_catalog
 from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
@@ -242,7 +243,12 @@ def test_the_ranker_gets_one_row_per_candidate_with_text_ids(catalog_rows) -> No
     sel.state.model.predict_ctr = spy
     sel.select_with(sel.state, request(Slot("a", "native"), context={"device": "mobile"}), TECH_USER, now=NOON)
     frame = seen["frame"]
-    assert set(frame) == set(AD_FRAME_COLUMNS)
+    assert set(AD_FRAME_COLUMNS) <= set(frame)
+    # prepared once per catalog and sliced per request, the ranker's matrix is the one training builds
+    plain = {name: list(frame[name]) for name in AD_FRAME_COLUMNS}
+    context = {**seen["context"], "ts_ms": int(NOON * 1000)}
+    matrix = request_features(TECH_USER, frame, context, seen["scores"])
+    np.testing.assert_array_equal(matrix, request_features(TECH_USER, plain, context, seen["scores"]))
     assert all(len(col) == len(seen["scores"]) for col in frame.values())
     row = sel.state.catalog.index[frame["ad_id"][0]]
     assert frame["campaign_id"][0] == catalog_rows[row]["campaign_id"] and frame["category"][0] in CATEGORIES
