@@ -50,6 +50,7 @@ BENCH_REDIS_DB = 7  # emptied before and after the run
 FEAST_FEATURES = ("top_categories", "top_category_scores", "recent_items", "recent_categories", "freq_ad_ids",
                   "freq_ad_impressions_24h", "freq_campaign_ids", "freq_campaign_impressions_24h", "user_ctr",
                   "last_seen_ms")  # fmt: skip
+PROMETHEUS_MULTIPROCESS_VARS = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR", "prometheus_multiproc_dir")
 port_pid: dict[int, int] = {}
 
 
@@ -209,8 +210,11 @@ def main() -> None:
             "constant": (select_bodies(users), "/constant"),
             "feast": (feast_bodies(users), "/get-online-features"),
         }
+        # Feast's metrics module, once imported here, sets PROMETHEUS_MULTIPROC_DIR: a server inheriting it
+        # would count in mmapped files (prometheus' multiprocess mode), which `adloop serve` does not.
+        inherited = {k: v for k, v in os.environ.items() if k not in PROMETHEUS_MULTIPROCESS_VARS}
         env = {
-            **os.environ,
+            **inherited,
             "PYTHONPATH": str(ROOT),
             "ADLOOP_REDIS_URL": settings.redis_url,
             "ADLOOP_FEAST_DATA_DIR": str(settings.feast_data_dir),

@@ -402,6 +402,8 @@ def _top_k(score: np.ndarray, masks, k: int) -> np.ndarray:
         if len(rows) > k:
             rows = rows[np.argpartition(-score[rows], k - 1)[:k]]
         picked.append(rows)
+    if len(picked) == 1:
+        return np.sort(picked[0])  # rows of one mask are distinct already: np.unique would hash them
     return np.unique(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
+import orjson
 from fastapi import APIRouter, HTTPException, Response, status
 
 from serving import metrics
@@ -32,7 +32,7 @@ async def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: Setting
     state, result = await runtime.select_async(request)  # in the loop: no thread-pool hop (docs/serving.md)
     body = response_body(result, request, state.catalog)
     metrics.REQUEST_SECONDS.labels("select").observe(time.perf_counter() - started)
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def response_body(result, request: SelectionRequest, catalog) -> dict:
