@@ -4,8 +4,8 @@
 `user_async()`: one HMGET on a pipelined asyncio connection (serving.redis_async: hiredis, no
 redis.asyncio, whose CPU per read was more than the read's), so the event loop serves other requests
 while Redis answers. The time budget is the Redis client's socket timeout; a timeout or a
-connection failure opens a circuit breaker, so a slow or dead Redis stalls the loop for at most one
-budget per `slow_skip_s` / `retry_after_s`, not once per request. Ad performance (CTR) changes slowly,
+connection failure opens a circuit breaker, so a slow or dead Redis costs at most a budget or two per
+`slow_skip_s` / `retry_after_s`, not one per request. Ad performance (CTR) changes slowly,
 so it is refreshed in the background into numpy columns aligned with the catalog instead of being read
 per request (STACK.md: never per candidate).
 
