@@ -151,7 +151,7 @@ class FeatureConsumer:
                         break
                     continue
                 idle_since = time.monotonic()
-                self._hand_over(self._paused_gc(self._fold, batch))
+                self._hand_over(self._fold_gc_paused(batch))
         finally:
             gc.unfreeze()
             self.close()
@@ -159,7 +159,7 @@ class FeatureConsumer:
 
     def apply(self, batch: dict[TopicPartition, list[Any]]) -> BatchReport:
         """Apply one polled batch end to end (folded, written, committed) and return what it did."""
-        folded = self._paused_gc(self._fold, batch)
+        folded = self._fold_gc_paused(batch)
         self._hand_over(folded)
         self._collect()
         return folded.report
@@ -168,19 +168,14 @@ class FeatureConsumer:
         """Called once a batch's transaction applied (`written_at`: `time.time()` right after its EXEC) and
         its Kafka offsets were committed; a hook for measurements."""
 
-    @staticmethod
-    def _paused_gc(fold: Callable[[Any], _Folded], batch: Any) -> _Folded:
-        """The cyclic garbage collector is paused while a batch folds: a batch allocates many objects per
-        event, which set off full collections over every object of the process (Feast, pandas...): 4.5 s
-        of 17.4 s when applying 110k pre-built Taobao records in batches of 5,000. The batch's garbage is
-        freed by reference counting; the collector runs again between batches."""
-        collecting = gc.isenabled()
-        gc.disable()
+    def _fold_gc_paused(self, batch: dict[TopicPartition, list[Any]]) -> _Folded:
+        """`_fold`, with the collector paused from now until the batch is collected (`_collect`) or dropped."""
+        _GC_PAUSE.hold()
         try:
-            return fold(batch)
-        finally:
-            if collecting:
-                gc.enable()
+            return self._fold(batch)
+        except BaseException:
+            _GC_PAUSE.release()
+            raise
 
     def _fold(self, batch: dict[TopicPartition, list[Any]]) -> _Folded:
         """Decode, drop duplicates and replays, fold into the users' states (on top of the batch in flight)."""
@@ -252,7 +247,11 @@ class FeatureConsumer:
 
     def _hand_over(self, folded: _Folded) -> None:
         """Wait for the batch in flight (raises its error), then hand `folded` to the writer."""
-        self._collect()
+        try:
+            self._collect()
+        except BaseException:
+            _GC_PAUSE.release()  # `folded` is dropped
+            raise
         folded.stale, self.stale_counters = self.stale_counters, {}
         folded.future = self._writer.submit(self._write, folded)
         self._pending = folded
@@ -286,9 +285,16 @@ class FeatureConsumer:
         (the batch stays uncommitted in Kafka and in Redis) and nothing more is handed over."""
         with self._lock:
             folded, self._pending = self._pending, None
-            if folded is None:
-                return
+        if folded is None:
+            return
+        try:
             written_at = folded.future.result()  # the writer's error, if any
+            self._committed(folded, written_at, from_listener=from_listener)
+        finally:
+            del folded  # freed before the collector may run again
+            _GC_PAUSE.release()
+
+    def _committed(self, folded: _Folded, written_at: float, *, from_listener: bool) -> None:
         self.touched_ads.update(folded.ad_last)
         offsets = {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1) for p, o in folded.offsets.items()}
         if from_listener:
@@ -390,6 +396,50 @@ class _Rebalance(ConsumerRebalanceListener):
             if tp.partition in self.owner.applied:
                 self.owner.consumer.seek(tp, self.owner.applied[tp.partition] + 1)
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+
+class _GcPause:
+    """The cyclic garbage collector paused while any batch is alive: from the start of its fold (main thread)
+    through its write (writer thread) until it is collected and freed. A batch allocates many objects per
+    event; with the collector on, they set off collections that walk every live object: full ones over the
+    whole process (Feast, pandas...: 4.5 s of 17.4 s applying 110k pre-built Taobao records in batches of
+    5,000, collect2), and young ones over the batches in memory (with the collector paused only while a batch
+    folds, 1.7-2.3 s of a 8-9 s run of bench (b); paused until the write ended, 0.3-0.5 s). A batch's garbage
+    is freed by reference counting; the collector runs when no batch is alive (between polls when idle).
+    A consumer that never idles (there is always a batch alive) would never collect the few cycles a batch
+    leaves (~6 objects a batch in bench (b)): every `FULL_EVERY` batches without a pause it collects once.
+    Holds are counted (several consumers may share a process)."""
+
+    FULL_EVERY = 1000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._was_enabled = False
+        self._busy_releases = 0
+
+    def hold(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                self._busy_releases = 0
+                if self._was_enabled:
+                    gc.enable()
+                return
+            self._busy_releases += 1
+            if self._busy_releases >= self.FULL_EVERY and self._was_enabled:
+                self._busy_releases = 0
+                gc.collect()
+
+
+_GC_PAUSE = _GcPause()
 
 
 def _producer(settings: Settings) -> KafkaProducer:
