@@ -175,3 +175,51 @@ def test_a_failed_write_stops_the_consumer_with_the_batch_uncommitted(feature_se
 
     finish(feature_settings, len(messages))
     assert_features_equal_a_recomputation(feature_settings, events)
+
+
+class SlowWriter(FeatureConsumer):
+    """Writes each batch 0.4 s late, and notes whether a revoke found a batch in flight."""
+
+    revoked_in_flight = 0
+
+    def _write(self, folded: Any) -> float:
+        time.sleep(0.4)
+        return super()._write(folded)
+
+    def _collect(self, *, from_listener: bool = False) -> None:
+        if from_listener and self._pending is not None:
+            self.revoked_in_flight += 1
+        super()._collect(from_listener=from_listener)
+
+
+def test_a_revoke_with_a_batch_in_flight_hands_over_its_writes(feature_settings: Settings) -> None:
+    """A second member joins while the first has a write in flight: the revoke waits for it, the partitions
+    move with their offsets and states written, and the features equal a recomputation."""
+    events, messages = stream()
+    produce(feature_settings, messages)
+    client = redis.Redis.from_url(feature_settings.redis_url)
+    first = SlowWriter(feature_settings, redis_client=client, group=GROUP)
+    errors: list[BaseException] = []
+
+    def run(consumer: FeatureConsumer) -> None:
+        try:
+            consumer.run(idle_exit_s=8)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(first,))]
+    threads[0].start()
+    deadline = time.monotonic() + 60
+    while first.total.handled < 500:
+        assert time.monotonic() < deadline and threads[0].is_alive(), errors
+        time.sleep(0.01)
+    second = SlowWriter(feature_settings, redis_client=client, group=GROUP)
+    threads.append(threading.Thread(target=run, args=(second,)))
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert first.revoked_in_flight >= 1, "the revoke found no batch in flight: this test proved nothing"
+    assert second.total.applied > 0, "the second member never took partitions"
+    assert first.total.applied + second.total.applied == len(events)
+    assert_features_equal_a_recomputation(feature_settings, events)
