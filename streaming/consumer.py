@@ -12,6 +12,9 @@ One batch, in order (poll -> decode -> handle -> sink -> store offsets after the
   4. one atomic Redis write: states, seen ids, ad counters, the latest online rows in Feast's
      own layout (features/online.py) and each partition's applied offset;
   5. commit the Kafka offsets.
+Steps 1-2 run on the main thread, 3-4 on a writer thread, 5 on the main thread once the write is
+known to have applied; batch N+1 does steps 1-2 (on N's states, seen ids and offsets, kept in memory)
+while N does 3-4. At most one batch is in flight (`FeatureConsumer`).
 A crash anywhere replays from the last applied offset: nothing counts twice, nothing is lost.
 """
 
