@@ -100,7 +100,14 @@ class FeatureConsumer:
     flight: N+1 is handed to the writer only after N's write succeeded and its Kafka offsets were
     committed. A failed write raises in the main loop, which stops (N and N+1 uncommitted: a restart
     replays them from the offsets stored in Redis). A revoke, `close()` and idle polls wait for the write.
+
+    The overlap raises throughput a little and lengthens each batch's own fold and write (both threads share
+    the GIL): at a rate the consumer keeps up with, it made features later (bench.ingest (c): p50 +40-65%).
+    So a batch is overlapped only when the poll returned a full batch (the consumer is behind); a partial
+    batch is written before the next poll (`overlap_only_when_behind`; BENCHMARKS.md, Ingest, Session 4).
     """
+
+    overlap_only_when_behind = True
 
     def __init__(self, settings: Settings, *, redis_client: Any, group: str = GROUP, topic: str | None = None):
         self.settings = settings
@@ -155,6 +162,8 @@ class FeatureConsumer:
                     continue
                 idle_since = time.monotonic()
                 self._hand_over(self._fold_gc_paused(batch))
+                if self.overlap_only_when_behind and sum(map(len, batch.values())) < self.settings.consumer_batch_size:
+                    self._collect()  # keeping up: a batch's latency matters more than the overlap's throughput
         finally:
             gc.unfreeze()
             self.close()

@@ -81,6 +81,8 @@ class HeldWriter(FeatureConsumer):
     """Holds the write of batch `hold_at` (1-based) until the next batch has folded, then either crashes
     before that write (`write_lands=False`) or lets it land and crashes right after the next fold."""
 
+    overlap_only_when_behind = False  # every batch overlapped, full or not
+
     def __init__(self, *args: Any, hold_at: int, write_lands: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hold_at, self.write_lands = hold_at, write_lands
@@ -158,6 +160,7 @@ def test_a_failed_write_stops_the_consumer_with_the_batch_uncommitted(feature_se
     consumer = FeatureConsumer(feature_settings, redis_client=redis.Redis.from_url(feature_settings.redis_url),
                                group=GROUP)  # fmt: skip
     consumer.state = failing = FailingStore(consumer.state, fail_at=3)
+    consumer.overlap_only_when_behind = False
     folds = []
     original_fold = consumer._fold
     consumer._fold = lambda batch: folds.append(batch) or original_fold(batch)
@@ -179,6 +182,8 @@ def test_a_failed_write_stops_the_consumer_with_the_batch_uncommitted(feature_se
 
 class SlowWriter(FeatureConsumer):
     """Writes each batch 0.4 s late, and notes whether a revoke found a batch in flight."""
+
+    overlap_only_when_behind = False
 
     revoked_in_flight = 0
 
