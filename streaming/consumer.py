@@ -102,7 +102,7 @@ class FeatureConsumer:
     replays them from the offsets stored in Redis). A revoke, `close()` and idle polls wait for the write.
 
     The overlap raises throughput a little and lengthens each batch's own fold and write (both threads share
-    the GIL): at a rate the consumer keeps up with, it made features later (bench.ingest (c): p50 +40-65%).
+    the GIL): at a rate the consumer keeps up with, it made features later (bench.ingest (c): p50 +40-66%).
     So a batch is overlapped only when the poll returned a full batch (the consumer is behind); a partial
     batch is written before the next poll (`overlap_only_when_behind`; BENCHMARKS.md, Ingest, Session 4).
     """
