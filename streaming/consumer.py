@@ -12,9 +12,6 @@ One batch, in order (poll -> decode -> handle -> sink -> store offsets after the
   4. one atomic Redis write: states, seen ids, ad counters, the latest online rows in Feast's
      own layout (features/online.py) and each partition's applied offset;
   5. commit the Kafka offsets.
-Steps 1-2 run on the main thread, 3-4 on a writer thread, 5 on the main thread once the write is
-known to have applied; batch N+1 does steps 1-2 (on N's states, seen ids and offsets, kept in memory)
-while N does 3-4. At most one batch is in flight (`FeatureConsumer`).
 A crash anywhere replays from the last applied offset: nothing counts twice, nothing is lost.
 """
 
@@ -22,11 +19,9 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,15 +33,7 @@ from features.online import FeastLayout, write_rows
 from features.sink import FeastSink
 from features.store import AD_VIEW, USER_VIEW
 from streaming import metrics
-from streaming.aggregates import (
-    UserState,
-    ad_bucket_keys,
-    ad_features,
-    apply_user,
-    prune,
-    stale_ad_counters,
-    user_features,
-)
+from streaming.aggregates import ad_bucket_keys, ad_features, apply_user, prune, stale_ad_counters, user_features
 from streaming.dead_letters import DeadLetters
 from streaming.events import Event, EventType, InvalidEvent, parse_event
 from streaming.state_store import StateStore
@@ -68,46 +55,8 @@ class BatchReport:
         return self.applied + self.duplicates + self.replayed + sum(self.dead_lettered.values())
 
 
-@dataclass
-class _Folded:
-    """A batch decoded and folded by the main thread, with everything its write needs. `states` are the live
-    objects the next batch folds on top of (the overlay); the writer thread only reads the encoded copies
-    (`state_blobs`) and the rows, which nothing mutates."""
-
-    batch: dict[TopicPartition, list[Any]]
-    report: BatchReport
-    started: float
-    states: dict[str, UserState]
-    state_blobs: dict[str, bytes]
-    seen_ids: list[str]
-    user_rows: list[tuple[str, int, dict[str, Any]]]  # the online rows, one per user
-    snapshots: list[tuple[str, int, dict[str, Any]]]  # offline only: a user's row before an ad impression
-    ad_increments: dict[str, dict[str, int]]
-    ad_last: dict[str, int]
-    offsets: dict[int, int]  # partition -> last offset of the batch
-    name: str
-    stale: dict[str, list[str]] = field(default_factory=dict)  # counters found stale by `refresh_ads`
-    seen: set[str] = field(default_factory=set)
-    future: Future | None = None
-
-
 class FeatureConsumer:
-    """Owns one kafka-python consumer in the group; `run()` until stopped or idle.
-
-    `run()` overlaps two batches: while a writer thread writes batch N (offline parquet, then the one
-    MULTI/EXEC with its offsets), the main thread polls and folds batch N+1 on top of N's states, seen ids
-    and applied offsets kept in memory (N's write may not have landed yet). At most one batch is in
-    flight: N+1 is handed to the writer only after N's write succeeded and its Kafka offsets were
-    committed. A failed write raises in the main loop, which stops (N and N+1 uncommitted: a restart
-    replays them from the offsets stored in Redis). A revoke, `close()` and idle polls wait for the write.
-
-    The overlap raises throughput a little and lengthens each batch's own fold and write (both threads share
-    the GIL): at a rate the consumer keeps up with, it made features later (bench.ingest (c): p50 +40-66%).
-    So a batch is overlapped only when the poll returned a full batch (the consumer is behind); a partial
-    batch is written before the next poll (`overlap_only_when_behind`; BENCHMARKS.md, Ingest, Session 4).
-    """
-
-    overlap_only_when_behind = True
+    """Owns one kafka-python consumer in the group; `run()` until stopped or idle."""
 
     def __init__(self, settings: Settings, *, redis_client: Any, group: str = GROUP, topic: str | None = None):
         self.settings = settings
@@ -128,11 +77,8 @@ class FeatureConsumer:
         self.applied = self.state.applied_offsets()
         self.layout = FeastLayout.from_settings(settings)
         self.touched_ads: set[str] = set()
-        self.total = BatchReport()  # everything `run` has written so far
+        self.total = BatchReport()  # everything `run` has done so far
         self.stale_counters: dict[str, list[str]] = {}  # ad -> counter fields outside every window
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adloop-writer")
-        self._pending: _Folded | None = None  # handed to the writer, not yet collected
-        self._lock = threading.Lock()  # the main thread and the revoke listener (kafka-python's IO thread)
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
 
     def run(self, *, stop: Callable[[], bool] = lambda: False, idle_exit_s: float | None = None) -> BatchReport:
@@ -145,15 +91,10 @@ class FeatureConsumer:
         idle_since = time.monotonic()
         try:
             while not stop():
-                if self._pending is not None and self._pending.future.done():
-                    self._collect()
-                # With a write in flight, take what is already fetched; nothing there: wait for the write.
-                wait_ms = 0 if self._pending is not None else self.settings.consumer_batch_ms
-                batch = self.consumer.poll(timeout_ms=wait_ms, max_records=self.settings.consumer_batch_size)
+                batch = self.consumer.poll(
+                    timeout_ms=self.settings.consumer_batch_ms, max_records=self.settings.consumer_batch_size
+                )
                 if not batch:
-                    if self._pending is not None:
-                        self._collect()
-                        continue
                     self.refresh_ads()
                     if not self.consumer.assignment():
                         idle_since = time.monotonic()  # still joining the group: not idle yet
@@ -161,36 +102,29 @@ class FeatureConsumer:
                         break
                     continue
                 idle_since = time.monotonic()
-                self._hand_over(self._fold_gc_paused(batch))
-                if self.overlap_only_when_behind and sum(map(len, batch.values())) < self.settings.consumer_batch_size:
-                    self._collect()  # keeping up: a batch's latency matters more than the overlap's throughput
+                _merge(total, self.apply(batch))
         finally:
             gc.unfreeze()
             self.close()
         return total
 
     def apply(self, batch: dict[TopicPartition, list[Any]]) -> BatchReport:
-        """Apply one polled batch end to end (folded, written, committed) and return what it did."""
-        folded = self._fold_gc_paused(batch)
-        self._hand_over(folded)
-        self._collect()
-        return folded.report
+        """Apply one polled batch end to end; returns what it did.
 
-    def batch_written(self, batch: dict[TopicPartition, list[Any]], report: BatchReport, written_at: float) -> None:
-        """Called once a batch's transaction applied (`written_at`: `time.time()` right after its EXEC) and
-        its Kafka offsets were committed; a hook for measurements."""
-
-    def _fold_gc_paused(self, batch: dict[TopicPartition, list[Any]]) -> _Folded:
-        """`_fold`, with the collector paused from now until the batch is collected (`_collect`) or dropped."""
-        _GC_PAUSE.hold()
+        The cyclic garbage collector is paused meanwhile: a batch allocates many objects per event,
+        which set off full collections over every object of the process (Feast, pandas...): 4.5 s
+        of 17.4 s when applying 110k pre-built Taobao records in batches of 5,000. The batch's
+        garbage is freed by reference counting; the collector runs again between batches.
+        """
+        collecting = gc.isenabled()
+        gc.disable()
         try:
-            return self._fold(batch)
-        except BaseException:
-            _GC_PAUSE.release()
-            raise
+            return self._apply(batch)
+        finally:
+            if collecting:
+                gc.enable()
 
-    def _fold(self, batch: dict[TopicPartition, list[Any]]) -> _Folded:
-        """Decode, drop duplicates and replays, fold into the users' states (on top of the batch in flight)."""
+    def _apply(self, batch: dict[TopicPartition, list[Any]]) -> BatchReport:
         started = time.perf_counter()
         report = BatchReport()
         events: list[tuple[TopicPartition, int, Event]] = []
@@ -213,7 +147,7 @@ class FeatureConsumer:
         events = self._drop_duplicates(events, report)
         self.dead_letters.flush()  # dead letters are durable before their offsets are stored
 
-        users = self._user_states({e.user_id for _, _, e in events})
+        users = self.state.user_states({e.user_id for _, _, e in events})
         ad_increments: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         ad_last: dict[str, int] = {}
         snapshots: dict[tuple[str, int], tuple[str, int, dict[str, Any]]] = {}
@@ -237,99 +171,34 @@ class FeatureConsumer:
         for state in users.values():
             prune(state)
         user_rows = [(u, s.last_ts, user_features(s)) for u, s in users.items()]
-        # The next batch reads these offsets, states and seen ids from memory, whether or not this write landed.
-        self.applied.update(last_offsets)
-        report.applied = len(events)
-        seen_ids = [e.event_id for _, _, e in events]
-        return _Folded(
-            batch=batch,
-            report=report,
-            started=started,
+        ad_rows = self._ad_rows(ad_increments, ad_last)
+        name = _batch_name(batch)
+        self.sink.write_offline(USER_VIEW, [*snapshots.values(), *user_rows], name=name)
+        self.sink.write_offline(AD_VIEW, ad_rows, name=name)
+
+        def online(pipe: Any) -> None:
+            write_rows(pipe, self.layout, USER_VIEW, user_rows)
+            write_rows(pipe, self.layout, AD_VIEW, ad_rows)
+            self.state.drop_ad_counters(pipe, self.stale_counters)
+            self.stale_counters.clear()
+
+        self.state.commit_batch(
             states=users,
-            state_blobs={u: StateStore.dump_state(s) for u, s in users.items()},
-            seen_ids=seen_ids,
-            seen=set(seen_ids),
-            user_rows=user_rows,
-            snapshots=list(snapshots.values()),
+            seen_ids=[e.event_id for _, _, e in events],
             ad_increments=ad_increments,
             ad_last=ad_last,
             offsets=last_offsets,
-            name=_batch_name(batch),
-        )
-
-    def _hand_over(self, folded: _Folded) -> None:
-        """Wait for the batch in flight (raises its error), then hand `folded` to the writer."""
-        try:
-            self._collect()
-        except BaseException:
-            _GC_PAUSE.release()  # `folded` is dropped
-            raise
-        folded.stale, self.stale_counters = self.stale_counters, {}
-        folded.future = self._writer.submit(self._write, folded)
-        self._pending = folded
-
-    def _write(self, folded: _Folded) -> float:
-        """The writer thread: offline parquet, then one atomic Redis write (states, seen ids, ad counters, online
-        rows, offsets). Ad rows are built here, after the previous batch's increments landed."""
-        ad_rows, stale = self._ad_rows(folded.ad_increments, folded.ad_last)
-        for ad, fields in folded.stale.items():
-            stale[ad] = sorted({*fields, *stale.get(ad, ())})
-        self.sink.write_offline(USER_VIEW, [*folded.snapshots, *folded.user_rows], name=folded.name)
-        self.sink.write_offline(AD_VIEW, ad_rows, name=folded.name)
-
-        def online(pipe: Any) -> None:
-            write_rows(pipe, self.layout, USER_VIEW, folded.user_rows)
-            write_rows(pipe, self.layout, AD_VIEW, ad_rows)
-            self.state.drop_ad_counters(pipe, stale)
-
-        self.state.commit_batch(
-            states=folded.state_blobs,
-            seen_ids=folded.seen_ids,
-            ad_increments=folded.ad_increments,
-            ad_last=folded.ad_last,
-            offsets=folded.offsets,
             online=online,
         )
-        return time.time()
-
-    def _collect(self, *, from_listener: bool = False) -> None:
-        """Wait for the batch in flight; once written, commit its Kafka offsets. A failed write raises here
-        (the batch stays uncommitted in Kafka and in Redis) and nothing more is handed over."""
-        with self._lock:
-            folded, self._pending = self._pending, None
-        if folded is None:
-            return
-        try:
-            written_at = folded.future.result()  # the writer's error, if any
-            self._committed(folded, written_at, from_listener=from_listener)
-        finally:
-            del folded  # freed before the collector may run again
-            _GC_PAUSE.release()
-
-    def _committed(self, folded: _Folded, written_at: float, *, from_listener: bool) -> None:
-        self.touched_ads.update(folded.ad_last)
-        offsets = {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1) for p, o in folded.offsets.items()}
-        if from_listener:
-            # kafka-python 3 calls the listener on its IO thread, where a blocking commit is refused; the
-            # offsets that count are in Redis (a new owner seeks to them), Kafka's are for lag reports.
-            self.consumer.commit_async(offsets)
-        else:
-            self.consumer.commit(offsets)
-        report = folded.report
-        _merge(self.total, report)
-        metrics.record_batch(
-            report.applied, report.duplicates, report.dead_lettered, time.perf_counter() - folded.started
+        self.applied.update(last_offsets)
+        self.touched_ads.update(ad_last)
+        self.consumer.commit(
+            {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1) for p, o in last_offsets.items()}
         )
-        self.batch_written(folded.batch, report, written_at)
 
-    def _user_states(self, user_ids: set[str]) -> dict[str, UserState]:
-        """States from Redis, overlaid with the states of the batch in flight (newer, maybe not written yet)."""
-        pending = self._pending.states if self._pending is not None else {}
-        if not pending:
-            return self.state.user_states(user_ids)
-        users = self.state.user_states([u for u in user_ids if u not in pending])
-        users.update((u, pending[u]) for u in user_ids if u in pending)
-        return users
+        report.applied = len(events)
+        metrics.record_batch(report.applied, report.duplicates, report.dead_lettered, time.perf_counter() - started)
+        return report
 
     def refresh_ads(self) -> None:
         """Rewrite the online rows of ads touched since the last refresh from their counters.
@@ -339,8 +208,7 @@ class FeatureConsumer:
         """
         if not self.touched_ads:
             return
-        rows, stale = self._ad_rows({}, dict.fromkeys(self.touched_ads, 0))
-        self.stale_counters.update(stale)
+        rows = self._ad_rows({}, dict.fromkeys(self.touched_ads, 0))
         pipe = self.state.redis.pipeline(transaction=False)
         write_rows(pipe, self.layout, AD_VIEW, rows)
         pipe.execute()
@@ -348,27 +216,21 @@ class FeatureConsumer:
 
     def _ad_rows(
         self, increments: dict[str, dict[str, int]], last: dict[str, int]
-    ) -> tuple[list[tuple[str, int, dict[str, Any]]], dict[str, list[str]]]:
-        """Ad rows from the stored counters plus this batch's increments (not yet written), and per ad the
-        counter fields outside every window."""
-        rows, stale = [], {}
+    ) -> list[tuple[str, int, dict[str, Any]]]:
+        """Ad rows from the stored counters plus this batch's increments (not yet written)."""
+        rows = []
         for ad, (hours, fine, stored_last) in self.state.ad_counters(last).items():
             for counter, amount in increments.get(ad, {}).items():
                 kind, bucket, slot = counter.split(":")
                 (hours if kind == "h" else fine).setdefault(bucket, [0, 0])[int(slot)] += amount
             ts = max(stored_last, last[ad])
             rows.append((ad, ts, ad_features(hours, fine, ts)))
-            stale[ad] = stale_ad_counters(hours, fine, ts)
-        return rows, stale
+            self.stale_counters[ad] = stale_ad_counters(hours, fine, ts)
+        return rows
 
     def close(self) -> None:
-        """Wait for the batch in flight (and commit it), then close; a failed last write raises."""
-        try:
-            self._collect()
-        finally:
-            self._writer.shutdown(wait=True)
-            self.consumer.close(autocommit=False)
-            self.dead_letters.close()
+        self.consumer.close(autocommit=False)
+        self.dead_letters.close()
 
     def _check_time(self, event: Event) -> None:
         skew_ms = self.settings.max_future_skew_s * 1000
@@ -379,11 +241,10 @@ class FeatureConsumer:
 
     def _drop_duplicates(self, events: list[tuple[TopicPartition, int, Event]], report: BatchReport) -> list:
         already = self.state.seen([e.event_id for _, _, e in events])
-        in_flight = self._pending.seen if self._pending is not None else set()
         kept, ids = [], set()
         for item in events:
             event_id = item[2].event_id
-            if event_id in already or event_id in in_flight or event_id in ids:
+            if event_id in already or event_id in ids:
                 report.duplicates += 1
                 continue
             ids.add(event_id)
@@ -392,15 +253,13 @@ class FeatureConsumer:
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    """A revoke waits for the batch in flight, so the next owner (or this one, reassigned) starts from the
-    offsets and states it wrote, and this consumer forgets its in-memory overlay."""
+    """Batches are applied and committed inside `poll`'s caller, so a revoke finds nothing in flight."""
 
     def __init__(self, owner: FeatureConsumer) -> None:
         self.owner = owner
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
-        self.owner._collect(from_listener=True)  # a failed write raises out of `poll` (kafka-python re-raises)
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.owner.applied = self.owner.state.applied_offsets()  # another consumer may have moved them
@@ -408,50 +267,6 @@ class _Rebalance(ConsumerRebalanceListener):
             if tp.partition in self.owner.applied:
                 self.owner.consumer.seek(tp, self.owner.applied[tp.partition] + 1)
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
-
-
-class _GcPause:
-    """The cyclic garbage collector paused while any batch is alive: from the start of its fold (main thread)
-    through its write (writer thread) until it is collected and freed. A batch allocates many objects per
-    event; with the collector on, they set off collections that walk every live object: full ones over the
-    whole process (Feast, pandas...: 4.5 s of 17.4 s applying 110k pre-built Taobao records in batches of
-    5,000, collect2), and young ones over the batches in memory (with the collector paused only while a batch
-    folds, 1.7-2.3 s of a 8-9 s run of bench (b); paused until the write ended, 0.3-0.5 s). A batch's garbage
-    is freed by reference counting; the collector runs when no batch is alive (between polls when idle).
-    A consumer that never idles (there is always a batch alive) would never collect the few cycles a batch
-    leaves (~6 objects a batch in bench (b)): every `FULL_EVERY` batches without a pause it collects once.
-    Holds are counted (several consumers may share a process)."""
-
-    FULL_EVERY = 1000
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._holders = 0
-        self._was_enabled = False
-        self._busy_releases = 0
-
-    def hold(self) -> None:
-        with self._lock:
-            if self._holders == 0:
-                self._was_enabled = gc.isenabled()
-                gc.disable()
-            self._holders += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            if self._holders == 0:
-                self._busy_releases = 0
-                if self._was_enabled:
-                    gc.enable()
-                return
-            self._busy_releases += 1
-            if self._busy_releases >= self.FULL_EVERY and self._was_enabled:
-                self._busy_releases = 0
-                gc.collect()
-
-
-_GC_PAUSE = _GcPause()
 
 
 def _producer(settings: Settings) -> KafkaProducer:

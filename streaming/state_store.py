@@ -13,7 +13,7 @@ Keys (prefix `adloop:` by default):
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -95,27 +95,21 @@ class StateStore:
             if fields:
                 pipe.hdel(f"{self.prefix}ad:{ad}", *fields)
 
-    @staticmethod
-    def dump_state(state: UserState) -> bytes:
-        """A user state as `commit_batch` stores it (JSON)."""
-        return orjson.dumps(state.to_json())
-
     def commit_batch(
         self,
         *,
-        states: Mapping[str, bytes],
+        states: dict[str, UserState],
         seen_ids: list[str],
         ad_increments: dict[str, dict[str, int]],
         ad_last: dict[str, int],
         offsets: dict[int, int],
         online: Callable[[Any], None],
     ) -> None:
-        """One atomic write: states (user id -> `dump_state` bytes, encoded by the caller: the consumer's writer
-        thread must not read states that the next batch is folding), seen ids, ad counters, the online feature
-        rows (queued by `online` on the transaction) and the partitions' applied offsets."""
+        """One atomic write: states, seen ids, ad counters, the online feature rows (queued by `online`
+        on the transaction) and the partitions' applied offsets."""
         pipe = self.transactions.pipeline(transaction=True)
         if states:
-            pipe.mset({f"{self.prefix}state:user:{u}": blob for u, blob in states.items()})
+            pipe.mset({f"{self.prefix}state:user:{u}": orjson.dumps(s.to_json()) for u, s in states.items()})
         if seen_ids:
             keys = [f"{self.prefix}seen:{event_id}" for event_id in seen_ids]
             pipe.register_script(_MARK_SEEN)(keys=keys, args=[self.seen_ttl_s], client=pipe)
