@@ -224,8 +224,12 @@ def main() -> None:
             "ADLOOP_SERVE_TOP_K": "200",
             "ADLOOP_MODEL_REGISTRY_PATH": str(work / "models"),
         }
+        select_env = dict(env)
+        if args.workers > 1:  # as `adloop serve --workers N`: /metrics sums the workers' files
+            (work / "prometheus").mkdir()
+            select_env["PROMETHEUS_MULTIPROC_DIR"] = select_env["ADLOOP_METRICS_DIR"] = str(work / "prometheus")
         servers = {
-            "select": lambda: uvicorn_process("serving.app:create_app", env, args.workers),
+            "select": lambda: uvicorn_process("serving.app:create_app", select_env, args.workers),
             "constant": lambda: uvicorn_process("bench.serve:constant_factory", env, args.workers),
             "feast": lambda: feast_process(settings, args.workers),
         }

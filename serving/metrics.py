@@ -1,8 +1,21 @@
-"""Prometheus metrics of the serving process (module constants, registered once in the default registry)."""
+"""Prometheus metrics of the serving process (module constants, registered once in the default registry).
+
+With several workers (`adloop serve --workers N`) each worker counts in files under
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, set before the workers start, with
+ADLOOP_METRICS_DIR naming the same folder) and `/metrics` sums them, so a scrape sees the whole server
+whichever worker answers it. Gauges say how workers combine; the model version is a gauge of 1
+(multiprocess mode has no `Info`).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+# Set by `adloop serve --workers N` (with PROMETHEUS_MULTIPROC_DIR, the same folder) for its workers.
+# Not PROMETHEUS_MULTIPROC_DIR itself: Feast sets that one too, to a folder of its own (feast.metrics).
+WORKERS_DIR = os.environ.get("ADLOOP_METRICS_DIR")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
 
@@ -17,8 +30,36 @@ NO_FILL = Counter("adloop_no_fill_total", "Slots (or OpenRTB imps) left without 
 IMPRESSIONS = Counter(
     "adloop_impressions_total", "Impression events by outcome.", ["outcome"]
 )  # enqueued, sent, dropped_buffer_full, failed
-IMPRESSIONS_BUFFERED = Gauge("adloop_impressions_buffered", "Impressions waiting for Kafka in the bounded buffer.")
-KAFKA_CONNECTED = Gauge("adloop_kafka_connected", "1 while the impression producer is connected.")
-MODEL_INFO = Info("adloop_model", "The model version serving (or the fallback).")
-CATALOG_ADS = Gauge("adloop_catalog_ads", "Ads in the loaded catalog.")
+IMPRESSIONS_BUFFERED = Gauge(
+    "adloop_impressions_buffered", "Impressions waiting for Kafka in the bounded buffers.", multiprocess_mode="livesum"
+)
+KAFKA_CONNECTED = Gauge(
+    "adloop_kafka_connected", "1 while every worker's impression producer is connected.", multiprocess_mode="livemin"
+)
+MODEL_INFO = Gauge(
+    "adloop_model_info", "1 for the model version serving (or the fallback).", ["version", "loaded"],
+    multiprocess_mode="livemax",
+)  # fmt: skip
+CATALOG_ADS = Gauge("adloop_catalog_ads", "Ads in the loaded catalog.", multiprocess_mode="livemax")
 RELOADS = Counter("adloop_reloads_total", "Catalog / model reloads, by outcome.", ["outcome"])
+
+_model_labels: tuple[str, str] | None = None
+
+
+def publish_model(version: str, loaded: bool) -> None:
+    """MODEL_INFO is 1 for this version; a previous one drops to 0 (multiprocess mode cannot remove it)."""
+    global _model_labels
+    labels = (version, str(loaded).lower())
+    if _model_labels is not None and _model_labels != labels:
+        MODEL_INFO.labels(*_model_labels).set(0)
+    MODEL_INFO.labels(*labels).set(1)
+    _model_labels = labels
+
+
+def exposition() -> bytes:
+    """The text a scrape gets: this process's metrics, or every worker's summed in multiprocess mode."""
+    if not WORKERS_DIR:
+        return generate_latest()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=WORKERS_DIR)
+    return generate_latest(registry)

@@ -212,7 +212,7 @@ class Runtime:
             return None
 
     def _publish(self, state: ServingState) -> None:
-        metrics.MODEL_INFO.info({"version": state.model_version, "loaded": str(state.model is not None).lower()})
+        metrics.publish_model(state.model_version, state.model is not None)
         metrics.CATALOG_ADS.set(len(state.catalog))
 
     def _watch_catalog(self) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from serving import metrics
 from serving.deps import RuntimeDep
 
 router = APIRouter(tags=["operations"])
@@ -27,4 +28,4 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
 @router.get("/metrics")
 def prometheus_metrics() -> Response:
     """Prometheus text format."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
