@@ -68,7 +68,6 @@ class AsyncRedis:
         self.username, self.password = options.get("username"), options.get("password")
         self.timeout_s = timeout_s
         self._replies: _Replies | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Task | None = None
 
     async def execute(self, *args: Any) -> Any:
@@ -99,8 +98,7 @@ class AsyncRedis:
     async def _connect(self) -> _Replies:
         """One connect for all the requests that arrive while it is under way."""
         loop = asyncio.get_running_loop()
-        if self._connecting is None or self._loop is not loop:
-            self._loop = loop
+        if self._connecting is None or self._connecting.get_loop() is not loop:
             self._connecting = loop.create_task(self._open(loop))
         connecting = self._connecting
         try:

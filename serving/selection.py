@@ -30,7 +30,7 @@ import numpy as np
 
 from models.ranker import AdColumns, ad_columns
 from serving.catalog import IAB_CATEGORY, Catalog
-from serving.features_access import AdStats, GuardedReader
+from serving.features_access import CTR_PRIOR, AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
 from serving.scoring import AD_STAT_COLUMNS, ModelBundle
 
@@ -130,7 +130,7 @@ class ServingState:
         if cached is None or cached[0] is not key:
             n = len(self.catalog)
             if not same:  # stats of another catalog (a reload in between): priors, as `Selector.select_with`
-                columns = {name: np.zeros(n) for name in AD_STAT_COLUMNS} | {"ad_ctr_24h": np.full(n, 0.05)}
+                columns = {name: np.zeros(n) for name in AD_STAT_COLUMNS} | {"ad_ctr_24h": np.full(n, CTR_PRIOR)}
             frame = {"ad_id": self.catalog.ad_ids, **self.text_columns, "bid": self.catalog.bid, **columns}
             cached = self._ad_columns = (key, ad_columns(frame))
         return cached[1]
@@ -200,7 +200,7 @@ class Selector:
         timings["eligibility"], clock = _lap(clock)
         ctr = self.ad_stats.columns["ad_ctr_24h"] if self.ad_stats.catalog_version == catalog.version else None
         if ctr is None:
-            ctr = np.full(len(catalog), 0.05)
+            ctr = np.full(len(catalog), CTR_PRIOR)
         model_version = state.model_version
         if arm == "control":
             cands = np.flatnonzero(eligible)
@@ -314,12 +314,12 @@ class Selector:
                 if np.any(u):
                     sims = state.ad_matrix @ u  # (n,)
                     cands = _top_k(sims, slot_masks.values(), k)
-                    frame = _ad_frame(state, cands, self.ad_stats)
+                    frame = state.ad_columns(self.ad_stats).take(cands)  # AD_FRAME_COLUMNS and more
                     pctr = np.asarray(state.model.predict_ctr(user, frame, context, sims[cands]), float)
                     return cands, pctr, None
                 score = ctr * catalog.bid  # unknown user: retrieve by expected value, rank with the model
                 cands = _top_k(score, slot_masks.values(), k)
-                frame = _ad_frame(state, cands, self.ad_stats)
+                frame = state.ad_columns(self.ad_stats).take(cands)  # AD_FRAME_COLUMNS and more
                 zeros = np.zeros(len(cands), dtype=np.float32)
                 pctr = np.asarray(state.model.predict_ctr(user, frame, context, zeros), float)
                 return cands, pctr, None
@@ -405,11 +405,6 @@ def _top_k(score: np.ndarray, masks, k: int) -> np.ndarray:
     if len(picked) == 1:
         return np.sort(picked[0])  # rows of one mask are distinct already: np.unique would hash them
     return np.unique(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
-
-
-def _ad_frame(state: ServingState, rows: np.ndarray, stats: AdStats) -> AdColumns:
-    """`scoring.AD_FRAME_COLUMNS` of the candidate rows (ids as text), prepared for the ranker."""
-    return state.ad_columns(stats).take(rows)
 
 
 def _pairs(index: dict[str, int], ids, counts) -> tuple[np.ndarray, np.ndarray]:
