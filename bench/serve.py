@@ -1,6 +1,7 @@
 """Open-loop load on the serving API, against a constant FastAPI endpoint and `feast serve` as baselines.
 
-    .venv/bin/python -m bench.serve [--rates 100,250,500] [--seconds 10] [--workers 1] [--targets ...]
+    .venv/bin/python -m bench.serve [--rates 100,250,500] [--seconds 10] [--workers 1] [--connections 10]
+                                     [--targets ...]
 
 (Every bench runs as a module from the project root: `python -m bench.<name>`.)
 
@@ -21,7 +22,11 @@ The three servers run side by side (idle while another is loaded); each rate loa
 other, so that other load on a shared machine drifts over all three alike. The client is open loop:
 request i is due at t0 + i / rate whatever happened before, and its latency is measured from that due
 time (no coordinated omission); raw asyncio keep-alive connections, bodies built in advance, so that
-the client stays cheap on a 2-core machine it shares with the servers.
+the client stays cheap on a 2-core machine it shares with the servers. Requests rotate over
+`--connections` keep-alive connections (least recently used first, as hey's 10 workers each keep one):
+with several server workers each worker holds some of them and gets its share of the load. (Until
+session 5 the client reused the most recently used connection: nearly every request went down one
+connection, so to one worker, and `--workers 2` measured one busy worker beside an idle one.)
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -102,28 +108,30 @@ def constant_factory():
 # --- the open-loop client -----------------------------------------------------------------
 
 
-async def open_loop(port: int, path: str, bodies: list[bytes], rate: float, seconds: float) -> dict:
+async def open_loop(port: int, path: str, bodies: list[bytes], rate: float, seconds: float, connections: int) -> dict:
     loop = asyncio.get_running_loop()
     n = int(rate * seconds)
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # (reader, writer, last used)
+    idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = deque()  # (reader, writer, last used)
+    for _ in range(connections):  # opened before the clock starts, as a load balancer keeps its upstream pool
+        idle.append((*await asyncio.open_connection("127.0.0.1", port), loop.time()))
     latencies: list[float] = []
     errors, kinds = 0, {}
     start = loop.time() + 0.2
     done_at = start
 
     async def connection() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """The most recently used idle connection, skipping any idle longer than uvicorn's 5 s keep-alive."""
+        """The least recently used idle connection (requests rotate over the pool, so that every server
+        worker holding some of its connections gets its share), skipping any idle longer than uvicorn's
+        5 s keep-alive; a new one when all are busy (open loop: a request never waits for another)."""
         while idle:
-            reader, writer, used = idle.pop()
+            reader, writer, used = idle.popleft()
             if loop.time() - used < 4.0:
                 return reader, writer
             writer.close()
         return await asyncio.open_connection("127.0.0.1", port)
 
-    async def one(i: int) -> None:
+    async def one(i: int, due: float) -> None:
         nonlocal errors, done_at
-        due = start + i / rate
-        await asyncio.sleep(max(0.0, due - loop.time()))
         try:
             reader, writer = await connection()
             body = bodies[i % len(bodies)]
@@ -148,7 +156,15 @@ async def open_loop(port: int, path: str, bodies: list[bytes], rate: float, seco
             errors += 1
             kinds[type(error).__name__] = kinds.get(type(error).__name__, 0) + 1
 
-    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), timeout=seconds + 60)
+    tasks = []
+    for i in range(n):  # each request starts at its due time (tasks made in advance would cost the client a burst)
+        due = start + i / rate
+        if due > loop.time():
+            await asyncio.sleep(due - loop.time())
+        tasks.append(asyncio.create_task(one(i, due)))
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+    for _, writer, _ in idle:
+        writer.close()
     lat = np.array(latencies) * 1000
     return {
         "sent": n,
@@ -170,6 +186,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--targets", default="select,constant,feast", help="a subset, e.g. to profile one server")
     parser.add_argument("--workers", type=int, default=1, help="worker processes of every server (same for all)")
+    parser.add_argument("--connections", type=int, default=10,
+                        help="keep-alive connections the client rotates over; more open when all are busy")  # fmt: skip
     args = parser.parse_args()
     chosen = args.targets.split(",")
     rates = [float(r) for r in args.rates.split(",")]
@@ -243,13 +261,17 @@ def main() -> None:
             if "feast" in ports:
                 check_feast_answers(ports["feast"], users[0], seeded)
             for name, port in ports.items():
-                asyncio.run(open_loop(port, targets[name][1], targets[name][0], 100, 2))  # warm-up, not reported
+                asyncio.run(
+                    open_loop(port, targets[name][1], targets[name][0], 100, 2, args.connections)
+                )  # warm-up, not reported
             results = {name: {} for name in ports}
             for rate in rates:
                 for name, port in ports.items():
                     bodies, path = targets[name]
                     cpu = tree_cpu_s(port_pid[port])
-                    results[name][rate] = asyncio.run(open_loop(port, path, bodies, rate, args.seconds))
+                    results[name][rate] = asyncio.run(
+                        open_loop(port, path, bodies, rate, args.seconds, args.connections)
+                    )
                     results[name][rate]["cpu_ms"] = (tree_cpu_s(port_pid[port]) - cpu) * 1000 / (rate * args.seconds)
             state = {}
             if "select" in ports:

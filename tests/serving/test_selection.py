@@ -265,3 +265,27 @@ def test_ads_the_model_has_not_seen_are_embedded_from_catalog_columns(catalog_ro
     state = ServingState(load_catalog(catalog_file), bundle)
     expected = ProjectionBundle(catalog_rows).ad_matrix
     assert np.allclose(state.ad_matrix, expected, atol=1e-6)
+
+
+def test_ad_stats_refresh_reads_every_ad_and_yields_the_gil(catalog_rows, monkeypatch) -> None:
+    """The refresh runs beside the event loop: after each chunk it sleeps (1 / gil_share - 1) x the chunk's CPU,
+    so it holds the GIL at most `gil_share` of the time (a fake clock: each chunk costs 2 ms of CPU)."""
+    import serving.features_access as features_access
+
+    catalog = build_catalog(catalog_rows, version="t")
+    rows = {a: {"ad_ctr_24h": 0.01 * (i % 7), "ad_clicks_7d": i} for i, a in enumerate(catalog.ad_ids)}
+    cpu, sleeps = [0.0], []
+
+    class Reader(MemoryReader):
+        def ads(self, ad_ids):
+            cpu[0] += 0.002
+            return super().ads(ad_ids)
+
+    clock = type("Clock", (), {"thread_time": lambda: cpu[0], "sleep": sleeps.append, "time": time.time})
+    monkeypatch.setattr(features_access, "time", clock)
+    stats = AdStats(catalog)
+    stats.refresh(Reader(ads=rows), catalog, chunk=7, gil_share=0.2)
+    assert len(sleeps) == -(-len(catalog) // 7) and all(s == pytest.approx(0.008) for s in sleeps)
+    expected = [rows[a]["ad_ctr_24h"] for a in catalog.ad_ids]
+    assert np.array_equal(stats.columns["ad_ctr_24h"], expected)
+    assert np.array_equal(stats.columns["ad_clicks_7d"], np.arange(len(catalog)))
