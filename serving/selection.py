@@ -119,6 +119,11 @@ class ServingState:
         }
         self._live: tuple[int, np.ndarray] | None = None
         self._ad_columns: tuple[object, AdColumns] | None = None
+        self._format_masks: dict[frozenset[str], np.ndarray] = {}
+        order = np.argsort(catalog.campaign_code, kind="stable")  # the rows of each campaign, for frequency caps
+        self.campaign_rows = np.split(
+            order, np.cumsum(np.bincount(catalog.campaign_code, minlength=len(catalog.campaign_ids)))[:-1]
+        )
 
     def ad_columns(self, stats: AdStats) -> AdColumns:
         """The ranker's columns of every catalog ad (`models.ranker.ad_columns`) for the current ad stats:
@@ -134,6 +139,16 @@ class ServingState:
             frame = {"ad_id": self.catalog.ad_ids, **self.text_columns, "bid": self.catalog.bid, **columns}
             cached = self._ad_columns = (key, ad_columns(frame))
         return cached[1]
+
+    def format_mask(self, formats: frozenset[str]) -> np.ndarray:
+        """(n,) bool: ads of any of `formats` (a request's slot formats), built once per format set."""
+        mask = self._format_masks.get(formats)
+        if mask is None:
+            mask = np.zeros(len(self.catalog), dtype=bool)
+            for f in formats:
+                mask |= self.catalog.format_masks[f]
+            self._format_masks[formats] = mask
+        return mask
 
     def live(self, day: int) -> np.ndarray:
         cached = self._live
@@ -246,11 +261,7 @@ class Selector:
     def _eligible(self, state: ServingState, request: SelectionRequest, user: dict, now: float) -> np.ndarray:
         catalog = state.catalog
         mask = state.live(int(now // DAY_S)) & self.pacer.allowed(catalog, now)
-        formats = {s.format for s in request.slots}
-        any_format = np.zeros(len(catalog), dtype=bool)
-        for f in formats:
-            any_format |= catalog.format_masks[f]
-        mask &= any_format
+        mask &= state.format_mask(frozenset(s.format for s in request.slots))
         if request.candidate_ad_ids is not None:
             allowed = np.zeros(len(catalog), dtype=bool)
             allowed[_rows(catalog, request.candidate_ad_ids)] = True
@@ -269,25 +280,22 @@ class Selector:
             codes = [state.domain_code[d.lower()] for d in request.blocked_domains if d.lower() in state.domain_code]
             if codes:
                 mask &= ~np.isin(catalog.advertiser_code, codes)
-        mask &= ~self._capped(catalog, user)
+        mask[self._capped(state, user)] = False
         return mask
 
-    def _capped(self, catalog: Catalog, user: dict) -> np.ndarray:
-        """(n,) bool: ads over the user's 24 h frequency cap, per ad or per campaign."""
-        capped = np.zeros(len(catalog), dtype=bool)
+    def _capped(self, state: ServingState, user: dict) -> np.ndarray:
+        """Rows of the ads over the user's 24 h frequency cap, per ad or per campaign (the user's few entries
+        are looked up, not the whole catalog scanned)."""
+        catalog = state.catalog
         ad_rows, ad_counts = _pairs(catalog.index, user.get("freq_ad_ids"), user.get("freq_ad_impressions_24h"))
-        if len(ad_rows):
-            caps = catalog.cap_ad[ad_rows]
-            capped[ad_rows[(caps > 0) & (ad_counts >= caps)]] = True
+        caps = catalog.cap_ad[ad_rows]
+        capped = [ad_rows[(caps > 0) & (ad_counts >= caps)]]
         codes, counts = _pairs(
             catalog.campaign_index, user.get("freq_campaign_ids"), user.get("freq_campaign_impressions_24h")
         )
-        if len(codes):
-            caps = catalog.cap_campaign[codes]
-            over = np.zeros(len(catalog.campaign_ids), dtype=bool)
-            over[codes[(caps > 0) & (counts >= caps)]] = True
-            capped |= over[catalog.campaign_code]
-        return capped
+        caps = catalog.cap_campaign[codes]
+        capped += [state.campaign_rows[code] for code in codes[(caps > 0) & (counts >= caps)]]
+        return np.concatenate(capped)
 
     def _slot_mask(self, catalog: Catalog, slot: Slot, eligible: np.ndarray) -> np.ndarray:
         mask = eligible & catalog.format_masks[slot.format]
