@@ -14,7 +14,9 @@ gives about the CPU time), the whole `Runtime.select` in process CPU per request
 in the same process:
 - the user tower through torch (what serving ran before) beside its numpy forward (what it runs on the CPU);
 - the pacing sync (every second, in a thread that shares the GIL with the event loop) with a key and
-  two commands per ad, MGET of every budgeted ad (what it did before) beside the one-script hash sync.
+  two commands per ad, MGET of every budgeted ad (what it did before) beside the one-script hash sync;
+- the ad-stats refresh (every `ad_stats_refresh_s`, in a thread): its CPU per refresh, and its share of
+  the GIL without yielding beside serving's yielding one.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def main() -> None:
         print(f"  numpy / torch (p50): {np.median(timed['numpy']) / np.median(timed['torch']):.3f}")
 
         pacing(runtime, client)
+        ad_stats_refresh(runtime)
     finally:
         client.flushdb()
         shutil.rmtree(work, ignore_errors=True)
@@ -158,6 +161,25 @@ def pacing(runtime, client) -> None:
         print(f"  {name:<26} p50 {_ms(values, 50)} ms  max {max(values) * 1000:.2f} ms")
     after, before = (np.median(v) for v in reversed(results.values()))
     print(f"  after / before (p50): {after / before:.3f}")
+
+
+def ad_stats_refresh(runtime) -> None:
+    """The background read of every ad's `ad_performance` row (serving.features_access.AdStats.refresh): its
+    CPU (what one worker spends per refresh) and wall time, holding the GIL throughout (gil_share 1, the
+    baseline) and as serving runs it (yielding after each chunk)."""
+    from serving.features_access import AdStats
+
+    catalog = runtime.state.catalog
+    print(f"\nad-stats refresh of {len(catalog):,} ads (3 runs each; CPU of this thread, wall):")
+    for share in (1.0, AdStats.refresh.__kwdefaults__["gil_share"]):
+        cpu, wall = [], []
+        for _ in range(3):
+            started, clock = time.thread_time(), time.perf_counter()
+            runtime.ad_stats.refresh(runtime.reader, catalog, gil_share=share)
+            cpu.append(time.thread_time() - started)
+            wall.append(time.perf_counter() - clock)
+        print(f"  gil_share {share:<4} CPU p50 {_ms(cpu, 50)} ms ({np.median(cpu) / len(catalog) * 1e6:.1f} us per ad)"
+              f"  wall p50 {_ms(wall, 50)} ms  CPU / wall {np.median(cpu) / np.median(wall):.2f}")  # fmt: skip
 
 
 def _legacy_sync(pacer, client) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from features.online import FeastLayout, OnlineFeatureReader, write_rows
 from serving.catalog import generate_catalog, write_catalog
+from serving.runtime import GIL_SWITCH_INTERVAL_S
 from serving.schemas import SelectResponse
 from serving.scoring import EmptyRegistry, ProjectionBundle, StaticRegistry
 from tests.serving.conftest import MemoryReader, free_port
@@ -37,6 +39,15 @@ def test_select_answers_each_slot_in_rank_order(make_app) -> None:
     assert [a["rank"] for a in feed] == [1, 2]
     assert feed[0]["pctr"] * 0 == 0 and feed[0]["creative"]["landing_url"].startswith("https://")
     assert 0 < feed[0]["propensity"] <= 1 and feed[0]["price"] > 0
+
+
+def test_a_started_app_hands_the_gil_back_to_requests_quickly(make_app, monkeypatch) -> None:
+    """Background threads hold the GIL at most the switch interval while a request waits (runtime.start)."""
+    calls: list[float] = []
+    monkeypatch.setattr(sys, "setswitchinterval", calls.append)  # the test process keeps its own
+    app, _ = make_app(reader=MemoryReader())
+    with TestClient(app):
+        assert calls == [GIL_SWITCH_INTERVAL_S] and GIL_SWITCH_INTERVAL_S < 0.005
 
 
 def test_openapi_has_the_example(make_app) -> None:
