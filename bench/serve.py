@@ -289,18 +289,21 @@ def main() -> None:
 
 def server_metrics(text: str) -> list[str]:
     """Fallback and impression counters, the cyclic GC's full collections (each one a stall of the whole
-    process: `python -m bench.gc_pause`), and the mean handler / selection-stage time over the whole run."""
+    process: `python -m bench.gc_pause`), the mean handler / selection-stage time over the whole run, and
+    how many took over 20 ms (a stall: in the features stage, Redis answered late; elsewhere, the process)."""
     counters = ("adloop_fallback_total", "adloop_impressions_total", 'python_gc_collections_total{generation="2"}')
     lines = [ln for ln in text.splitlines() if ln.startswith(counters)]
     sums: dict[str, float] = {}
     for ln in text.splitlines():
-        if ln.startswith(("adloop_stage_seconds_", "adloop_request_seconds_")) and not ln.startswith("#"):
+        if ln.startswith(("adloop_stage_seconds_", "adloop_request_seconds_", "adloop_gc_pause_seconds_")):
             name, value = ln.rsplit(" ", 1)
-            sums[name] = float(value)
+            sums[name if "{" in name else name + "{}"] = float(value)
     for name, total in sums.items():
-        if "_sum{" in name and sums.get(name.replace("_sum{", "_count{")):
-            mean_ms = 1000 * total / sums[name.replace("_sum{", "_count{")]
-            lines.append(f"mean {name.replace('_sum', '')}: {mean_ms:.3f} ms")
+        count = sums.get(name.replace("_sum{", "_count{"))
+        if "_sum{" in name and count:
+            under = sums.get(name.replace("_sum{", '_bucket{le="0.02",').replace(",}", "}"))
+            slow = f", {count - under:.0f} of {count:.0f} over 20 ms" if under is not None else ""
+            lines.append(f"mean {name.replace('_sum', '').replace('{}', '')}: {1000 * total / count:.3f} ms{slow}")
     return lines
 
 

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from adloop.settings import Settings, get_settings
+from serving import metrics
 from serving.routes import admin, catalog, dashboard, ops, outcomes, rtb, select, users
 from serving.runtime import Runtime, freeze_heap
 
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
         runtime = Runtime(settings, **overrides)
         runtime.start()
         freeze_heap()
+        metrics.watch_gc()  # after the start-up collection: pauses while serving (a reload's included)
         app.state.runtime = runtime
         yield
         runtime.stop()

@@ -9,7 +9,10 @@ whichever worker answers it. Gauges say how workers combine; the model version i
 
 from __future__ import annotations
 
+import gc
 import os
+import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -42,6 +45,10 @@ MODEL_INFO = Gauge(
 )  # fmt: skip
 CATALOG_ADS = Gauge("adloop_catalog_ads", "Ads in the loaded catalog.", multiprocess_mode="livemax")
 RELOADS = Counter("adloop_reloads_total", "Catalog / model reloads, by outcome.", ["outcome"])
+GC_PAUSE_SECONDS = Histogram(
+    "adloop_gc_pause_seconds", "Full (generation 2) collections of the cyclic GC: each pauses the whole process.",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
 
 _model_labels: tuple[str, str] | None = None
 
@@ -54,6 +61,26 @@ def publish_model(version: str, loaded: bool) -> None:
         MODEL_INFO.labels(*_model_labels).set(0)
     MODEL_INFO.labels(*labels).set(1)
     _model_labels = labels
+
+
+def watch_gc() -> None:
+    """Time every full collection into GC_PAUSE_SECONDS (once per process; the heap is frozen at start-up,
+    `runtime.freeze_heap`, so these pauses scan only what requests and threads left alive since)."""
+    if _time_full_collections not in gc.callbacks:
+        gc.callbacks.append(_time_full_collections)
+
+
+_gc_started = 0.0
+
+
+def _time_full_collections(phase: str, info: dict[str, Any]) -> None:
+    global _gc_started
+    if info["generation"] != 2:
+        return
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        GC_PAUSE_SECONDS.observe(time.perf_counter() - _gc_started)
 
 
 def exposition() -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import sys
 import time
@@ -48,6 +49,20 @@ def test_a_started_app_hands_the_gil_back_to_requests_quickly(make_app, monkeypa
     app, _ = make_app(reader=MemoryReader())
     with TestClient(app):
         assert calls == [GIL_SWITCH_INTERVAL_S] and GIL_SWITCH_INTERVAL_S < 0.005
+
+
+def test_full_collections_are_timed_on_metrics(make_app) -> None:
+    """Each full GC collection pauses the process: a started app counts and times them (adloop_gc_pause_seconds)."""
+    app, _ = make_app(reader=MemoryReader())
+    with TestClient(app) as client:
+        before = _sample(client.get("/metrics").text, "adloop_gc_pause_seconds_count")
+        gc.collect()
+        gc.collect()
+        assert _sample(client.get("/metrics").text, "adloop_gc_pause_seconds_count") >= before + 2
+
+
+def _sample(text: str, name: str) -> float:
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def test_openapi_has_the_example(make_app) -> None:
