@@ -97,6 +97,11 @@ def main() -> None:
         cpu_ms = (time.process_time() - cpu) * 1000 / args.requests
         print(f"\nRuntime.select in process, {args.requests} requests (200 candidates, trained model):")
         print(f"  process CPU {cpu_ms:.3f} ms per request (impressions queued, not sent)")
+        unread = getattr(runtime.state.model, "unread_features", frozenset)()  # older checkouts compute them all
+        names = runtime.state.model.feature_names
+        print(
+            f"  the ranker's trees read {len(names) - len(unread)} of its {len(names)} features (others: not computed)"
+        )
         print(f"  {'stage':<14}{'p50 ms':>9}{'p99 ms':>9}")
         for stage, values in stages.items():
             print(f"  {stage:<14}{_ms(values, 50):>9}{_ms(values, 99):>9}")

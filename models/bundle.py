@@ -33,6 +33,7 @@ class ModelBundle:
     manifest: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _cpu_tower: CpuUserTower | None = field(default=None, init=False, repr=False)  # built on first CPU use
+    _unread: frozenset[str] | None = field(default=None, init=False, repr=False)  # found on first use
 
     def user_vector(self, user_features: Mapping[str, Any]) -> np.ndarray:
         """(dim,) float32 L2-normalised vector of one user_activity row."""
@@ -86,8 +87,18 @@ class ModelBundle:
         slate_size (number of ads shown together; default: the number of candidates).
         embedding_scores: (n_candidates,) cosine of user_vector and each candidate's ad vector.
         """
-        x = request_features(user_features, ad_frame, context, embedding_scores, self.feature_names)
+        x = request_features(user_features, ad_frame, context, embedding_scores, self.feature_names,
+                             skip=self.unread_features())  # fmt: skip
         return self.calibrator(self.predict_margin(x))
+
+    def unread_features(self) -> frozenset[str]:
+        """Features no tree splits on (besides the margin's offset): their values cannot change a prediction,
+        so serving does not compute them (a trained ranker often leaves a third of them unread)."""
+        if self._unread is None:
+            splits = self.booster.feature_importance("split")
+            unread = {name for name, count in zip(self.feature_names, splits, strict=True) if count == 0}
+            self._unread = frozenset(unread - {self.offset_feature})
+        return self._unread
 
     def predict_margin(self, x: np.ndarray) -> np.ndarray:
         """Margin (log-odds before calibration) of a feature matrix: base margin + the trees' raw score,

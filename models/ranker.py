@@ -13,7 +13,7 @@ import json
 import os
 import zlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -123,17 +123,23 @@ def request_features(
     context: Mapping[str, Any],
     embedding_scores: np.ndarray | None,
     features: Sequence[str] = FEATURES,
+    skip: Collection[str] = (),
 ) -> np.ndarray:
     """(n_candidates, len(features)) float64 matrix of one request; vectorised over candidates.
 
     user: a user_activity row (user_features names; missing -> 0 / empty). ads: columns of equal
     length: ad_id, optional category, campaign_id, position and ad_performance names (missing ->
     an untouched ad's value), or `ad_columns` of them. context: ts_ms (request time), optional hour,
-    position, slate_size, device.
+    position, slate_size, device. skip: features the caller will not read (a model whose trees never
+    split on them, `ModelBundle.unread_features`): their columns are left 0 and not computed.
     """
     ads = ads if isinstance(ads, AdColumns) else ad_columns(ads)
     ad_ids = ads["ad_id"]
     n = len(ad_ids)
+
+    def needed(*names: str) -> bool:
+        return any(name not in skip for name in names)
+
     now = as_number(context.get("ts_ms"))
     cols: dict[str, np.ndarray | float] = {}  # a float is a column of one value (user and context features)
     for name in USER_SCALARS:
@@ -143,27 +149,34 @@ def request_features(
     recent_items = as_list(user.get("recent_items"))
     cols["user_recent_items"] = float(len(recent_items))
     cols["user_seconds_since_seen"] = _since(now, user.get("last_seen_ms"))
-    ad_seen = ads["ad_last_seen_ms"]
-    cols["ad_seconds_since_seen"] = np.where(ad_seen > 0, (now - ad_seen) / 1000.0, np.nan)
+    if needed("ad_seconds_since_seen"):
+        ad_seen = ads["ad_last_seen_ms"]
+        cols["ad_seconds_since_seen"] = np.where(ad_seen > 0, (now - ad_seen) / 1000.0, np.nan)
     for name in ("ad_ctr_1h", "ad_ctr_24h", "ad_ctr_7d"):
-        cols[f"{name}_rank"] = _pct_rank(cols[name])
+        if needed(f"{name}_rank"):
+            cols[f"{name}_rank"] = _pct_rank(cols[name])
     for name in ("ad_ctr_7d", "ad_clicks_1h"):
-        top = cols[name].max(initial=0.0)
-        cols[f"{name}_vs_slate"] = cols[name] / top if top > 0 else 0.0
+        if needed(f"{name}_vs_slate"):
+            top = cols[name].max(initial=0.0)
+            cols[f"{name}_vs_slate"] = cols[name] / top if top > 0 else 0.0
     categories = ads["category"]
-    cols["user_ad_impressions_24h"], cols["user_ad_clicks_24h"] = _lookup(user, "ad", ad_ids)
-    campaigns = ads["campaign_id"]
-    cols["user_campaign_impressions_24h"], cols["user_campaign_clicks_24h"] = _lookup(user, "campaign", campaigns)
+    if needed("user_ad_impressions_24h", "user_ad_clicks_24h"):
+        cols["user_ad_impressions_24h"], cols["user_ad_clicks_24h"] = _lookup(user, "ad", ad_ids)
+    if needed("user_campaign_impressions_24h", "user_campaign_clicks_24h"):
+        campaign = _lookup(user, "campaign", ads["campaign_id"])
+        cols["user_campaign_impressions_24h"], cols["user_campaign_clicks_24h"] = campaign
     top_categories = as_list(user.get("top_categories"))
     scores = np.asarray(as_list(user.get("top_category_scores")), dtype=float)
     cols["user_category_affinity"], cols["user_category_rank"] = 0.0, np.nan
-    if top_categories and scores.sum() > 0:
+    if top_categories and scores.sum() > 0 and needed("user_category_affinity", "user_category_rank"):
         where = _positions(top_categories, categories)
         cols["user_category_affinity"] = np.where(where >= 0, scores[where] / scores.sum(), 0.0)
         cols["user_category_rank"] = np.where(where >= 0, where.astype(float), np.nan)
-    cols["user_recent_category_share"] = _share(as_list(user.get("recent_categories")), categories)
-    viewed = set(recent_items)
-    cols["user_viewed_item"] = np.fromiter(map(viewed.__contains__, ad_ids), dtype=float, count=n)
+    if needed("user_recent_category_share"):
+        cols["user_recent_category_share"] = _share(as_list(user.get("recent_categories")), categories)
+    if needed("user_viewed_item"):
+        viewed = set(recent_items)
+        cols["user_viewed_item"] = np.fromiter(map(viewed.__contains__, ad_ids), dtype=float, count=n)
     position = as_number(context.get("position"), 1.0)
     cols["position"] = np.where(np.isnan(ads["position"]), position, ads["position"]) if "position" in ads else position
     cols["slate_size"] = as_number(context.get("slate_size"), float(n))
@@ -172,9 +185,10 @@ def request_features(
     known = isinstance(device, str) and device != ""
     cols["device_code"] = float(zlib.crc32(device.encode()) % 64) if known else np.nan
     cols["embedding_score"] = np.nan if embedding_scores is None else np.asarray(embedding_scores, dtype=float)
-    x = np.empty((n, len(features)))
+    x = np.zeros((n, len(features)))
     for j, name in enumerate(features):  # one column per feature, a float broadcast down its column
-        x[:, j] = cols[name]
+        if name not in skip:
+            x[:, j] = cols[name]
     return x
 
 

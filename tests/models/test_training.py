@@ -8,7 +8,7 @@ import torch
 from models.evaluate import holdout_split, metrics_row, score_frame
 from models.metrics import group_metrics
 from models.mind import Replay
-from models.ranker import AD_SCALARS
+from models.ranker import AD_SCALARS, request_features
 from models.train import TrainConfig, sort_requests, train
 from models.two_tower import CpuUserTower, TwoTowerConfig, encode_users, to_tensors
 from tests.models.conftest import synthetic_world
@@ -79,6 +79,25 @@ def test_predict_ctr_per_request_equals_batch_scoring(trained):
     ads = request[["ad_id", "category", "campaign_id", "position", *AD_SCALARS, "ad_last_seen_ms"]]
     context = {"ts_ms": int(user["ts"]), "hour": user["hour"], "slate_size": user["slate_size"]}
     np.testing.assert_allclose(bundle.predict_ctr(user, ads, context, emb), probs_all[rows], rtol=1e-6)
+
+
+def test_serving_skips_only_features_no_tree_reads(trained):
+    """predict_ctr leaves out the features the trees never split on: same margins, same read columns."""
+    _, _, holdout, bundle, _ = trained
+    unread = bundle.unread_features()
+    assert unread and bundle.offset_feature not in unread and unread < set(bundle.feature_names)
+    splits = dict(zip(bundle.feature_names, bundle.booster.feature_importance("split"), strict=True))
+    assert all(splits[name] == 0 for name in unread)
+    for _, request in list(holdout.groupby("request_id", sort=False))[:20]:
+        user = request.iloc[0].to_dict()
+        ads = request[["ad_id", "category", "campaign_id", "position", *AD_SCALARS, "ad_last_seen_ms"]]
+        context = {"ts_ms": int(user["ts"]), "hour": user["hour"], "slate_size": user["slate_size"]}
+        emb = np.linspace(-1, 1, len(request))
+        full = request_features(user, ads, context, emb, bundle.feature_names)
+        lean = request_features(user, ads, context, emb, bundle.feature_names, skip=unread)
+        read = [j for j, name in enumerate(bundle.feature_names) if name not in unread]
+        np.testing.assert_array_equal(lean[:, read], full[:, read])
+        np.testing.assert_array_equal(bundle.predict_margin(lean), bundle.predict_margin(full))
 
 
 def test_vectors_are_unit_length_and_batch_one_matches_batch(trained):
