@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     redis_retry_after_s: float = 1.0  # after a Redis connection failure, skip Redis this long
     pacing_slack: float = 0.05  # share of a daily budget spendable ahead of the smooth pace
     pacing_sync_s: float = 1.0  # how often each serving process shares its spend through Redis (0: never)
-    ad_stats_refresh_s: float = 30.0  # how often live ad CTRs are pulled from the online store
+    ad_stats_refresh_s: float = 1.0  # how often serving re-reads the ads whose online rows changed (freshness)
+    ad_stats_full_refresh_s: float = 30.0  # how often it re-reads every ad's row (a safety net)
     impression_buffer: int = 10_000  # impressions held while Kafka is down (drop-oldest beyond)
     max_slots: int = 10  # per request
     max_count_per_slot: int = 10

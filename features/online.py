@@ -13,6 +13,7 @@ and tests prove both equal what `get_online_features` returns for rows pushed th
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from adloop.settings import Settings
 from features.store import AD_VIEW, JOIN_KEYS, USER_VIEW, open_store
 
 ENTITY_KEY_VERSION = 3
+CHANGES_KEEP_MS = 3_600_000  # how long the changed-ads index remembers a write
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,11 @@ class FeastLayout:
         value = entity_id.encode()
         return self.views[view].key_prefix + _U32.pack(len(value)) + value + self.project
 
+    def changes_key(self, view: str) -> bytes:
+        """A sorted set beside Feast's hashes (not Feast's): entity id -> wall-clock ms of its last row write,
+        so that a reader can re-read only the rows written since it last looked (`write_rows` keeps it)."""
+        return b"adloop:changed:" + view.encode() + b":" + self.project
+
     def encode(self, view: str, ts_ms: int, features: dict[str, Any]) -> dict[bytes, bytes]:
         """The hash fields of one row, as Feast's online write stores them."""
         flat = self.encode_flat(view, ts_ms, features)
@@ -119,6 +126,10 @@ class OnlineFeatureReader:
         values = await self.async_client.execute("HMGET", self.layout.key(USER_VIEW, user_id), *self._user_fields)
         return self.layout.decode(USER_VIEW, values)
 
+    def changed_ads(self, since_ms: int) -> list[str]:
+        """Ads whose online row was written at or after `since_ms` (wall clock of the writer), up to an hour back."""
+        return [a.decode() for a in self.client.zrangebyscore(self.layout.changes_key(AD_VIEW), since_ms, "+inf")]
+
     def ads(self, ad_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         pipe = self.client.pipeline(transaction=False)
         for ad_id in ad_ids:
@@ -128,9 +139,16 @@ class OnlineFeatureReader:
 
 
 def write_rows(pipe: Any, layout: FeastLayout, view: str, rows: Sequence[tuple[str, int, dict[str, Any]]]) -> None:
-    """Queue HSETs of (entity id, event ms, features) rows on a redis-py pipeline (the caller executes it)."""
+    """Queue HSETs of (entity id, event ms, features) rows on a redis-py pipeline (the caller executes it).
+    Ad rows are also stamped in the view's changed-ads index (`changes_key`), trimmed to the last hour,
+    in the same pipeline (inside the consumer's transaction)."""
     for entity_id, ts_ms, features in rows:
         pipe.execute_command("HSET", layout.key(view, entity_id), *layout.encode_flat(view, ts_ms, features))
+    if view == AD_VIEW and rows:
+        now_ms = int(time.time() * 1000)
+        key = layout.changes_key(view)
+        pipe.zadd(key, {entity_id: now_ms for entity_id, _, _ in rows})
+        pipe.zremrangebyscore(key, "-inf", now_ms - CHANGES_KEEP_MS)
 
 
 def features_via_feast(settings: Settings, view: str, ids: list[str]) -> dict[str, dict[str, Any]]:

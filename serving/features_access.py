@@ -112,50 +112,84 @@ class GuardedReader:
 
 
 class AdStats:
-    """Ad performance columns aligned with a catalog, swapped atomically on refresh."""
+    """Ad performance columns aligned with a catalog, swapped whole on refresh (a request reads one dict)."""
 
     def __init__(self, catalog: Catalog):
         self.columns = _prior_columns(catalog)
         self.catalog_version = catalog.version
-        self.refreshed_at: float | None = None
+        self.refreshed_at: float | None = None  # wall clock of the last full or changed-ads refresh
+        self.read_since_ms: int | None = None  # rows written after this are read by the next `refresh_changed`
 
     def refresh(self, reader: FeatureReader, catalog: Catalog, *, chunk: int = 50, gil_share: float = 0.2) -> None:
         """Read every ad's row, `chunk` ads per round trip. It runs in a thread beside the event loop and costs
-        ~13 us of CPU per ad under the GIL (~130 ms for 10,000 ads), so after each chunk (<1 ms) it sleeps
-        long enough to hold the GIL at most `gil_share` of the time: a request waits at most a chunk, and
-        the loop keeps ~80% of its speed while a refresh runs (~0.7 s for 10,000 ads). With 1 ms pauses
+        ~15-20 us of CPU per ad under the GIL (0.15-0.2 s for 10,000 ads, `python -m bench.select_path`), so
+        after each chunk (~1 ms) it sleeps long enough to hold the GIL at most `gil_share` of the time: a
+        request waits at most a chunk, and the loop keeps ~80% of its speed while a refresh runs. With 1 ms pauses
         after 3 ms chunks the loop got about a quarter of the GIL for ~170 ms, and at 500 requests/s on
-        two workers ~140 requests were answered up to 150 ms late each time it ran (bench.serve)."""
+        two workers select's p99 was 264 ms with a full refresh every 2 s, 17 ms with this (BENCHMARKS, Serving)."""
+        started_ms = int(time.time() * 1000)
         columns = _prior_columns(catalog)
-        ids = [str(a) for a in catalog.ad_ids]
-        for start in range(0, len(ids), chunk):
-            cpu = time.thread_time()
-            rows = reader.ads(ids[start : start + chunk])
-            for ad_id, row in rows.items():
-                i = catalog.index.get(ad_id)
-                if i is None:
-                    continue
-                for name in AD_STAT_COLUMNS:
-                    if row.get(name) is not None:
-                        columns[name][i] = float(row[name])
-            time.sleep((time.thread_time() - cpu) * (1 / gil_share - 1))
+        _read_into(columns, reader, catalog, [str(a) for a in catalog.ad_ids], chunk, gil_share)
         self.columns, self.catalog_version, self.refreshed_at = columns, catalog.version, time.time()
+        self.read_since_ms = started_ms
+
+    def refresh_changed(self, reader: FeatureReader, catalog: Catalog, *, overlap_s: float = 5.0) -> bool:
+        """Re-read only the ads whose rows were written since the last refresh began (minus `overlap_s`, for
+        transactions in flight and writers' clocks), from the changed-ads index that `write_rows` keeps.
+        False when that cannot be done (a reader without the index, no full refresh yet, another catalog):
+        the caller refreshes fully."""
+        changed = getattr(reader, "changed_ads", None)
+        if changed is None or self.read_since_ms is None or catalog.version != self.catalog_version:
+            return False
+        started_ms = int(time.time() * 1000)
+        ids = [a for a in changed(self.read_since_ms - int(overlap_s * 1000)) if a in catalog.index]
+        if ids:  # a new dict only when something changed: serving rebuilds its ranker columns per dict
+            columns = {name: values.copy() for name, values in self.columns.items()}
+            _read_into(columns, reader, catalog, ids)
+            self.columns = columns
+        self.read_since_ms, self.refreshed_at = started_ms, time.time()
+        return True
 
     def reset(self, catalog: Catalog) -> None:
         if catalog.version != self.catalog_version:
-            self.columns, self.catalog_version = _prior_columns(catalog), catalog.version
+            self.columns, self.catalog_version, self.read_since_ms = _prior_columns(catalog), catalog.version, None
 
 
-def run_refresher(stats: AdStats, reader: FeatureReader, get_catalog, *, every_s: float, stop: threading.Event):
-    """Background loop (a daemon thread): refresh ad stats every `every_s`; errors are logged, not fatal."""
+def run_refresher(
+    stats: AdStats, reader: FeatureReader, get_catalog, *, every_s: float, full_every_s: float, stop: threading.Event
+):
+    """Background loop (a daemon thread): every `every_s` re-read the ads changed since the last look, and
+    every `full_every_s` (or when the reader cannot tell what changed) all of them; errors are logged, not
+    fatal (Redis down: the last values stay)."""
+    last_full = -float("inf")
     while not stop.is_set():
         catalog = get_catalog()
         try:
-            stats.refresh(reader, catalog)
-        except Exception as error:  # Redis down: keep the last values
+            if time.monotonic() - last_full >= full_every_s or not stats.refresh_changed(reader, catalog):
+                stats.refresh(reader, catalog)
+                last_full = time.monotonic()
+        except Exception as error:
             stats.reset(catalog)
             log.warning("ad stats refresh failed: %s", error)
         stop.wait(every_s)
+
+
+def _read_into(
+    columns: dict[str, np.ndarray], reader: FeatureReader, catalog: Catalog, ids: list[str], chunk: int = 50,
+    gil_share: float = 0.2,
+) -> None:  # fmt: skip
+    """Read `ids`' rows into `columns` (catalog-aligned), `chunk` per round trip, yielding the GIL after each."""
+    for start in range(0, len(ids), chunk):
+        cpu = time.thread_time()
+        rows = reader.ads(ids[start : start + chunk])
+        for ad_id, row in rows.items():
+            i = catalog.index.get(ad_id)
+            if i is None:
+                continue
+            for name in AD_STAT_COLUMNS:
+                if row.get(name) is not None:
+                    columns[name][i] = float(row[name])
+        time.sleep((time.thread_time() - cpu) * (1 / gil_share - 1))
 
 
 def _prior_columns(catalog: Catalog) -> dict[str, np.ndarray]:

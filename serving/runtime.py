@@ -94,7 +94,11 @@ class Runtime:
                 name="ad-stats",
                 daemon=True,
                 args=(self.ad_stats, self.reader, lambda: self.state.catalog),
-                kwargs={"every_s": self.settings.ad_stats_refresh_s, "stop": self._stop},
+                kwargs={
+                    "every_s": self.settings.ad_stats_refresh_s,
+                    "full_every_s": self.settings.ad_stats_full_refresh_s,
+                    "stop": self._stop,
+                },
             )
         ]
         if self.settings.catalog_poll_s > 0:

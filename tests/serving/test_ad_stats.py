@@ -1,0 +1,121 @@
+"""Ad features in serving's memory: full refreshes and re-reads of only the ads whose online rows changed."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from features.online import FeastLayout, OnlineFeatureReader, write_rows
+from features.store import AD_VIEW
+from serving.catalog import build_catalog
+from serving.features_access import AdStats, run_refresher
+from streaming.aggregates import ad_features
+from tests.serving.conftest import MemoryReader
+
+
+class ChangeLog(MemoryReader):
+    """A reader with a changed-ads index, counting the ads it was asked for."""
+
+    def __init__(self, ads: dict[str, dict]):
+        super().__init__(ads=ads)
+        self.changes: dict[str, int] = {}
+        self.asked: list[str] = []
+
+    def write(self, ad_id: str, row: dict) -> None:
+        self.ad_rows[ad_id] = row
+        self.changes[ad_id] = int(time.time() * 1000)
+
+    def changed_ads(self, since_ms: int) -> list[str]:
+        return [a for a, ms in self.changes.items() if ms >= since_ms]
+
+    def ads(self, ad_ids):
+        self.asked += ad_ids
+        return super().ads(ad_ids)
+
+
+def test_refresh_changed_reads_only_the_changed_ads(catalog_rows) -> None:
+    catalog = build_catalog(catalog_rows, version="t")
+    reader = ChangeLog({a: {"ad_ctr_24h": 0.01} for a in catalog.ad_ids})
+    stats = AdStats(catalog)
+    assert not stats.refresh_changed(reader, catalog)  # no full refresh yet: nothing to start from
+    stats.refresh(reader, catalog, gil_share=1.0)
+    assert len(reader.asked) == len(catalog) and np.all(stats.columns["ad_ctr_24h"] == 0.01)
+    before, reader.asked = stats.columns, []
+    assert stats.refresh_changed(reader, catalog, overlap_s=0) and reader.asked == []
+    assert stats.columns is before  # nothing changed: the same dict, so serving keeps its ranker columns
+    changed = catalog.ad_ids[3]
+    reader.write(changed, {"ad_ctr_24h": 0.2, "ad_clicks_7d": 9})
+    assert stats.refresh_changed(reader, catalog, overlap_s=0)
+    assert reader.asked == [changed]
+    row = catalog.index[changed]
+    assert stats.columns["ad_ctr_24h"][row] == 0.2 and stats.columns["ad_clicks_7d"][row] == 9
+    assert before["ad_ctr_24h"][row] == 0.01  # a copy: requests holding the old dict see it unchanged
+    others = np.delete(stats.columns["ad_ctr_24h"], row)
+    assert np.all(others == 0.01)
+
+
+def test_a_reader_without_the_index_gets_full_refreshes(catalog_rows) -> None:
+    catalog = build_catalog(catalog_rows, version="t")
+    stats = AdStats(catalog)
+    stats.refresh(MemoryReader(), catalog, gil_share=1.0)
+    assert not stats.refresh_changed(MemoryReader(), catalog)
+
+
+def test_the_refresher_thread_reads_changes_every_interval_and_everything_less_often(catalog_rows) -> None:
+    catalog = build_catalog(catalog_rows, version="t")
+    reader = ChangeLog({a: {"ad_ctr_24h": 0.01} for a in catalog.ad_ids})
+    stats, stop = AdStats(catalog), threading.Event()
+    thread = threading.Thread(
+        target=run_refresher,
+        args=(stats, reader, lambda: catalog),
+        kwargs={"every_s": 0.02, "full_every_s": 3600, "stop": stop},
+        daemon=True,
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while stats.read_since_ms is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reader.write(catalog.ad_ids[0], {"ad_ctr_24h": 0.3})
+        while stats.columns["ad_ctr_24h"][0] != 0.3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert stats.columns["ad_ctr_24h"][0] == 0.3
+    assert reader.asked.count(catalog.ad_ids[1]) == 1  # one full refresh, then changes only
+
+
+@pytest.mark.integration
+def test_online_ad_writes_are_indexed_for_changed_ad_reads(feature_settings, catalog_rows) -> None:
+    """`write_rows` stamps ad rows in the changed-ads index (in the caller's pipeline); serving reads back
+    exactly those through `OnlineFeatureReader`, Feast's own layout."""
+    client = redis.Redis.from_url(feature_settings.redis_url)
+    layout = FeastLayout.from_settings(feature_settings)
+    reader = OnlineFeatureReader(client, layout)
+    catalog = build_catalog(catalog_rows, version="t")
+    now = int(time.time() * 1000)
+    first, second = catalog.ad_ids[:2]
+
+    def write(ad_id: str, clicks: int) -> None:
+        pipe = client.pipeline()
+        hours = {str(now // 3_600_000): [100, clicks]}
+        write_rows(pipe, layout, AD_VIEW, [(ad_id, now, ad_features(hours, {}, now))])
+        pipe.execute()
+
+    write(first, 5)
+    stats = AdStats(catalog)
+    stats.refresh(reader, catalog, gil_share=1.0)
+    assert stats.columns["ad_clicks_24h"][catalog.index[first]] == 5
+    assert reader.changed_ads(now - 60_000) == [first]
+    time.sleep(0.01)
+    since = int(time.time() * 1000)
+    write(second, 7)
+    assert reader.changed_ads(since) == [second]
+    assert stats.refresh_changed(reader, catalog)
+    assert stats.columns["ad_clicks_24h"][catalog.index[second]] == 7
+    assert client.zcard(layout.changes_key(AD_VIEW)) == 2
