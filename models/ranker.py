@@ -137,8 +137,10 @@ def request_features(
     ad_ids = ads["ad_id"]
     n = len(ad_ids)
 
+    skip = skip if isinstance(skip, frozenset) else frozenset(skip)
+
     def needed(*names: str) -> bool:
-        return any(name not in skip for name in names)
+        return not skip.issuperset(names)
 
     now = as_number(context.get("ts_ms"))
     cols: dict[str, np.ndarray | float] = {}  # a float is a column of one value (user and context features)

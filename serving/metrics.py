@@ -9,6 +9,7 @@ whichever worker answers it. Gauges say how workers combine; the model version i
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import time
@@ -51,6 +52,13 @@ GC_PAUSE_SECONDS = Histogram(
 )  # fmt: skip
 
 _model_labels: tuple[str, str] | None = None
+
+
+@functools.lru_cache(maxsize=1024)
+def child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, remembered: prometheus_client checks the values and takes a lock on every
+    `labels` call, and the request path labels seven times (stages, arm, route)."""
+    return metric.labels(*values)
 
 
 def publish_model(version: str, loaded: bool) -> None:

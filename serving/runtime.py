@@ -177,10 +177,10 @@ class Runtime:
                 {},
             )
         for stage, seconds in result.timings.items():
-            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
-        metrics.ARMS.labels(result.arm).inc()
+            metrics.child(metrics.STAGE_SECONDS, stage).observe(seconds)
+        metrics.child(metrics.ARMS, result.arm).inc()
         if result.fallback:
-            metrics.FALLBACKS.labels(result.fallback).inc()
+            metrics.child(metrics.FALLBACKS, result.fallback).inc()
         empty = sum(1 for picks in result.slots.values() if not picks)
         if empty:
             metrics.NO_FILL.labels(route).inc(empty)

@@ -76,7 +76,7 @@ async def bid(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> R
     )
     if response is None:
         return _no_bid(started)
-    metrics.REQUEST_SECONDS.labels("openrtb").observe(time.perf_counter() - started)
+    metrics.child(metrics.REQUEST_SECONDS, "openrtb").observe(time.perf_counter() - started)
     return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
 
 
@@ -119,5 +119,5 @@ def billing(
 
 def _no_bid(started: float) -> Response:
     metrics.NO_FILL.labels("openrtb").inc()
-    metrics.REQUEST_SECONDS.labels("openrtb").observe(time.perf_counter() - started)
+    metrics.child(metrics.REQUEST_SECONDS, "openrtb").observe(time.perf_counter() - started)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -31,7 +31,7 @@ async def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: Setting
     )
     state, result = await runtime.select_async(request)  # in the loop: no thread-pool hop (docs/serving.md)
     body = response_body(result, request, state.catalog)
-    metrics.REQUEST_SECONDS.labels("select").observe(time.perf_counter() - started)
+    metrics.child(metrics.REQUEST_SECONDS, "select").observe(time.perf_counter() - started)
     return Response(orjson.dumps(body), media_type="application/json")
 
 
