@@ -36,18 +36,23 @@ class ModelBundle:
     _unread: frozenset[str] | None = field(default=None, init=False, repr=False)  # found on first use
 
     def user_vector(self, user_features: Mapping[str, Any]) -> np.ndarray:
-        """(dim,) float32 L2-normalised vector of one user_activity row."""
+        """(dim,) float32 L2-normalised vector of one user_activity row (serving: one per request)."""
+        if self.device.type == "cpu":
+            return self._numpy_tower().one(user_features, self.tower.config)
         return self.user_vectors([user_features])[0]
 
     def user_vectors(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """(n, dim) float32 vectors of user_activity rows: torch on CUDA, its numpy twin on the CPU."""
         inputs = encode_users(rows, self.tower.config)
         if self.device.type == "cpu":
-            if self._cpu_tower is None:
-                self._cpu_tower = CpuUserTower(self.tower)
-            return self._cpu_tower(inputs)
+            return self._numpy_tower()(inputs)
         with torch.inference_mode():
             return self.tower.user_tower(to_tensors(inputs, self.device)).cpu().numpy()
+
+    def _numpy_tower(self) -> CpuUserTower:
+        if self._cpu_tower is None:
+            self._cpu_tower = CpuUserTower(self.tower)
+        return self._cpu_tower
 
     def embed_ads(self, ad_rows: pd.DataFrame | Mapping[str, Sequence[Any]]) -> np.ndarray:
         """(n, dim) float32 vectors of catalog ads (columns ad_id, category, campaign_id, advertiser_id).

@@ -119,9 +119,13 @@ def test_numpy_user_tower_equals_torch(trained):
     inputs = encode_users(users, bundle.tower.config)
     with torch.inference_mode():
         expected = bundle.tower.user_tower(to_tensors(inputs, torch.device("cpu"))).numpy()
-    got = CpuUserTower(bundle.tower)(inputs)
+    numpy_tower = CpuUserTower(bundle.tower)
+    got = numpy_tower(inputs)
     assert got.dtype == np.float32 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    one = np.stack([numpy_tower.one(user, bundle.tower.config) for user in users])  # serving's batch of one
+    assert one.dtype == np.float32
+    np.testing.assert_allclose(one, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bundle.user_vectors(users), expected, rtol=1e-5, atol=1e-6)
 
 
