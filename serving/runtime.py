@@ -30,7 +30,6 @@ from serving.scoring import FeatureReader, ModelBundle, ModelRegistry
 from serving.selection import SelectionConfig, SelectionRequest, SelectionResult, Selector, ServingState, UserRead
 
 log = logging.getLogger(__name__)
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class Runtime:
@@ -84,9 +83,8 @@ class Runtime:
     def start(self) -> None:
         # The background threads (impression drain, kafka-python's sender, pacing sync, ad-stats refresh) run
         # Python in bursts of milliseconds; a request waiting in the event loop gets the GIL back after at
-        # most the switch interval: 5 ms by default, 0.5 ms here (select p99 at 500/s 34-44 -> 21-25 ms in
-        # three pairs of `python -m bench.serve --rates 500 --targets select,constant`, see BENCHMARKS).
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        # most the switch interval: Python's 5 ms, 0.5 ms by default here (BENCHMARKS, Serving, session 5).
+        sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         self.logger.start()
         threads = [
             threading.Thread(
