@@ -175,11 +175,11 @@ def ad_stats_refresh(runtime) -> None:
     changed-ads refresh (each `ad_stats_refresh_s`) after 1,000 ads' rows were rewritten."""
     from features.online import write_rows
     from features.store import AD_VIEW
-    from serving.features_access import AdStats
+    from serving.features_access import REFRESH_GIL_SHARE
 
     catalog = runtime.state.catalog
     print(f"\nad-stats refresh of {len(catalog):,} ads (3 runs each; CPU of this thread, wall):")
-    for share in (1.0, AdStats.refresh.__kwdefaults__["gil_share"]):
+    for share in (1.0, REFRESH_GIL_SHARE):
         cpu, wall = [], []
         for _ in range(3):
             started, clock = time.thread_time(), time.perf_counter()

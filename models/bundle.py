@@ -98,7 +98,7 @@ class ModelBundle:
 
     def unread_features(self) -> frozenset[str]:
         """Features no tree splits on (besides the margin's offset): their values cannot change a prediction,
-        so serving does not compute them (a trained ranker often leaves a third of them unread)."""
+        so serving does not compute them (`python -m bench.select_path` prints how many its ranker reads)."""
         if self._unread is None:
             splits = self.booster.feature_importance("split")
             unread = {name for name, count in zip(self.feature_names, splits, strict=True) if count == 0}

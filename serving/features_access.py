@@ -30,6 +30,8 @@ from serving.scoring import AD_STAT_COLUMNS, FeatureReader
 
 log = logging.getLogger(__name__)
 CTR_PRIOR = 0.05  # streaming.aggregates' Beta prior mean: an ad without data
+REFRESH_CHUNK = 50  # ads per round trip of an ad-stats refresh (~1 ms of Python under the GIL)
+REFRESH_GIL_SHARE = 0.2  # the most of the GIL an ad-stats refresh holds while it runs
 
 
 def request_path_redis(url: str, *, timeout_s: float, max_connections: int = 64) -> redis.Redis:
@@ -117,10 +119,16 @@ class AdStats:
     def __init__(self, catalog: Catalog):
         self.columns = _prior_columns(catalog)
         self.catalog_version = catalog.version
-        self.refreshed_at: float | None = None  # wall clock of the last full or changed-ads refresh
         self.read_since_ms: int | None = None  # rows written after this are read by the next `refresh_changed`
 
-    def refresh(self, reader: FeatureReader, catalog: Catalog, *, chunk: int = 50, gil_share: float = 0.2) -> None:
+    def refresh(
+        self,
+        reader: FeatureReader,
+        catalog: Catalog,
+        *,
+        chunk: int = REFRESH_CHUNK,
+        gil_share: float = REFRESH_GIL_SHARE,
+    ) -> None:
         """Read every ad's row, `chunk` ads per round trip. It runs in a thread beside the event loop and costs
         ~15-20 us of CPU per ad under the GIL (0.15-0.2 s for 10,000 ads, `python -m bench.select_path`), so
         after each chunk (~1 ms) it sleeps long enough to hold the GIL at most `gil_share` of the time: a
@@ -130,8 +138,7 @@ class AdStats:
         started_ms = int(time.time() * 1000)
         columns = _prior_columns(catalog)
         _read_into(columns, reader, catalog, [str(a) for a in catalog.ad_ids], chunk, gil_share)
-        self.columns, self.catalog_version, self.refreshed_at = columns, catalog.version, time.time()
-        self.read_since_ms = started_ms
+        self.columns, self.catalog_version, self.read_since_ms = columns, catalog.version, started_ms
 
     def refresh_changed(self, reader: FeatureReader, catalog: Catalog, *, overlap_s: float = 5.0) -> bool:
         """Re-read only the ads whose rows were written since the last refresh began (minus `overlap_s`, for
@@ -145,9 +152,9 @@ class AdStats:
         ids = [a for a in changed(self.read_since_ms - int(overlap_s * 1000)) if a in catalog.index]
         if ids:  # a new dict only when something changed: serving rebuilds its ranker columns per dict
             columns = {name: values.copy() for name, values in self.columns.items()}
-            _read_into(columns, reader, catalog, ids)
+            _read_into(columns, reader, catalog, ids, REFRESH_CHUNK, REFRESH_GIL_SHARE)
             self.columns = columns
-        self.read_since_ms, self.refreshed_at = started_ms, time.time()
+        self.read_since_ms = started_ms
         return True
 
     def reset(self, catalog: Catalog) -> None:
@@ -175,8 +182,8 @@ def run_refresher(
 
 
 def _read_into(
-    columns: dict[str, np.ndarray], reader: FeatureReader, catalog: Catalog, ids: list[str], chunk: int = 50,
-    gil_share: float = 0.2,
+    columns: dict[str, np.ndarray], reader: FeatureReader, catalog: Catalog, ids: list[str], chunk: int,
+    gil_share: float,
 ) -> None:  # fmt: skip
     """Read `ids`' rows into `columns` (catalog-aligned), `chunk` per round trip, yielding the GIL after each."""
     for start in range(0, len(ids), chunk):
