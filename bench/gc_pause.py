@@ -37,9 +37,9 @@ async def main() -> None:
     import fastapi  # noqa: F401  (the server's imports, as in a running process)
 
     from adloop.settings import Settings
+    from models.testing import ProjectionBundle, StaticRegistry
     from serving.catalog import generate_catalog, write_catalog
     from serving.runtime import Runtime, freeze_heap
-    from serving.scoring import ProjectionBundle, StaticRegistry
 
     with tempfile.TemporaryDirectory() as work:
         rows = generate_catalog(args.ads, seed=7)

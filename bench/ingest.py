@@ -33,9 +33,9 @@ from kafka.partitioner.default import murmur2
 
 from adloop.settings import PROJECT_ROOT, Settings, get_settings
 from features import store
+from features.aggregates import UserState, apply_user, user_features
 from features.sink import FeastSink
 from features.store import USER_VIEW
-from streaming.aggregates import UserState, apply_user, user_features
 from streaming.consumer import FeatureConsumer
 from streaming.events import Event
 from streaming.producer import build_producer, produce_events

@@ -19,7 +19,7 @@ from adloop.settings import get_settings
 from features import offline
 from features.store import AD_VIEW, USER_VIEW, open_store
 from models.dataset import labelled_impressions
-from streaming.log import read_events
+from streaming.topic_reader import read_events
 
 
 def main() -> None:

@@ -310,10 +310,10 @@ def server_metrics(text: str) -> list[str]:
 def seed_features(settings, client, ads: list[dict]) -> tuple[list[str], dict[str, dict]]:
     """Every user's full `user_activity` row and every ad's `ad_performance` row, written in Feast's layout
     (the consumer's write path); returns the user ids and their rows."""
+    from features.aggregates import EVENT_TYPES, RECENT_N, TOP_CATEGORIES_N, WINDOWS, ad_features, smoothed_ctr
     from features.online import FeastLayout, write_rows
     from features.store import AD_VIEW, USER_VIEW
     from serving.catalog import CATEGORIES
-    from streaming.aggregates import EVENT_TYPES, RECENT_N, TOP_CATEGORIES_N, WINDOWS, ad_features, smoothed_ctr
 
     rng = random.Random(1)
     now_ms = int(time.time() * 1000)

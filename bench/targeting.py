@@ -5,7 +5,7 @@
 (Every bench runs as a module from the project root: `python -m bench.<name>`.)
 
 The demo's first phase, in process and without services: the SYNTHETIC population browses (the
-consumer's own `streaming.aggregates` build the user rows), then `--requests` requests are served two
+consumer's own `features.aggregates` build the user rows), then `--requests` requests are served two
 ads drawn uniformly from the demo catalog (exploration), clicked by the users' hidden preferences.
 A model is trained on the first 80% of requests exactly as `models.retrain` does (`models.train.train`).
 Then, for every user (weighted by activity), the model's top-2 ads by pCTR x bid get the expected
@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from adloop import demo
+from adloop.runs import demo
+from features.aggregates import UserState, apply_user, user_features
 from models.train import TrainConfig, train
 from models.two_tower import TwoTowerConfig
-from streaming.aggregates import UserState, apply_user, user_features
 from streaming.events import SCHEMA_VERSION, Event, EventType
 from streaming.simulate import Population
 

@@ -7,7 +7,7 @@ Impressions that share a timestamp are all featurised before any of them is reve
 events `adloop replay --format mind` sends through Kafka (`streaming.replay.mind`), in the same order,
 so the features here are those the consumer builds (tests/models/test_prequential.py checks it).
 
-User features come from `streaming.aggregates` (`apply_user` / `user_features`, the consumer's own
+User features come from `features.aggregates` (`apply_user` / `user_features`, the consumer's own
 code); ad features from `ad_features` over per-ad hourly and 5-minute counters, as the consumer keeps
 them. A user's MIND `history` (articles clicked before the data window) is folded in as `page_view`
 events 1 ms apart, ending 1 ms before the user's first impression.
@@ -27,12 +27,13 @@ from typing import Any
 
 import pandas as pd
 
-from streaming.aggregates import (
+from features.aggregates import (
     FINE_BUCKET_MS,
     WINDOWS,
     UserState,
-    ad_bucket_keys,
+    ad_counter_fields,
     ad_features,
+    add_counter,
     apply_user,
     user_features,
 )
@@ -172,13 +173,12 @@ class Replay:
         return event
 
     def _count_ad(self, event: Event) -> None:
-        keys = ad_bucket_keys(event)
-        if keys is None:
+        counters = ad_counter_fields(event)
+        if counters is None:
             return
-        hour, fine, slot = keys
         ad = self.ads.setdefault(event.ad_id, AdCounters())
-        ad.hours.setdefault(hour, [0, 0])[slot] += 1
-        ad.fine.setdefault(fine, [0, 0])[slot] += 1
+        for counter in counters:
+            add_counter(ad.hours, ad.fine, counter, 1)
         ad.last_ts = max(ad.last_ts, event.ts_ms)
         # Buckets that no window can reach any more: dropped, as the consumer prunes them.
         floor = ad.last_ts // FINE_BUCKET_MS - WINDOWS["1h"][1]

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
+from features.aggregates import ad_features, smoothed_ctr
 from models.values import as_list, as_number
-from streaming.aggregates import ad_features, smoothed_ctr
 
 USER_COUNTS = [f"{kind}_{w}" for kind in ("page_view", "ad_impression", "ad_click") for w in ("1h", "24h", "7d")]
 USER_COUNTS += [f"{kind}_7d" for kind in ("search", "favorite", "add_to_cart", "purchase", "conversion")]

@@ -2,7 +2,7 @@
 
 The frame holds one row per (request, candidate ad): request_id, user_id, ad_id, ts (epoch ms),
 label (1 = clicked), context columns (position, slate_size, hour, device), ad attributes (category,
-campaign_id, advertiser_id) and the feature columns named as `streaming.aggregates.user_features` and
+campaign_id, advertiser_id) and the feature columns named as `features.aggregates.user_features` and
 `ad_features` name them. Requests are split in time order, earliest first:
 
     | two-tower | ranker trees | early stopping | calibration |

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from models.values import as_list, as_number
 
-# Activity features of the user tower: names from streaming.aggregates.user_features, log1p-scaled.
+# Activity features of the user tower: names from features.aggregates.user_features, log1p-scaled.
 USER_ACTIVITY = ["page_view_24h", "page_view_7d", "ad_impression_24h", "ad_click_24h", "ad_click_7d",
                  "impressions_total", "clicks_total"]  # fmt: skip
 AD_ATTRIBUTES = ["ad_id", "category", "campaign_id", "advertiser_id"]

@@ -25,11 +25,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from features.aggregates import CTR_PRIOR
 from serving.catalog import Catalog
-from serving.scoring import AD_STAT_COLUMNS, FeatureReader
+from serving.protocols import AD_STAT_COLUMNS, FeatureReader
 
 log = logging.getLogger(__name__)
-CTR_PRIOR = 0.05  # streaming.aggregates' Beta prior mean: an ad without data
+
 REFRESH_CHUNK = 50  # ads per round trip of an ad-stats refresh (~1 ms of Python under the GIL)
 REFRESH_GIL_SHARE = 0.2  # the most of the GIL an ad-stats refresh holds while it runs
 

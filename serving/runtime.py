@@ -25,8 +25,8 @@ from serving.catalog import Catalog, load_catalog
 from serving.features_access import AdStats, GuardedReader, NoFeatures, request_path_redis, run_refresher
 from serving.impressions import ImpressionLogger
 from serving.pacing import Pacer
+from serving.protocols import FeatureReader, ModelBundle, ModelRegistry
 from serving.redis_async import AsyncRedis
-from serving.scoring import FeatureReader, ModelBundle, ModelRegistry
 from serving.selection import SelectionConfig, SelectionRequest, SelectionResult, Selector, ServingState, UserRead
 
 log = logging.getLogger(__name__)

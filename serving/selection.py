@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from features.aggregates import CTR_PRIOR
 from models.ranker import AdColumns, ad_columns
 from serving.catalog import IAB_CATEGORY, Catalog
-from serving.features_access import CTR_PRIOR, AdStats, GuardedReader
+from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
-from serving.scoring import AD_STAT_COLUMNS, ModelBundle
+from serving.protocols import AD_STAT_COLUMNS, ModelBundle
 
 log = logging.getLogger(__name__)
 FALLBACK_VERSION = "fallback-ctr-x-bid"

@@ -4,7 +4,7 @@ One batch, in order (poll -> decode -> handle -> sink -> store offsets after the
   1. decode each message; a bad one goes to the dead-letter topic with its reason, a repeated
      event id is counted and skipped, a message at or below the partition's applied offset
      (already applied before a crash or rebalance) is skipped;
-  2. fold the events into the users' states (streaming.aggregates, pure);
+  2. fold the events into the users' states (features.aggregates, pure);
   3. append the batch's rows to the offline store (one parquet file per view and batch, read by
      Feast): one row per user and ad touched, stamped with its latest event time (the rows
      serving reads online after this batch), plus a user's state just before each ad impression
@@ -29,11 +29,19 @@ from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartitio
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from adloop.settings import Settings
+from features.aggregates import (
+    ad_counter_fields,
+    ad_features,
+    add_counter,
+    apply_user,
+    prune,
+    stale_ad_counters,
+    user_features,
+)
 from features.online import FeastLayout, write_rows
 from features.sink import FeastSink
 from features.store import AD_VIEW, USER_VIEW
 from streaming import metrics
-from streaming.aggregates import ad_bucket_keys, ad_features, apply_user, prune, stale_ad_counters, user_features
 from streaming.dead_letters import DeadLetters
 from streaming.events import Event, EventType, InvalidEvent, parse_event
 from streaming.state_store import StateStore
@@ -162,11 +170,10 @@ class FeatureConsumer:
                 # What the ranker saw for this impression: a training row exact whatever the batch size.
                 snapshots[seen_until] = (event.user_id, state.last_ts, user_features(state))
             apply_user(state, event)
-            keys = ad_bucket_keys(event)
-            if keys and event.ad_id:
-                hour, fine, slot = keys
-                ad_increments[event.ad_id][f"h:{hour}:{slot}"] += 1
-                ad_increments[event.ad_id][f"f:{fine}:{slot}"] += 1
+            counters = ad_counter_fields(event)
+            if counters and event.ad_id:
+                for counter in counters:
+                    ad_increments[event.ad_id][counter] += 1
                 ad_last[event.ad_id] = max(ad_last.get(event.ad_id, 0), event.ts_ms)
         for state in users.values():
             prune(state)
@@ -221,8 +228,7 @@ class FeatureConsumer:
         rows = []
         for ad, (hours, fine, stored_last) in self.state.ad_counters(last).items():
             for counter, amount in increments.get(ad, {}).items():
-                kind, bucket, slot = counter.split(":")
-                (hours if kind == "h" else fine).setdefault(bucket, [0, 0])[int(slot)] += amount
+                add_counter(hours, fine, counter, amount)
             ts = max(stored_last, last[ad])
             rows.append((ad, ts, ad_features(hours, fine, ts)))
             self.stale_counters[ad] = stale_ad_counters(hours, fine, ts)

@@ -3,7 +3,7 @@
 `commit_batch` writes everything a micro-batch produced, together with each partition's last
 applied offset, in one MULTI/EXEC: after a crash either all of a batch is there or none of it.
 Keys (prefix `adloop:` by default):
-  state:user:<id>        JSON of streaming.aggregates.UserState
+  state:user:<id>        JSON of features.aggregates.UserState
   seen:<event_id>        a processed event id (expires after `seen_ttl_s`)
   ad:<id>                hash: `h:<hour bucket>:<0 impressions|1 clicks>` and `f:<5-min bucket>:<0|1>` counters
   ad_last                sorted set: ad id -> latest event time (ms), only ever raised (ZADD GT)
@@ -12,7 +12,6 @@ Keys (prefix `adloop:` by default):
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,7 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from streaming.aggregates import UserState
+from features.aggregates import UserState, add_counter
 
 # `SET <key> 1 EX <ttl>` for every key in one command: a SET per event costs the client a command to
 # pack and a reply to parse (measured: 5.3 -> 2.5 us per id, 5,000 ids in one MULTI).
@@ -79,12 +78,11 @@ class StateStore:
         *hashes, lasts = pipe.execute()
         result = {}
         for ad, fields, last in zip(ids, hashes, lasts, strict=True):
-            hours: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-            fine: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+            hours: dict[str, list[int]] = {}
+            fine: dict[str, list[int]] = {}
             for field, value in fields.items():
-                kind, bucket, slot = field.decode().split(":")
-                (hours if kind == "h" else fine)[bucket][int(slot)] = int(value)
-            result[ad] = (dict(hours), dict(fine), int(last or 0))
+                add_counter(hours, fine, field.decode(), int(value))
+            result[ad] = (hours, fine, int(last or 0))
         return result
 
     # --- writes -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Feast definitions: entities, push sources and feature views fed by the streaming consumer.
 
-Feature names come from `streaming.aggregates` (the one place they are computed). Offline
+Feature names come from `features.aggregates` (the one place they are computed). Offline
 rows land as parquet files under ${ADLOOP_FEAST_DATA_DIR}/offline/<view>/ (one per micro-batch).
 """
 
@@ -10,7 +10,7 @@ from datetime import timedelta
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, Float64, Int64, String
 
-from streaming.aggregates import EVENT_TYPES, WINDOWS
+from features.aggregates import EVENT_TYPES, WINDOWS
 
 OFFLINE_DIR = os.path.join(os.environ["ADLOOP_FEAST_DATA_DIR"], "offline")
 

@@ -12,8 +12,8 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 from prometheus_client import REGISTRY
 
+from outcomes.store import OutcomeStore
 from serving.deps import SettingsDep
-from streaming.outcomes import OutcomeStore
 
 router = APIRouter(tags=["dashboard"])
 PAGE = (Path(__file__).resolve().parent.parent / "dashboard.html").read_text(encoding="utf-8")

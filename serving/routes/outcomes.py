@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 
+from outcomes.estimators import wilson
+from outcomes.store import DIMENSIONS, Filters, OutcomeStore
 from serving.deps import RuntimeDep, SettingsDep
-from streaming.estimators import wilson
-from streaming.outcomes import DIMENSIONS, Filters, OutcomeStore
 
 router = APIRouter(prefix="/v1", tags=["outcomes"])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from adloop import cli
+from adloop.cli import learn
 
 
 def _mind(folder: Path) -> Path:
@@ -19,8 +19,9 @@ def _mind(folder: Path) -> Path:
 def test_mind_path_prefers_the_argument_then_the_shared_data_variable(tmp_path: Path, monkeypatch) -> None:
     given, shared = _mind(tmp_path / "given"), _mind(tmp_path / "elsewhere" / "mind")
     monkeypatch.setenv("ADLOOP_SHARED_DATA", str(shared.parent))
-    assert cli._mind_path(given) == given
-    assert cli._mind_path(None) == shared
+    assert learn._mind_path(given) == given
+    assert learn._mind_path(None) == shared
+    assert learn._mind_path(given / "behaviors.tsv") == given  # the file itself names its folder
 
 
 def test_mind_path_without_data_exits_clearly(tmp_path: Path, monkeypatch) -> None:
@@ -28,4 +29,4 @@ def test_mind_path_without_data_exits_clearly(tmp_path: Path, monkeypatch) -> No
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("adloop.settings.PROJECT_ROOT", tmp_path / "project")
     with pytest.raises(typer.Exit):
-        cli._mind_path(None)
+        learn._mind_path(None)

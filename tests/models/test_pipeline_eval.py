@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adloop.pipeline_eval import score_through_pipeline
+from adloop.runs.pipeline_eval import score_through_pipeline
 from adloop.settings import Settings
 from models.evaluate import holdout_split, load_mind, score_frame
 from models.train import TrainConfig, sort_requests, train

@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 
+from features.aggregates import UserState, apply_user, user_features
 from models.mind import Impression, Replay, impression_frame, read_behaviors
-from streaming.aggregates import UserState, apply_user, user_features
 from streaming.events import EventType
 from streaming.replay import mind as replay_mind
 from tests.conftest import shared_data

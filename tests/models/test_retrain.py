@@ -11,7 +11,7 @@ from models.dataset import labelled_impressions, training_frame
 from models.registry import Registry
 from models.retrain import train_from_log
 from streaming.events import Event
-from streaming.log import read_events
+from streaming.topic_reader import read_events
 from tests.conftest import consume_all, produce
 
 pytestmark = pytest.mark.integration

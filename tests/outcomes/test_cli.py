@@ -5,8 +5,9 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from adloop import cli
+from adloop.cli import observe
 from adloop.settings import PROJECT_ROOT, Settings
-from streaming.outcomes import OutcomeStore
+from outcomes.store import OutcomeStore
 from tests.outcomes.test_lander import impression
 
 
@@ -15,7 +16,7 @@ def test_report_prints_arms_lift_campaigns_models_and_writes_two_charts(tmp_path
     store.setup()
     events = [e for i in range(40) for e in impression(i, arm="control" if i % 2 else "targeted", clicked=i % 3 == 0)]
     store.write(events)
-    monkeypatch.setattr(cli, "get_settings", lambda: Settings(outcomes_path=store.path, report_dir=tmp_path / "r"))
+    monkeypatch.setattr(observe, "get_settings", lambda: Settings(outcomes_path=store.path, report_dir=tmp_path / "r"))
     result = CliRunner().invoke(cli.app, ["report"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     assert "40 impressions, 14 clicks" in result.output

@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adloop.settings import Settings
+from outcomes.store import OutcomeStore
 from serving.app import create_app
 from serving.catalog import generate_catalog, write_catalog
 from streaming.events import Event, EventType
-from streaming.outcomes import OutcomeStore
 from tests.serving.conftest import MemoryReader, NoKafka, free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from adloop.settings import PROJECT_ROOT
-from streaming import obd_ope
-from streaming.estimators import cross_fitted_rates, doubly_robust, ips, lift, snips, wilson
+from outcomes import ope
+from outcomes.estimators import cross_fitted_rates, doubly_robust, ips, lift, snips, wilson
 from tests.conftest import SHARED_DATA
 
 Z99 = 2.576  # OPE tolerance: the estimate and the observed rate agree within 99% of their combined error
@@ -108,7 +108,7 @@ def _obd_root() -> Path:
 
 @pytest.mark.parametrize("target", ["random", "bts"])
 def test_ope_on_obd_lands_on_the_click_rate_observed_under_the_target_policy(target):
-    result = obd_ope.check(_obd_root(), target)
+    result = ope.check(_obd_root(), target)
     assert result.observed.value > 0
     for name in ("ips", "snips", "dr"):
         est = getattr(result, name)

@@ -6,8 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from outcomes.lander import OutcomeLander
+from outcomes.store import Filters, OutcomeStore
 from streaming.events import Event, EventType
-from streaming.outcomes import Filters, OutcomeLander, OutcomeStore
 from tests.outcomes.conftest import send
 
 pytestmark = pytest.mark.integration

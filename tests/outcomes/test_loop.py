@@ -10,10 +10,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 
-from adloop import demo
+from adloop.runs import demo
 from adloop.settings import Settings
 from features import store as feature_store
-from streaming.outcomes import Filters, OutcomeLander, OutcomeStore
+from outcomes.lander import OutcomeLander
+from outcomes.store import Filters, OutcomeStore
 from streaming.simulate import Population, SimConfig
 from tests.conftest import isolated_settings
 
@@ -100,11 +101,11 @@ class FeastUserReader:
 def test_targeting_on_learned_features_beats_control_through_the_serving_path(loop_settings, tmp_path):
     """Browsing -> Kafka -> feature consumer -> Feast/Redis -> /v1/select (targeted: the projection stand-in
     model over the user's learned top categories; control: uniform) -> impressions on Kafka, simulated clicks
-    -> lander -> DuckDB -> lift. Only the model is a stand-in (serving.scoring.ProjectionBundle)."""
+    -> lander -> DuckDB -> lift. Only the model is a stand-in (models.testing.ProjectionBundle)."""
     from fastapi.testclient import TestClient
 
+    from models.testing import ProjectionBundle, StaticRegistry
     from serving.app import create_app
-    from serving.scoring import ProjectionBundle, StaticRegistry
     from streaming.consumer import FeatureConsumer
     from streaming.producer import build_producer, produce_events
 

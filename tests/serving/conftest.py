@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from adloop.settings import Settings
+from models.testing import ProjectionBundle, StaticRegistry
 from serving.catalog import generate_catalog, write_catalog
-from serving.scoring import ProjectionBundle, StaticRegistry
 
 
 class MemoryReader:

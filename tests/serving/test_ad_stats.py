@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import redis
 
+from features.aggregates import ad_features
 from features.online import FeastLayout, OnlineFeatureReader, write_rows
 from features.store import AD_VIEW
 from serving.catalog import build_catalog
 from serving.features_access import AdStats, run_refresher
-from streaming.aggregates import ad_features
 from tests.serving.conftest import MemoryReader
 
 

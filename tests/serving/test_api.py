@@ -13,9 +13,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from features.online import FeastLayout, OnlineFeatureReader, write_rows
+from models.testing import EmptyRegistry, ProjectionBundle, StaticRegistry
 from serving.catalog import generate_catalog, write_catalog
 from serving.schemas import SelectResponse
-from serving.scoring import EmptyRegistry, ProjectionBundle, StaticRegistry
 from tests.serving.conftest import MemoryReader, free_port
 
 SLOTS = [{"slot_id": "top", "format": "banner_728x90"}, {"slot_id": "feed", "format": "native", "count": 2}]
@@ -304,7 +304,7 @@ def test_the_serving_heap_is_frozen_out_of_the_cyclic_gc(make_app) -> None:
 
 @pytest.mark.integration
 def test_live_outcomes_come_from_the_consumers_ad_counters_in_redis(make_app, feature_settings, catalog_rows) -> None:
-    from streaming.aggregates import COARSE_BUCKET_MS, FINE_BUCKET_MS, ad_features
+    from features.aggregates import COARSE_BUCKET_MS, FINE_BUCKET_MS, ad_features
 
     layout = FeastLayout.from_settings(feature_settings)
     now = int(time.time() * 1000)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from models.ranker import request_features
+from models.testing import ProjectionBundle
 from serving.catalog import CATEGORIES, build_catalog
 from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
-from serving.scoring import AD_FRAME_COLUMNS, ProjectionBundle
+from serving.protocols import AD_FRAME_COLUMNS
 from serving.selection import (
     FALLBACK_VERSION,
     SelectionConfig,
@@ -257,8 +258,8 @@ def test_the_ranker_gets_one_row_per_candidate_with_text_ids(catalog_rows) -> No
 
 def test_ads_the_model_has_not_seen_are_embedded_from_catalog_columns(catalog_rows, catalog_file):
     """ModelBundle.embed_ads takes columns (models.bundle reads them so): unseen catalog ads get vectors."""
+    from models.testing import ProjectionBundle
     from serving.catalog import load_catalog
-    from serving.scoring import ProjectionBundle
     from serving.selection import ServingState
 
     bundle = ProjectionBundle(catalog_rows[:100])  # the model saw the first 100 ads only

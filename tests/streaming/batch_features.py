@@ -1,6 +1,6 @@
 """An independent batch recomputation of the user features with pandas, to check the streaming path.
 
-It follows the documented definitions (docs in streaming/aggregates.py), not the incremental code.
+It follows the documented definitions (docs in features/aggregates.py), not the incremental code.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from streaming.aggregates import UserState, ad_features, apply_user, prune, user_features
+from features.aggregates import UserState, ad_features, apply_user, prune, user_features
 from streaming.events import Event
 from tests.streaming import batch_features
 
@@ -83,7 +83,7 @@ def test_ad_features_smooth_the_click_rate() -> None:
 
 
 def test_stale_ad_counters_are_outside_every_window() -> None:
-    from streaming.aggregates import stale_ad_counters
+    from features.aggregates import stale_ad_counters
 
     now = T0
     hour, fine = now // 3_600_000, now // 300_000

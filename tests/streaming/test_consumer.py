@@ -17,10 +17,10 @@ import redis
 from kafka import KafkaConsumer
 
 from adloop.settings import Settings
+from features.aggregates import UserState, apply_user, user_features
 from features.offline import point_in_time
 from features.online import features_via_feast
 from features.store import AD_VIEW, USER_VIEW
-from streaming.aggregates import UserState, apply_user, user_features
 from streaming.dead_letters import describe
 from streaming.events import Event
 from tests.conftest import adloop_env, consume_all, produce, shared_data

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from features.aggregates import UserState, apply_user, user_features
 from features.online import (
     VALUE_ENCODERS,
     FeastLayout,
@@ -20,7 +21,6 @@ from features.online import (
     reference_timestamp,
     reference_value,
 )
-from streaming.aggregates import UserState, apply_user, user_features
 from tests.streaming.test_aggregates import synthetic_events
 
 INT64_EDGES = [0, 1, 127, 128, 255, 300, 4095, 4096, 16_383, 16_384, 2**31 - 1, 2**31, 2**63 - 1, -1, -128, -(2**63)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow as pa
 
+from features.aggregates import UserState, apply_user, user_features
 from features.sink import ARROW_TYPES, _table
-from streaming.aggregates import UserState, apply_user, user_features
 from tests.streaming.test_aggregates import synthetic_events
 
 

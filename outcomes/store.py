@@ -1,16 +1,10 @@
-"""Outcomes: ad events from Kafka landed in DuckDB, and the queries analysts ask of them.
-
-`OutcomeLander` is a small consumer in its own group (`adloop-outcomes`): poll -> decode -> keep
-ad events (`ad_impression`, `ad_click`, `conversion`) -> one `INSERT OR IGNORE` per batch (primary
-key `event_id`) -> commit offsets. A crash between the insert and the commit replays the batch,
-and the primary key ignores what is already there: each event counts once. Messages that break
-the contract are skipped here (the feature consumer dead-letters them); the lander lands the
-dead-letter topic's messages in their own table (key: partition and offset), with their reason.
+"""Outcomes in DuckDB: the ad events landed from Kafka, and the queries analysts ask of them.
 
 `OutcomeStore` opens the DuckDB file only for the duration of one write or one query: DuckDB
 locks a file per process, and the API, the lander and `adloop report` are separate processes.
 A joined impression is one row of `ad_impression`; its click and conversion are found by
 `request_id` + `ad_id`, so the impression decides the arm, model version and segment.
+Writes are `INSERT OR IGNORE` on the primary key `event_id`: an event landed twice counts once.
 """
 
 from __future__ import annotations
@@ -18,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,12 +23,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from adloop.settings import Settings
-from streaming.estimators import Lift, lift
-from streaming.events import AD_EVENTS, Event, InvalidEvent, parse_event
+from outcomes.estimators import Lift, lift
+from streaming.events import Event
 
 log = logging.getLogger(__name__)
-GROUP = "adloop-outcomes"
 LOCK_WAIT_S = 10.0  # another process holds the file: retry this long
 
 SCHEMA = """
@@ -78,16 +70,6 @@ class Filters:
     campaign_id: str | None = None
     arm: str | None = None
     model_version: str | None = None
-
-
-@dataclass
-class LandReport:
-    landed: int = 0  # ad events inserted (new)
-    duplicates: int = 0  # ad events whose event_id was already there
-    skipped: int = 0  # other event types
-    invalid: int = 0  # messages breaking the contract (the feature consumer dead-letters them)
-    dead_letters: int = 0  # messages of the dead-letter topic landed
-    by_type: dict[str, int] = field(default_factory=dict)
 
 
 class OutcomeStore:
@@ -212,75 +194,6 @@ class OutcomeStore:
             db.close()
 
 
-class OutcomeLander:
-    """Consumes `adloop.events` (and its dead-letter topic) into an `OutcomeStore`; `run()` until stopped."""
-
-    def __init__(self, settings: Settings, store: OutcomeStore, *, group: str = GROUP, topic: str | None = None):
-        from kafka import KafkaConsumer
-
-        self.settings = settings
-        self.store = store
-        self.topic = topic or settings.events_topic
-        self.dlq_topic = settings.dlq_topic
-        store.setup()
-        self.consumer = KafkaConsumer(
-            self.topic,
-            self.dlq_topic,
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            group_id=group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            bootstrap_timeout_ms=5000,
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=3_000,
-            metadata_max_age_ms=5_000,  # notice a dead-letter topic created after start
-        )
-
-    def run(self, *, stop: Callable[[], bool] = lambda: False, idle_exit_s: float | None = None) -> LandReport:
-        """Poll, land, commit; until `stop()` or nothing arrived for `idle_exit_s` seconds."""
-        total = LandReport()
-        idle_since = time.monotonic()
-        try:
-            while not stop():
-                batch = self.consumer.poll(timeout_ms=200, max_records=5000)
-                if not batch:
-                    if not self.consumer.assignment():
-                        idle_since = time.monotonic()
-                    elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
-                        break
-                    continue
-                idle_since = time.monotonic()
-                self.land(batch, total)
-        finally:
-            self.consumer.close(autocommit=False)
-        return total
-
-    def land(self, batch: dict[Any, list[Any]], report: LandReport) -> None:
-        """One batch: insert (idempotent), then commit the offsets."""
-        events: list[Event] = []
-        dead: list[tuple[str, int, int, str]] = []
-        for tp, records in batch.items():
-            for record in records:
-                if tp.topic == self.dlq_topic:
-                    dead.append((tp.topic, tp.partition, record.offset, _reason(record.headers)))
-                    continue
-                try:
-                    event = parse_event(record.value, max_bytes=self.settings.max_event_bytes)
-                except InvalidEvent:
-                    report.invalid += 1
-                    continue
-                if event.event_type not in AD_EVENTS:
-                    report.skipped += 1
-                    continue
-                events.append(event)
-                report.by_type[event.event_type.value] = report.by_type.get(event.event_type.value, 0) + 1
-        new = self.store.write(events, dead)
-        report.landed += new
-        report.duplicates += len(events) - new
-        report.dead_letters += len(dead)
-        self.consumer.commit()  # the offsets of what poll returned: all of it is in the store now
-
-
 def _table(events: Sequence[Event]) -> pa.Table:
     """The events as an Arrow table in `COLUMNS` order (`ts` as UTC microseconds)."""
     unique = {e.event_id: e for e in reversed(events)}  # a repeated id inside one batch: the first one counts
@@ -313,10 +226,3 @@ def _where(filters: Filters) -> tuple[str, list[Any]]:
             clauses.append(f"AND {column} {op} ?")
             params.append(value)
     return " ".join(clauses), params
-
-
-def _reason(headers: list[tuple[str, bytes]] | None) -> str:
-    for key, value in headers or []:
-        if key == "adloop.reason":
-            return value.decode(errors="replace")
-    return "unknown"

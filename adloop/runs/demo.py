@@ -99,7 +99,7 @@ def train_and_promote(settings: Settings) -> str | None:
     impression through Feast: `models.retrain.train_from_log`), promote it and return its name; None
     when the log is still too small to train on or training fails (serving keeps what it has)."""
     from models.retrain import train_from_log
-    from streaming.log import read_events
+    from streaming.topic_reader import read_events
 
     try:
         done = train_from_log(settings, read_events(settings), promote=True)
@@ -120,7 +120,7 @@ def run(settings: Settings, config: DemoConfig, *, on_step: Callable[[str], None
     """Everything, bounded in time; every process started here is stopped before returning."""
     from adloop import stack
     from features import store as feature_store
-    from streaming.outcomes import OutcomeStore
+    from outcomes.store import OutcomeStore
 
     folder = config.folder or Path(settings.stack_dir) / "demo"
     (folder / "logs").mkdir(parents=True, exist_ok=True)
@@ -311,7 +311,7 @@ def merge(a: TrafficReport, b: TrafficReport) -> TrafficReport:
 def wait_landed(store, traffic: TrafficReport, *, since: datetime, timeout_s: float) -> dict[str, int]:
     """Poll the outcomes store until it holds every impression served and click produced since `since`
     (or time runs out); returns what it holds."""
-    from streaming.outcomes import Filters
+    from outcomes.store import Filters
 
     want = (sum(traffic.impressions.values()), sum(traffic.clicks.values()))
     deadline = time.monotonic() + timeout_s

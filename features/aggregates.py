@@ -31,6 +31,7 @@ AFFINITY_WEIGHTS = {"page_view": 1.0, "favorite": 2.0, "add_to_cart": 3.0, "purc
                     "conversion": 4.0, "search": 1.0}  # fmt: skip
 # Beta prior of click rates: mean 5%, worth 20 impressions (smooths ads and users with few views).
 CTR_PRIOR_CLICKS, CTR_PRIOR_IMPRESSIONS = 1.0, 20.0
+CTR_PRIOR = CTR_PRIOR_CLICKS / CTR_PRIOR_IMPRESSIONS  # the click rate of an ad or user without data
 
 
 def smoothed_ctr(clicks: int, impressions: int) -> float:
@@ -119,8 +120,17 @@ def user_features(state: UserState) -> dict[str, Any]:
     return row
 
 
+def _ad_feature_names() -> tuple[str, ...]:
+    windows = tuple(f"ad_{count}_{window}" for window in WINDOWS for count in ("impressions", "clicks"))
+    return (*windows, "ad_ctr_24h", "ad_ctr_7d", "ad_last_seen_ms")
+
+
 _WINDOW_NAMES = {window: tuple(f"{kind}_{window}" for kind in EVENT_TYPES) for window in WINDOWS}
 _FREQ_NAMES = [(f"freq_{p}_ids", f"freq_{p}_impressions_24h", f"freq_{p}_clicks_24h") for p in ("ad", "campaign")]
+
+
+# The `ad_performance` row's features, in the order of its Feast view (features/repo).
+AD_FEATURES = _ad_feature_names()
 
 
 def _by_score(item: tuple[str, float]) -> tuple[float, str]:
@@ -145,17 +155,24 @@ def stale_ad_counters(hours: dict[str, list[int]], fine: dict[str, list[int]], l
     """Counter fields (`h:<bucket>:<slot>`, `f:<bucket>:<slot>`) outside every window: safe to delete."""
     hour_floor = _bucket(last_ts, COARSE_BUCKET_MS) - WINDOWS["7d"][1]
     fine_floor = _bucket(last_ts, FINE_BUCKET_MS) - WINDOWS["1h"][1]
-    stale = [f"h:{b}:{slot}" for b in hours if int(b) <= hour_floor for slot in (0, 1)]
+    stale = [f"h:{b}:{slot}" for b in hours if int(b) <= hour_floor for slot in (0, 1)]  # ad_counter_fields' format
     return stale + [f"f:{b}:{slot}" for b in fine if int(b) <= fine_floor for slot in (0, 1)]
 
 
-def ad_bucket_keys(event: Event) -> tuple[str, str, int] | None:
-    """(hour bucket, 5-min bucket, 0 impression / 1 click) of an ad event that counts for ad performance."""
+def ad_counter_fields(event: Event) -> tuple[str, str] | None:
+    """The two counter fields an ad impression or click increments in its ad's hash (None for other events):
+    `h:<hour bucket>:<slot>` and `f:<5-minute bucket>:<slot>`, slot 0 = impressions, 1 = clicks."""
     if event.event_type not in (EventType.ad_impression, EventType.ad_click):
         return None
     slot = 0 if event.event_type == EventType.ad_impression else 1
     ts = event.ts_ms
-    return str(_bucket(ts, COARSE_BUCKET_MS)), str(_bucket(ts, FINE_BUCKET_MS)), slot
+    return f"h:{_bucket(ts, COARSE_BUCKET_MS)}:{slot}", f"f:{_bucket(ts, FINE_BUCKET_MS)}:{slot}"
+
+
+def add_counter(hours: dict[str, list[int]], fine: dict[str, list[int]], name: str, amount: int) -> None:
+    """Add `amount` to the counter a field name (`ad_counter_fields`' format) stands for."""
+    kind, bucket, slot = name.split(":")
+    (hours if kind == "h" else fine).setdefault(bucket, [0, 0])[int(slot)] += amount
 
 
 # --- helpers ------------------------------------------------------------------------------

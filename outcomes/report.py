@@ -15,8 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from streaming.estimators import Lift, wilson
-from streaming.outcomes import Filters, OutcomeStore
+from outcomes.estimators import Lift, wilson
+from outcomes.store import Filters, OutcomeStore
 
 
 @dataclass

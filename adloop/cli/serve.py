@@ -1,0 +1,41 @@
+"""`adloop serve`: the ad-serving API under uvicorn."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from adloop.cli.app import app
+from adloop.settings import get_settings
+
+
+@app.command("serve")
+def serve(
+    host: str = typer.Option(None, help="Bind address (default: ADLOOP_API_HOST)."),
+    port: int = typer.Option(None, help="Port (default: ADLOOP_API_PORT)."),
+    workers: int = typer.Option(
+        1, min=1, help="Worker processes (they share budget spend through Redis: serving/pacing.py)."
+    ),
+) -> None:
+    """Run the ad-serving API (uvicorn)."""
+    import shutil
+
+    import uvicorn
+
+    settings = get_settings()
+    port = port or settings.api_port
+    if workers > 1:  # each worker counts in files there and /metrics sums them (serving/metrics.py)
+        folder = settings.stack_dir / f"prometheus-{port}"
+        shutil.rmtree(folder, ignore_errors=True)  # an earlier run's counts would add to this one's
+        folder.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ["ADLOOP_METRICS_DIR"] = str(folder)
+    uvicorn.run(
+        "serving.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=False,  # one canonical line per request belongs in the app, not per-hit access logs
+    )
