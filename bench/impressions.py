@@ -4,7 +4,7 @@
 
 Both paths run in this process through `ImpressionLogger`, whose thread drains the buffer every
 100 ms, fed as the API feeds it: one `log()` of 2 records per request at rate / 2 requests per second,
-records shaped as `serving.runtime.impression_records` builds them (2,000 users, context of 4 keys).
+records shaped as `serving.impressions.impression_records` builds them (2,000 users, context of 4 keys).
 OLD is main's drain (56502e7, reproduced here): a pydantic `Event` per record, `Event.to_bytes`, `send`
 with two callbacks per record and main's producer settings, in this branch's loop (`log`, the 100 ms
 drain); NEW is `serving.impressions` as it is. Rounds alternate OLD and NEW, each with a fresh

@@ -87,11 +87,11 @@ def main() -> None:
                                     {"device": "mobile", "page_category": "tech"})  # fmt: skip
 
         for i in range(300):  # warm-up
-            runtime.select(request(i), log_impressions=False)
+            runtime.pipeline.run_with(request(i), log_impressions=False)
         stages: dict[str, list[float]] = {}
         cpu = time.process_time()
         for i in range(args.requests):
-            _, result = runtime.select(request(i))
+            _, result = runtime.pipeline.run_with(request(i))
             for stage, seconds in result.timings.items():
                 stages.setdefault(stage, []).append(seconds)
         cpu_ms = (time.process_time() - cpu) * 1000 / args.requests
@@ -107,7 +107,7 @@ def main() -> None:
             print(f"  {stage:<14}{_ms(values, 50):>9}{_ms(values, 99):>9}")
 
         if args.profile:
-            profile(lambda: [runtime.select(request(i)) for i in range(args.requests)], args.profile)
+            profile(lambda: [runtime.pipeline.run_with(request(i)) for i in range(args.requests)], args.profile)
         if args.stages_only:
             return
         bundle = runtime.state.model

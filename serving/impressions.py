@@ -19,14 +19,13 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
-import orjson
 from kafka.partitioner.default import murmur2
 
 from serving import metrics
-from streaming.events import SCHEMA_VERSION, Event, EventType
+from serving.selection import SelectionRequest, SelectionResult
+from streaming.events import MAX_ID, SCHEMA_VERSION, Event, EventType, encode_json, format_ts
 
 log = logging.getLogger(__name__)
 BATCH = 500  # records handed to the producer per wake-up
@@ -217,6 +216,38 @@ class ImpressionLogger:
         metrics.IMPRESSIONS.labels(outcome).inc(n)
 
 
+def impression_records(result: SelectionResult, request: SelectionRequest) -> list[dict[str, Any]]:
+    """One record per served ad (fields of the `ad_impression` event)."""
+    slots = {s.slot_id: s for s in request.slots}
+    records = []
+    for slot_id, picks in result.slots.items():
+        slot = slots[slot_id]
+        context = {**request.context, "format": slot.format}
+        if slot.position is not None:
+            context["slot_position"] = slot.position
+        if result.fallback:
+            context["fallback"] = result.fallback
+        for c in picks:
+            records.append(
+                {
+                    "event_id": uuid.uuid4().hex,
+                    "user_id": result.user_id,
+                    "ad_id": c.ad_id,
+                    "campaign_id": c.campaign_id,
+                    "category": c.category,
+                    "request_id": result.request_id,
+                    "slot_id": slot_id,
+                    "position": c.rank,
+                    "model_version": result.model_version,
+                    "arm": result.arm,
+                    "propensity": c.propensity,
+                    "context": {**context, "advertiser_id": c.advertiser_id},
+                    "ts": int(time.time() * 1000),
+                }
+            )
+    return records
+
+
 def partition(key: bytes, partitions: list[int]) -> int:
     """The partition kafka-python's default partitioner picks for `key` among the topic's sorted `partitions`
     (murmur2, as the Java client): passing it to `send` skips the partitioner's per-record work."""
@@ -228,14 +259,14 @@ def encode(record: dict[str, Any]) -> tuple[bytes, bytes]:
 
     The value parses (`streaming.events.parse_event`) into the very `Event` that `to_event(record)`
     gives, without building one (a few us against ~20 for pydantic and `Event.to_bytes`). Type and
-    range checks accept what `serving.runtime.impression_records` builds; a record they do not accept
+    range checks accept what `impression_records` builds; a record they do not accept
     goes through `to_event`, which has the last word and raises if it breaks the contract. Also
     raises on what cannot be sent at all (e.g. text with a lone surrogate)."""
     data = _checked(record)
     if data is None:
         event = to_event(record)
         return event.user_id.encode(), event.to_bytes()
-    return data["user_id"].encode(), orjson.dumps(data)
+    return data["user_id"].encode(), encode_json(data)
 
 
 def to_event(record: dict[str, Any]) -> Event:
@@ -263,8 +294,7 @@ def to_event(record: dict[str, Any]) -> Event:
 # --- the fast path of `encode` ------------------------------------------------------------------
 # Event fields in the contract's order (as `Event.to_bytes` writes them), each with a check that only
 # passes values pydantic would keep as they are: a record with anything else takes the slow path.
-# The bytes are those of `Event.to_bytes` but for float spelling (orjson 1e-7, json 1e-07).
-MAX_ID = 256  # streaming.events.Id
+# The bytes are those of `Event.to_bytes` (one encoder: `streaming.events.encode_json`).
 FAST_TS_MS = (946_684_800_000, 4_102_444_800_000)  # 2000-2100: ms / 1000 as a float rounds to the exact ms
 
 
@@ -322,7 +352,7 @@ def _checked(record: dict[str, Any]) -> dict[str, Any] | None:
     if type(ts) is not int or not FAST_TS_MS[0] <= ts < FAST_TS_MS[1]:
         return None
     data = {"event_id": event_id, "schema_version": SCHEMA_VERSION, "event_type": "ad_impression",
-            "user_id": user_id, "ts": _rfc3339_ms(ts)}  # fmt: skip
+            "user_id": user_id, "ts": format_ts(ts)}  # fmt: skip
     for name, valid in OPTIONAL_FIELDS:
         value = record.get(name)
         if value is not None:
@@ -336,16 +366,6 @@ def _checked(record: dict[str, Any]) -> dict[str, Any] | None:
             return None
         data["context"] = context
     return data
-
-
-def _rfc3339_ms(ts_ms: int) -> str:
-    """Epoch ms as `Event.to_bytes` writes ts: 2025-11-24T16:00:00.123Z."""
-    return f"{_rfc3339_second(ts_ms // 1000)}.{ts_ms % 1000:03d}Z"
-
-
-@lru_cache(maxsize=64)  # consecutive records share their second
-def _rfc3339_second(second: int) -> str:
-    return datetime.fromtimestamp(second, tz=UTC).replace(tzinfo=None).isoformat()
 
 
 def _kafka_producer(bootstrap_servers: str):

@@ -1,8 +1,10 @@
-"""The long-lived parts of a serving process, built once (by `app.lifespan`) and reloadable without a restart.
+"""The lifecycle of a serving process: build its long-lived parts once (`app.lifespan`), start their
+background threads, reload the catalog and model without a restart, stop.
 
 `Runtime` owns the catalog + model (`ServingState`, swapped whole on reload: a request in flight
-keeps the state it started with, so a reload drops nothing), the selector, the Redis client, the
-impression logger and the background threads (ad-stats refresh, catalog file watch). No FastAPI.
+keeps the state it started with, so a reload drops nothing), the selector, the Redis clients, the
+impression logger and the background threads (ad-stats refresh, catalog file watch, pacing sync).
+The request path itself is `serving.pipeline.RequestPipeline` (`runtime.pipeline`). No FastAPI.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import gc
 import logging
 import sys
 import threading
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from serving.catalog import Catalog, load_catalog
 from serving.features_access import AdStats, GuardedReader, NoFeatures, request_path_redis, run_refresher
 from serving.impressions import ImpressionLogger
 from serving.pacing import Pacer
+from serving.pipeline import RequestPipeline
 from serving.protocols import FeatureReader, ModelBundle, ModelRegistry
 from serving.redis_async import AsyncRedis
-from serving.selection import SelectionConfig, SelectionRequest, SelectionResult, Selector, ServingState, UserRead
+from serving.selection import SelectionConfig, Selector, ServingState
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Runtime:
         )
         guarded = GuardedReader(self.reader, retry_after_s=settings.redis_retry_after_s)
         self.selector = Selector(state, config, pacer=self.pacer, ad_stats=self.ad_stats, features=guarded)
+        self.pipeline = RequestPipeline(self.selector, self.logger)
         self._publish(state)
 
     @property
@@ -139,57 +141,6 @@ class Runtime:
             "model_version": state.model_version,
             "model_loaded": state.model is not None,
         }
-
-    # --- the request path -------------------------------------------------------------------
-
-    async def select_async(self, request: SelectionRequest, *, route: str = "select", log_impressions: bool = True):
-        """`select` for the async routes: the user's features are awaited (the event loop serves other
-        requests while Redis answers), then selection runs in the loop (~1 ms of CPU, no thread-pool hop)."""
-        user_read = await self.selector.read_user(request.user_id)
-        return self.select(request, route=route, log_impressions=log_impressions, user_read=user_read)
-
-    def select(
-        self,
-        request: SelectionRequest,
-        *,
-        route: str = "select",
-        log_impressions: bool = True,
-        user_read: UserRead | None = None,
-    ):
-        """(state, result): selection with metrics, pacing charge and impression logging; never raises."""
-        state = self.state
-        try:
-            result = self.selector.select(request, state=state, user_read=user_read)  # rows index this state
-        except Exception:
-            log.exception("selection failed; answering with no ads")
-            metrics.ERRORS.labels(route, "selection").inc()
-            result = SelectionResult(
-                request.request_id,
-                request.user_id,
-                "targeted",
-                state.model_version,
-                "internal_error",
-                {s.slot_id: [] for s in request.slots},
-                0,
-                0,
-                {},
-            )
-        for stage, seconds in result.timings.items():
-            metrics.child(metrics.STAGE_SECONDS, stage).observe(seconds)
-        metrics.child(metrics.ARMS, result.arm).inc()
-        if result.fallback:
-            metrics.child(metrics.FALLBACKS, result.fallback).inc()
-        empty = sum(1 for picks in result.slots.values() if not picks)
-        if empty:
-            metrics.NO_FILL.labels(route).inc(empty)
-        if log_impressions:
-            try:
-                self.selector.charge(state, result)
-                self.logger.log(impression_records(result, request))
-            except Exception:
-                log.exception("impression logging failed")
-                metrics.ERRORS.labels(route, "impressions").inc()
-        return state, result
 
     def readiness(self) -> dict[str, Any]:
         try:
@@ -263,38 +214,6 @@ def freeze_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
-
-
-def impression_records(result: SelectionResult, request: SelectionRequest) -> list[dict[str, Any]]:
-    """One record per served ad (fields of the `ad_impression` event)."""
-    slots = {s.slot_id: s for s in request.slots}
-    records = []
-    for slot_id, picks in result.slots.items():
-        slot = slots[slot_id]
-        context = {**request.context, "format": slot.format}
-        if slot.position is not None:
-            context["slot_position"] = slot.position
-        if result.fallback:
-            context["fallback"] = result.fallback
-        for c in picks:
-            records.append(
-                {
-                    "event_id": uuid.uuid4().hex,
-                    "user_id": result.user_id,
-                    "ad_id": c.ad_id,
-                    "campaign_id": c.campaign_id,
-                    "category": c.category,
-                    "request_id": result.request_id,
-                    "slot_id": slot_id,
-                    "position": c.rank,
-                    "model_version": result.model_version,
-                    "arm": result.arm,
-                    "propensity": c.propensity,
-                    "context": {**context, "advertiser_id": c.advertiser_id},
-                    "ts": int(time.time() * 1000),
-                }
-            )
-    return records
 
 
 def default_reader(client: redis.Redis, settings: Settings, async_client: AsyncRedis | None = None) -> FeatureReader:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SCHEMA_VERSION = 1
 MAX_EVENT_BYTES = 16 * 1024  # default payload limit; the consumer's is configurable
 
-Id = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_ID = 256  # characters of an id
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
 ContextValue = str | int | float | bool | None
 
 
@@ -96,8 +98,27 @@ class Event(BaseModel):
     def to_bytes(self) -> bytes:
         """Compact JSON of the contract (ts as RFC 3339 UTC with milliseconds)."""
         data = self.model_dump(mode="json", exclude_none=True)
-        data["ts"] = self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        data["ts"] = format_ts(self.ts_ms)
+        return encode_json(data)
+
+
+def encode_json(data: dict[str, Any]) -> bytes:
+    """The contract's wire form of an event's fields (in field order, no nulls, `ts` already formatted):
+    compact UTF-8 JSON. The one encoder of events; raises on what JSON cannot carry (a lone surrogate)."""
+    try:
+        return orjson.dumps(data)
+    except TypeError:  # orjson stops at 64-bit integers; the contract's context allows any integer
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def format_ts(ts_ms: int) -> str:
+    """Epoch ms as events carry `ts`: RFC 3339 UTC with milliseconds, 2025-11-24T16:00:00.123Z."""
+    return f"{_format_second(ts_ms // 1000)}.{ts_ms % 1000:03d}Z"
+
+
+@lru_cache(maxsize=64)  # consecutive events share their second
+def _format_second(second: int) -> str:
+    return datetime.fromtimestamp(second, tz=UTC).replace(tzinfo=None).isoformat()
 
 
 class InvalidEvent(ValueError):

@@ -29,7 +29,7 @@ async def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: Setting
         candidate_ad_ids=body.candidate_ad_ids,
         exclude_ad_ids=body.exclude_ad_ids,
     )
-    state, result = await runtime.select_async(request)  # in the loop: no thread-pool hop (docs/serving.md)
+    state, result = await runtime.pipeline.run(request)
     body = response_body(result, request, state.catalog)
     metrics.child(metrics.REQUEST_SECONDS, "select").observe(time.perf_counter() - started)
     return Response(orjson.dumps(body), media_type="application/json")

@@ -15,7 +15,7 @@ from kafka.partitioner.default import DefaultPartitioner
 from adloop.settings import Settings
 from serving import impressions
 from serving.impressions import ImpressionLogger, encode, to_event
-from streaming.events import Event, EventType, parse_event
+from streaming.events import Event, EventType, format_ts, parse_event
 from tests.conftest import read_back
 from tests.serving.conftest import MemoryReader, free_port
 
@@ -254,7 +254,7 @@ def test_timestamps_are_written_as_to_bytes_writes_them() -> None:
     low, high = impressions.FAST_TS_MS
     for ts in [low, high - 1, *(rng.randrange(low, high) for _ in range(20_000))]:
         event_ts = datetime.fromtimestamp(ts / 1000, tz=UTC)
-        assert impressions._rfc3339_ms(ts) == event_ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert format_ts(ts) == event_ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         assert event_ts.microsecond == ts % 1000 * 1000  # nothing below the ms is lost in the text
 
 

@@ -1,0 +1,5 @@
+"""`python -m adloop.cli`: the `adloop` command."""
+
+from adloop.cli import app
+
+app()
