@@ -3,6 +3,7 @@
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +19,11 @@ class Settings(BaseSettings):
     dlq_topic: str = "adloop.events.dlq"
     event_partitions: int = 6  # user-keyed: one consumer owns all of a user's events
     kafka_heap: str = "-Xms256m -Xmx512m"
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL, for every client
+    kafka_sasl_mechanism: str | None = None  # e.g. PLAIN or SCRAM-SHA-512
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None  # CA bundle that signed the brokers' certificates
 
     # Feature consumer
     consumer_batch_size: int = 2000  # max events per micro-batch

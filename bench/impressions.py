@@ -26,7 +26,7 @@ import uuid
 import warnings
 from typing import Any
 
-from adloop.settings import get_settings
+from adloop.settings import Settings, get_settings
 from serving import impressions
 from serving.impressions import ImpressionLogger, to_event
 
@@ -86,7 +86,7 @@ def main_encode(record: dict[str, Any]) -> tuple[bytes, bytes]:
 
 
 def main_producer(bootstrap_servers: str):
-    """main's `_kafka_producer` settings."""
+    """`serving.impressions.kafka_producer`'s settings."""
     from kafka import KafkaProducer
 
     return KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=50, bootstrap_timeout_ms=3000,
@@ -126,7 +126,7 @@ def kafka_thread() -> threading.Thread:
 
 
 def one_round(cls, factory, topic: str, *, rate: int, seconds: float, seed: int) -> dict[str, Any]:
-    logger = cls(bootstrap_servers="", topic=topic, producer_factory=factory, buffer_size=100_000)
+    logger = cls(topic=topic, producer_factory=factory, buffer_size=100_000)
     logger.drains = []
     logger.start()
     logger.log(requests(1, seed)[0])  # connect and fetch the topic's metadata before timing
@@ -193,7 +193,7 @@ def main() -> None:
         parser.error(f"runs against the local broker only, not {servers}")
     paths = {
         "old": (MainLogger, lambda: main_producer(servers)),
-        "new": (NewLogger, lambda: impressions._kafka_producer(servers)),
+        "new": (NewLogger, lambda: impressions.kafka_producer(Settings(kafka_bootstrap_servers=servers))),
     }
     topic = f"adloop.bench.{uuid.uuid4().hex[:8]}"
     admin = KafkaAdminClient(bootstrap_servers=servers, bootstrap_timeout_ms=5000)

@@ -17,6 +17,7 @@ from typing import Any
 
 from adloop.settings import Settings
 from outcomes.store import OutcomeStore
+from streaming import kafka_clients
 from streaming.events import AD_EVENTS, Event, InvalidEvent, parse_event
 
 GROUP = "adloop-outcomes"
@@ -36,21 +37,17 @@ class OutcomeLander:
     """Consumes `adloop.events` (and its dead-letter topic) into an `OutcomeStore`; `run()` until stopped."""
 
     def __init__(self, settings: Settings, store: OutcomeStore, *, group: str = GROUP, topic: str | None = None):
-        from kafka import KafkaConsumer
-
         self.settings = settings
         self.store = store
         self.topic = topic or settings.events_topic
         self.dlq_topic = settings.dlq_topic
         store.setup()
-        self.consumer = KafkaConsumer(
+        self.consumer = kafka_clients.consumer(
+            settings,
             self.topic,
             self.dlq_topic,
-            bootstrap_servers=settings.kafka_bootstrap_servers,
             group_id=group,
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
-            bootstrap_timeout_ms=5000,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=3_000,
             metadata_max_age_ms=5_000,  # notice a dead-letter topic created after start

@@ -23,8 +23,10 @@ from typing import Any
 
 from kafka.partitioner.default import murmur2
 
+from adloop.settings import Settings
 from serving import metrics
 from serving.selection import SelectionRequest, SelectionResult
+from streaming import kafka_clients
 from streaming.events import MAX_ID, SCHEMA_VERSION, Event, EventType, encode_json, format_ts
 
 log = logging.getLogger(__name__)
@@ -38,16 +40,15 @@ class ImpressionLogger:
     def __init__(
         self,
         *,
-        bootstrap_servers: str,
         topic: str,
         buffer_size: int = 10_000,
-        producer_factory: Callable[[], Any] | None = None,
+        producer_factory: Callable[[], Any],
         retry_s: float = 2.0,
     ):
         self.topic = topic
         self.buffer_size = buffer_size
         self.retry_s = retry_s
-        self._factory = producer_factory or (lambda: _kafka_producer(bootstrap_servers))
+        self._factory = producer_factory  # builds a producer; called again after a failed connection
         self._buffer: deque[dict[str, Any]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -368,18 +369,17 @@ def _checked(record: dict[str, Any]) -> dict[str, Any] | None:
     return data
 
 
-def _kafka_producer(bootstrap_servers: str):
-    from kafka import KafkaProducer
-
-    return KafkaProducer(
-        bootstrap_servers=bootstrap_servers,
+def kafka_producer(settings: Settings) -> Any:
+    """The impression producer: batched per drain, bounded waits so the logger notices an outage quickly."""
+    return kafka_clients.producer(
+        settings,
         acks="all",
         linger_ms=50,  # batches of a 100 ms drain go out in one request per partition
         # ... in one batch per partition: the default 16 KiB holds ~25 impressions, so a larger drain (3
         # partitions at 1,000/s, or up to BATCH=500 records after a backlog) opened more batches and woke the
         # network thread more (3 partitions: its CPU 30 -> 20 us per record; 6: within noise; bench/impressions.py)
         batch_size=256 * 1024,
-        bootstrap_timeout_ms=3000,  # kafka-python 3.x: fail fast when no broker (STACK.md)
+        bootstrap_timeout_ms=3000,
         max_block_ms=2000,
         request_timeout_ms=5000,
         delivery_timeout_ms=30_000,

@@ -23,7 +23,7 @@ from adloop.settings import Settings
 from serving import metrics
 from serving.catalog import Catalog, load_catalog
 from serving.features_access import AdStats, GuardedReader, NoFeatures, request_path_redis, run_refresher
-from serving.impressions import ImpressionLogger
+from serving.impressions import ImpressionLogger, kafka_producer
 from serving.pacing import Pacer
 from serving.pipeline import RequestPipeline
 from serving.protocols import FeatureReader, ModelBundle, ModelRegistry
@@ -52,10 +52,9 @@ class Runtime:
         self.reader = feature_reader or default_reader(self.redis, settings, self.async_redis)
         self.registry = registry or default_registry(settings)
         self.logger = ImpressionLogger(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
             topic=settings.events_topic,
             buffer_size=settings.impression_buffer,
-            producer_factory=producer_factory,
+            producer_factory=producer_factory or (lambda: kafka_producer(settings)),
         )
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()

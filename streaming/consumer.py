@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka import OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from adloop.settings import Settings
@@ -41,7 +41,7 @@ from features.aggregates import (
 from features.online import FeastLayout, write_rows
 from features.sink import FeastSink
 from features.store import AD_VIEW, USER_VIEW
-from streaming import metrics
+from streaming import kafka_clients, metrics
 from streaming.dead_letters import DeadLetters
 from streaming.events import Event, EventType, InvalidEvent, parse_event
 from streaming.state_store import StateStore
@@ -71,14 +71,12 @@ class FeatureConsumer:
         self.topic = topic or settings.events_topic
         self.state = StateStore(redis_client, group=group, topic=self.topic)
         self.sink = FeastSink(settings)
-        self.dead_letters = DeadLetters(_producer(settings), settings.dlq_topic)
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
+        self.dead_letters = DeadLetters(kafka_clients.producer(settings, linger_ms=5), settings.dlq_topic)
+        self.consumer = kafka_clients.consumer(
+            settings,
             group_id=group,
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=settings.consumer_batch_size,
-            bootstrap_timeout_ms=5000,
             session_timeout_ms=10_000,  # a crashed member's partitions move on after 10 s, not 45
             heartbeat_interval_ms=3_000,
         )
@@ -273,12 +271,6 @@ class _Rebalance(ConsumerRebalanceListener):
             if tp.partition in self.owner.applied:
                 self.owner.consumer.seek(tp, self.owner.applied[tp.partition] + 1)
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
-
-
-def _producer(settings: Settings) -> KafkaProducer:
-    return KafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", bootstrap_timeout_ms=5000, linger_ms=5
-    )
 
 
 def _batch_name(batch: dict[TopicPartition, list[Any]]) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from adloop.settings import Settings
+from streaming import kafka_clients
 from streaming.events import Event
 
 if TYPE_CHECKING:
@@ -42,13 +43,12 @@ class BrokerUnavailable(RuntimeError):
 
 def build_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     """A `KafkaProducer` for `adloop.events`: user-id keys, contract values, acks=all, batched and compressed."""
-    from kafka import KafkaProducer
     from kafka.errors import KafkaTimeoutError
 
     config = {**PRODUCER_CONFIG, **overrides}
     try:
-        return KafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap_servers.split(","),
+        return kafka_clients.producer(
+            settings,
             key_serializer=_serializer(_serialize_key),
             value_serializer=_serializer(_serialize_value),
             **config,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
 from adloop.settings import Settings
+from streaming import kafka_clients
 from streaming.events import Event, InvalidEvent, parse_event
 
 
@@ -16,8 +17,7 @@ def read_events(settings: Settings, topic: str | None = None, *, poll_ms: int = 
     Invalid messages are skipped here: the feature consumer dead-letters them.
     """
     topic = topic or settings.events_topic
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
-                             bootstrap_timeout_ms=5000, max_poll_records=5000)  # fmt: skip
+    consumer = kafka_clients.consumer(settings, max_poll_records=5000)
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(partitions)

@@ -31,14 +31,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import redis
-from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import NewTopic
 
 from adloop.settings import Settings
 from features import store
 from features.online import FeastLayout, OnlineFeatureReader
 from models.bundle import ModelBundle
 from models.ranker import AD_SCALARS
+from streaming import kafka_clients
 from streaming.consumer import FeatureConsumer
 from streaming.events import Event, EventType
 from streaming.replay import mind as replay_mind
@@ -148,7 +148,7 @@ class _Pipeline:
         self.settings = settings
         self.client = redis.Redis.from_url(settings.redis_url)
         self.reader = OnlineFeatureReader(self.client, FeastLayout.from_settings(settings))
-        self.producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=0, acks="all")
+        self.producer = kafka_clients.producer(settings, linger_ms=0)
         self.sent = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -206,7 +206,7 @@ def _isolated(settings: Settings) -> tuple[Settings, Callable[[], None]]:
     eval_settings = settings.model_copy(update={
         "events_topic": topic, "dlq_topic": topic + ".dlq", "redis_url": f"{base}/{settings.eval_redis_db}",
         "feast_data_dir": folder / "feast", "consumer_batch_ms": 20})  # fmt: skip
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
+    admin = kafka_clients.admin(settings)
     admin.create_topics([NewTopic(topic, settings.event_partitions, 1), NewTopic(topic + ".dlq", 1, 1)])
     redis.Redis.from_url(eval_settings.redis_url).flushdb()
     store.apply(eval_settings)

@@ -196,16 +196,16 @@ def _format_storage(java: str, classpath: str, properties: Path) -> None:
 
 def create_topics(settings: Settings) -> None:
     """Create the events and dead-letter topics unless they exist."""
-    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.admin import NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    from streaming import kafka_clients
 
     wanted = {settings.events_topic: settings.event_partitions, settings.dlq_topic: 1}
     deadline = time.monotonic() + settings.stack_start_timeout
     while True:  # the broker accepts connections a moment before its metadata is ready
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=settings.kafka_bootstrap_servers, bootstrap_timeout_ms=5000, request_timeout_ms=10000
-            )
+            admin = kafka_clients.admin(settings, request_timeout_ms=10000)
             try:
                 missing = set(wanted) - set(admin.list_topics())
                 if missing:

@@ -14,7 +14,7 @@ from kafka.partitioner.default import DefaultPartitioner
 
 from adloop.settings import Settings
 from serving import impressions
-from serving.impressions import ImpressionLogger, encode, to_event
+from serving.impressions import ImpressionLogger, encode, kafka_producer, to_event
 from streaming.events import Event, EventType, format_ts, parse_event
 from tests.conftest import read_back
 from tests.serving.conftest import MemoryReader, free_port
@@ -30,12 +30,10 @@ SLOTS = [
 def test_served_ads_arrive_on_kafka_as_contract_events(
     make_app, catalog_rows, local_stack: Settings, topic: str
 ) -> None:
-    from serving.impressions import _kafka_producer
-
     app, _ = make_app(
         reader=MemoryReader({f"u{i}": TECH for i in range(4)}),
         events_topic=topic,
-        producer_factory=lambda: _kafka_producer(local_stack.kafka_bootstrap_servers),
+        producer_factory=lambda: kafka_producer(local_stack),
         control_share=0.5,
     )
     with TestClient(app) as client:
@@ -74,7 +72,12 @@ def test_served_ads_arrive_on_kafka_as_contract_events(
 
 
 def test_kafka_down_buffers_counts_and_drops_oldest() -> None:
-    logger = ImpressionLogger(bootstrap_servers=f"127.0.0.1:{free_port()}", topic="unused", buffer_size=5, retry_s=60)
+    logger = ImpressionLogger(
+        topic="unused",
+        buffer_size=5,
+        retry_s=60,
+        producer_factory=lambda: kafka_producer(Settings(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")),
+    )
     logger.start()  # starts although no broker answers
     record = {
         "user_id": "u",
@@ -99,9 +102,9 @@ def test_kafka_down_buffers_counts_and_drops_oldest() -> None:
 
 
 def test_app_serves_while_kafka_is_down(make_app) -> None:
-    from serving.impressions import _kafka_producer
-
-    app, _ = make_app(producer_factory=lambda: _kafka_producer(f"127.0.0.1:{free_port()}"))
+    app, _ = make_app(
+        producer_factory=lambda: kafka_producer(Settings(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}"))
+    )
     with TestClient(app) as client:
         started = time.perf_counter()
         responses = [client.post("/v1/select", json={"user_id": f"u{i}", "slots": SLOTS}) for i in range(5)]
@@ -294,7 +297,7 @@ class FakeProducer:
 
 def test_a_record_that_breaks_the_contract_is_counted_and_the_rest_go_out() -> None:
     producer = FakeProducer()
-    logger = ImpressionLogger(bootstrap_servers="unused", topic="t", producer_factory=lambda: producer)
+    logger = ImpressionLogger(topic="t", producer_factory=lambda: producer)
     logger.start()
     good = {"user_id": "u", "ad_id": "a", "propensity": 0.5}
     logger.log([{**good, "event_id": "e1"}, {**good, "event_id": "e2", "position": -1}, {**good, "event_id": "e3"}])
@@ -335,7 +338,7 @@ def test_our_partition_is_the_default_partitioners(n: int) -> None:
 
 def test_failed_deliveries_are_counted_and_flagged() -> None:
     producer = FakeProducer(error=TimeoutError("broker gone"))
-    logger = ImpressionLogger(bootstrap_servers="unused", topic="t", producer_factory=lambda: producer)
+    logger = ImpressionLogger(topic="t", producer_factory=lambda: producer)
     logger.start()
     logger.log([{"user_id": "u", "ad_id": "a", "event_id": f"e{i}"} for i in range(3)])
     logger.flush(timeout=5)
@@ -346,7 +349,7 @@ def test_failed_deliveries_are_counted_and_flagged() -> None:
 
 
 def test_deliveries_are_counted_whatever_order_they_finish_in() -> None:
-    logger = ImpressionLogger(bootstrap_servers="unused", topic="t")
+    logger = ImpressionLogger(topic="t", producer_factory=lambda: None)
     slow = Future()  # e.g. a partition whose leader is away
     logger._pending.extend([slow, Future().success(None), Future().failure(TimeoutError("x")), Future()])
     logger._reap()
