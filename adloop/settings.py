@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     public_url: str = "http://127.0.0.1:8000"  # base of the OpenRTB billing notice URL (burl)
+    url_signing_secret: SecretStr | None = None  # HMAC key of billing/click/conversion URLs (shared by replicas)
     admin_token: str | None = None  # bearer token of POST /v1/admin/reload; unset = admin disabled
 
     # Serving (ad selection)
