@@ -26,6 +26,7 @@ run: stack
 
 test: stack test-tools
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 # Debian tools the tests use: Chromium (the dashboard test) and docker-compose (the compose-file check).

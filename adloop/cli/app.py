@@ -14,6 +14,8 @@ events_app = typer.Typer(help="The event contract (schema_version 1).", no_args_
 app.add_typer(events_app, name="events")
 models_app = typer.Typer(help="The model registry: list, promote, roll back versions.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+features_app = typer.Typer(help="The Feast feature repo: apply it, read a user's features.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
 console = Console()
 
 

@@ -10,7 +10,7 @@ from rich.progress import ProgressColumn
 from rich.table import Table
 from rich.text import Text
 
-from adloop.cli.app import app, console, events_app
+from adloop.cli.app import app, console, events_app, features_app
 from adloop.settings import PROJECT_ROOT, get_settings
 
 
@@ -35,14 +35,37 @@ def consume(
     )
 
 
-@app.command()
-def features(user_id: str) -> None:
+@features_app.command("show")
+def features_show(user_id: str) -> None:
     """Print a user's current online features, read through Feast's get_online_features."""
     import json
 
     from features.online import user_features_via_feast
 
     console.print_json(json.dumps(user_features_via_feast(get_settings(), user_id), default=str))
+
+
+@features_app.command("apply")
+def features_apply() -> None:
+    """`feast apply` for adloop's repo with the settings' Redis and data folder: entities, sources, views."""
+    from features import store
+
+    settings = get_settings()
+    store.apply(settings)
+    console.print(f"applied {settings.feast_repo_path} (registry and offline files in {settings.feast_data_dir})")
+
+
+@features_app.command("env")
+def features_env() -> None:
+    """Print the `export` lines that let the `feast` CLI run on the repo: `eval "$(adloop features env)"`."""
+    import shlex
+
+    from features import store
+
+    settings = get_settings()
+    for name, value in store.feast_environment(settings).items():
+        typer.echo(f"export {name}={shlex.quote(value)}")
+    typer.echo(f"cd {shlex.quote(str(settings.feast_repo_path))}  # then e.g. `feast feature-views list`")
 
 
 @app.command("replay")
