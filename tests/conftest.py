@@ -15,8 +15,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from adloop import stack
+from adloop.runs.isolated import isolated_settings
 from adloop.settings import Settings, get_settings
-from features import store
 from streaming.consumer import FeatureConsumer
 from streaming.events import Event
 
@@ -42,7 +42,6 @@ def local_stack(settings: Settings) -> Settings:
 @pytest.fixture
 def topic(local_stack: Settings) -> Iterator[str]:
     """A fresh single-use topic, deleted afterwards."""
-    from kafka.admin import KafkaAdminClient, NewTopic
 
     name = f"adloop.test.{uuid.uuid4().hex[:12]}"
     admin = KafkaAdminClient(bootstrap_servers=local_stack.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
@@ -65,34 +64,12 @@ def shared_data(*parts: str) -> Path:
 TEST_REDIS_DB = int(os.environ.get("ADLOOP_TEST_REDIS_DB", "3"))
 
 
-def isolated_settings(base: Settings, folder: Path, *, redis_db: int, **overrides: Any) -> Iterator[Settings]:
-    """Settings of their own: a fresh events + DLQ topic pair, an emptied Redis database, Feast data,
-    registry and outcomes under `folder`; the topics are deleted afterwards."""
-    topic = f"adloop.test.events.{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=base.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
-    admin.create_topics([NewTopic(topic, 6, 1), NewTopic(topic + ".dlq", 1, 1)])
-    settings = base.model_copy(
-        update={
-            "events_topic": topic,
-            "dlq_topic": topic + ".dlq",
-            "redis_url": f"redis://127.0.0.1:{_redis_port(base)}/{redis_db}",
-            "feast_data_dir": folder / "feast",
-            "model_registry_path": folder / "models",
-            "outcomes_path": folder / "outcomes.duckdb",
-            "report_dir": folder / "report",
-            **overrides,
-        }
-    )
-    redis.Redis.from_url(settings.redis_url).flushdb()
-    store.apply(settings)
-    yield settings
-    admin.delete_topics([topic, topic + ".dlq"])
-    admin.close()
-
-
 @pytest.fixture
 def feature_settings(local_stack: Settings, tmp_path: Path) -> Iterator[Settings]:
-    yield from isolated_settings(local_stack, tmp_path, redis_db=TEST_REDIS_DB, consumer_batch_size=250)
+    with isolated_settings(
+        local_stack, tmp_path, redis_db=TEST_REDIS_DB, prefix="adloop.test.events", consumer_batch_size=250
+    ) as settings:
+        yield settings
 
 
 def produce(settings: Settings, messages: list[Event | tuple[bytes | None, bytes]]) -> None:

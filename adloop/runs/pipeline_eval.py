@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import redis
-from kafka.admin import NewTopic
 
+from adloop.runs.isolated import isolated_settings
 from adloop.settings import Settings
-from features import store
 from features.online import FeastLayout, OnlineFeatureReader
 from models.bundle import ModelBundle
 from models.ranker import AD_SCALARS
@@ -54,9 +53,11 @@ def score_through_pipeline(
     events = list(replay_mind.read(behaviors))
     requests = _requests(events)
     last_day = max(ts for ts, _ in requests.values()) // DAY_MS
-    eval_settings, cleanup = _isolated(settings)
+    folder = Path(tempfile.mkdtemp(prefix="adloop-eval-"))
+    isolated = isolated_settings(settings, folder, redis_db=settings.eval_redis_db, prefix="adloop.eval",
+                                 empty_after=True, consumer_batch_ms=20)  # fmt: skip
     try:
-        with _Pipeline(eval_settings) as pipeline:
+        with isolated as eval_settings, _Pipeline(eval_settings) as pipeline:
             rows: list[dict[str, Any]] = []
             batches = _batches(events, requests)
             scored = [b for b in batches if b.ts // DAY_MS == last_day]
@@ -71,7 +72,7 @@ def score_through_pipeline(
                     progress(done, len(scored))
         return pd.DataFrame(rows)
     finally:
-        cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _Batch:
@@ -196,25 +197,3 @@ class _Pipeline:
         self._stop.set()
         self._thread.join(timeout=10)
         self.producer.close(timeout=5)
-
-
-def _isolated(settings: Settings) -> tuple[Settings, Callable[[], None]]:
-    """Settings on a fresh topic pair, an emptied Redis database and a temporary Feast folder."""
-    folder = Path(tempfile.mkdtemp(prefix="adloop-eval-"))
-    topic = f"adloop.eval.{uuid.uuid4().hex[:10]}"
-    base = settings.redis_url.rsplit("/", 1)[0]
-    eval_settings = settings.model_copy(update={
-        "events_topic": topic, "dlq_topic": topic + ".dlq", "redis_url": f"{base}/{settings.eval_redis_db}",
-        "feast_data_dir": folder / "feast", "consumer_batch_ms": 20})  # fmt: skip
-    admin = kafka_clients.admin(settings)
-    admin.create_topics([NewTopic(topic, settings.event_partitions, 1), NewTopic(topic + ".dlq", 1, 1)])
-    redis.Redis.from_url(eval_settings.redis_url).flushdb()
-    store.apply(eval_settings)
-
-    def cleanup() -> None:
-        redis.Redis.from_url(eval_settings.redis_url).flushdb()
-        admin.delete_topics([topic, topic + ".dlq"])
-        admin.close()
-        shutil.rmtree(folder, ignore_errors=True)
-
-    return eval_settings, cleanup

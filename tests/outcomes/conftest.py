@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
 
+from adloop.runs.isolated import isolated_settings
 from adloop.settings import Settings
 from streaming.events import Event
+
+OUTCOMES_REDIS_DB = 10  # emptied per test; no other suite's fixture uses it
 
 
 @pytest.fixture
 def outcome_settings(local_stack: Settings, tmp_path) -> Iterator[Settings]:
-    topic = f"adloop.test.outcomes.{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=local_stack.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
-    admin.create_topics([NewTopic(topic, 3, 1), NewTopic(topic + ".dlq", 1, 1)])
-    yield local_stack.model_copy(
-        update={
-            "events_topic": topic,
-            "dlq_topic": topic + ".dlq",
-            "outcomes_path": tmp_path / "outcomes.duckdb",
-            "report_dir": tmp_path / "report",
-        }
-    )
-    admin.delete_topics([topic, topic + ".dlq"])
-    admin.close()
+    with isolated_settings(local_stack, tmp_path, redis_db=OUTCOMES_REDIS_DB, prefix="adloop.test.outcomes",
+                           partitions=3) as settings:  # fmt: skip
+        yield settings
 
 
 def send(settings: Settings, messages: list[Event | tuple[str, bytes]], topic: str | None = None) -> None:

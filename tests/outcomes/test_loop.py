@@ -11,12 +11,12 @@ import pytest
 import redis
 
 from adloop.runs import demo
+from adloop.runs.isolated import isolated_settings
 from adloop.settings import Settings
 from features import store as feature_store
 from outcomes.lander import OutcomeLander
 from outcomes.store import Filters, OutcomeStore
 from streaming.simulate import Population, SimConfig
-from tests.conftest import isolated_settings
 
 pytestmark = pytest.mark.integration
 DEMO_REDIS_DB, LOOP_REDIS_DB = 8, 9  # databases these tests own and empty
@@ -24,7 +24,10 @@ MIN_RELATIVE_LIFT = 0.5  # targeted CTR at least 1.5x control, at the lower end 
 
 
 def _isolated(local_stack: Settings, tmp_path, db: int) -> Iterator[Settings]:
-    yield from isolated_settings(local_stack, tmp_path, redis_db=db, consumer_batch_size=1000)
+    with isolated_settings(
+        local_stack, tmp_path, redis_db=db, prefix="adloop.test.loop", consumer_batch_size=1000
+    ) as settings:
+        yield settings
 
 
 @pytest.fixture(scope="module")
