@@ -30,9 +30,9 @@ DAY_MS = 86_400_000
 def main() -> None:
     from models.evaluate import load_mind
     from models.metrics import group_metrics
-    from models.mind import read_news
     from models.ranker import FEATURES, base_margin, frame_features, train_ranker
     from models.train import sort_requests
+    from streaming.replay.mind import read_news
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path", nargs="?", default="../shared/data/mind", type=Path)

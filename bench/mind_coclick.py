@@ -163,7 +163,8 @@ def within_rank(groups: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def main() -> None:
     from models.evaluate import load_mind
     from models.metrics import group_metrics, paired_group_auc
-    from models.mind import read_behaviors, read_news
+    from models.mind import read_behaviors
+    from streaming.replay.mind import read_news
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path", nargs="?", default="../shared/data/mind", type=Path)

@@ -18,7 +18,6 @@ frequency counters mean "this user's impressions of this subcategory").
 
 from __future__ import annotations
 
-import csv
 import heapq
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,11 +37,9 @@ from features.aggregates import (
     user_features,
 )
 from streaming.events import Event, EventType
-from streaming.replay.mind import CLICK_DELAY
+from streaming.replay.mind import CLICK_DELAY, read_news, read_rows
 
 CLICK_DELAY_MS = int(CLICK_DELAY.total_seconds() * 1000)
-
-TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # 11/12/2019 2:14:46 PM (MIND writes US-format times)
 
 
 @dataclass
@@ -64,23 +61,20 @@ class AdCounters:
     last_ts: int = 0
 
 
-def read_news(path: Path) -> dict[str, tuple[str, str]]:
-    """news_id -> (category, subcategory) from news.tsv."""
-    with open(path, newline="", encoding="utf-8") as file:
-        return {row[0]: (row[1], row[2]) for row in csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)}
-
-
 def read_behaviors(path: Path, limit: int | None = None) -> list[Impression]:
-    """behaviors.tsv as impressions in time order (ties keep file order)."""
-    impressions = []
-    with open(path, newline="", encoding="utf-8") as file:
-        for row in csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE):
-            ts = datetime.strptime(row[2], TIME_FORMAT).replace(tzinfo=UTC)
-            pairs = [item.rsplit("-", 1) for item in row[4].split()]
-            impressions.append(Impression(request_id=row[0], user_id=row[1], ts_ms=round(ts.timestamp() * 1000),
-                                          history=row[3].split(), ad_ids=[a for a, _ in pairs],
-                                          labels=[int(label) for _, label in pairs]))  # fmt: skip
-    impressions.sort(key=lambda imp: imp.ts_ms)
+    """behaviors.tsv as impressions in time order (ties keep file order), read by the replay's reader."""
+    rows = sorted(read_rows(path), key=lambda row: (row.ts, row.line))
+    impressions = [
+        Impression(
+            request_id=row.impression_id,
+            user_id=row.user_id,
+            ts_ms=round(row.ts.timestamp() * 1000),
+            history=row.history,
+            ad_ids=[news_id for news_id, _ in row.candidates],
+            labels=[int(clicked) for _, clicked in row.candidates],
+        )
+        for row in rows
+    ]
     return impressions[:limit] if limit else impressions
 
 

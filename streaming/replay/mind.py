@@ -38,7 +38,9 @@ TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 
 
 @dataclass(frozen=True)
-class _Impression:
+class MindRow:
+    """One line of behaviors.tsv."""
+
     line: int
     impression_id: str
     user_id: str
@@ -50,7 +52,7 @@ class _Impression:
 def read(path: Path) -> Iterator[Event]:
     """The impressions of `behaviors.tsv` as events, in time order."""
     news = read_news(path.with_name("news.tsv"))
-    rows = sorted(_impressions(path), key=lambda row: (row.ts, row.line))
+    rows = sorted(read_rows(path), key=lambda row: (row.ts, row.line))
     seen_users: set[str] = set()
     last_ts = datetime.min.replace(tzinfo=UTC)
 
@@ -75,7 +77,8 @@ def read_news(path: Path) -> dict[str, tuple[str, str]]:
         return {row[0]: (row[1], row[2]) for row in rows if len(row) >= 3}
 
 
-def _impressions(path: Path) -> Iterator[_Impression]:
+def read_rows(path: Path) -> Iterator[MindRow]:
+    """The lines of behaviors.tsv in file order (`line` numbers from 1); `ReplayFormatError` on a bad one."""
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -91,10 +94,10 @@ def _impressions(path: Path) -> Iterator[_Impression]:
                 ]
             except ValueError as error:
                 raise ReplayFormatError(path, number, f"unreadable time or impressions: {error}") from error
-            yield _Impression(number, impression_id, user_id, ts, history.split(), candidates)
+            yield MindRow(number, impression_id, user_id, ts, history.split(), candidates)
 
 
-def _history(row: _Impression, news: dict[str, tuple[str, str]], *, after: datetime) -> list[Event]:
+def _history(row: MindRow, news: dict[str, tuple[str, str]], *, after: datetime) -> list[Event]:
     """Page views of the user's earlier clicks, just before the impression (never before `after`)."""
     n = len(row.history)
     return [
@@ -112,7 +115,7 @@ def _history(row: _Impression, news: dict[str, tuple[str, str]], *, after: datet
     ]
 
 
-def _candidates(row: _Impression, news: dict[str, tuple[str, str]]) -> tuple[list[Event], list[Event]]:
+def _candidates(row: MindRow, news: dict[str, tuple[str, str]]) -> tuple[list[Event], list[Event]]:
     shown, clicked = [], []
     for index, (news_id, was_clicked) in enumerate(row.candidates):
         category, subcategory = news.get(news_id, (None, None))
