@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -224,24 +225,35 @@ def build_catalog(rows: list[dict[str, str]], *, version: str) -> Catalog:
     )
 
 
-def generate_catalog(n_ads: int, *, seed: int = 7, n_deals: int = 3) -> list[dict[str, str]]:
+def generate_catalog(
+    n_ads: int,
+    *,
+    seed: int = 7,
+    n_deals: int = 3,
+    categories: Sequence[str] = CATEGORIES,
+    formats: Sequence[str] | None = None,
+    plain: bool = False,
+) -> list[dict[str, str]]:
     """A synthetic catalog of `n_ads` rows (deterministic for a seed): ~8 ads per campaign, ~3 campaigns
-    per advertiser, CPC bids log-normal around $0.50, a few expired / future flights, a few deal ads."""
+    per advertiser, one category per campaign, CPC bids log-normal around $0.50. By default each ad has
+    1-3 random formats and the catalog has a few expired / future flights, deal ads, budgets and caps;
+    `formats` gives every ad those formats, and `plain` leaves out flights, deals, budgets and caps
+    (the demo, where only the users' preferences should decide what is served)."""
     rng = random.Random(seed)
     rows = []
     n_campaigns = max(1, n_ads // 8)
     for i in range(n_ads):
         campaign = rng.randrange(n_campaigns)
         advertiser = campaign // 3
-        category = CATEGORIES[campaign % len(CATEGORIES)]
-        fmts = rng.sample(KNOWN_FORMATS, rng.randint(1, 3))
-        flight = rng.random()
+        category = categories[campaign % len(categories)]
+        fmts = list(formats) if formats else rng.sample(KNOWN_FORMATS, rng.randint(1, 3))
+        flight = 1.0 if plain else rng.random()
         start, end = ("2025-01-01", "2030-12-31")
         if flight < 0.03:
             end = "2025-06-30"  # expired
         elif flight < 0.05:
             start = "2031-01-01"  # not started
-        deal = f"deal-{rng.randrange(n_deals)}" if rng.random() < 0.05 else ""
+        deal = f"deal-{rng.randrange(n_deals)}" if not plain and rng.random() < 0.05 else ""
         rows.append(
             {
                 "ad_id": f"ad-{i:05d}",
@@ -250,12 +262,12 @@ def generate_catalog(n_ads: int, *, seed: int = 7, n_deals: int = 3) -> list[dic
                 "advertiser_domain": f"advertiser{advertiser}.example.com",
                 "category": category,
                 "formats": "|".join(sorted(fmts)),
-                "bid": f"{min(5.0, rng.lognormvariate(-0.7, 0.5)):.3f}",
-                "daily_budget": str(rng.choice([0, 50, 200, 1000])),
+                "bid": f"{min(5.0, rng.lognormvariate(-0.7, 0.3 if plain else 0.5)):.3f}",
+                "daily_budget": "0" if plain else str(rng.choice([0, 50, 200, 1000])),
                 "start_date": start,
                 "end_date": end,
-                "freq_cap_ad": str(rng.choice([0, 3, 5, 10])),
-                "freq_cap_campaign": str([0, 10, 20][campaign % 3]),
+                "freq_cap_ad": "0" if plain else str(rng.choice([0, 3, 5, 10])),
+                "freq_cap_campaign": "0" if plain else str([0, 10, 20][campaign % 3]),
                 "deal_ids": deal,
                 "title": f"{category.title()} offer {i}",
                 "image_url": f"https://cdn.example.com/creatives/{i:05d}.jpg",

@@ -40,13 +40,11 @@ from typing import Any
 import numpy as np
 
 from adloop.settings import Settings
+from serving.catalog import generate_catalog, write_catalog
 from streaming.events import SCHEMA_VERSION, Event, EventType
 from streaming.simulate import CATEGORIES, Population, SimConfig
 
 log = logging.getLogger(__name__)
-CATALOG_COLUMNS = ("ad_id", "campaign_id", "advertiser_id", "advertiser_domain", "category", "formats", "bid",
-                   "daily_budget", "start_date", "end_date", "freq_cap_ad", "freq_cap_campaign", "deal_ids", "title",
-                   "image_url", "landing_url")  # fmt: skip
 SLOT = {"slot_id": "feed", "format": "native", "count": 2}
 START_TIMEOUT_S = 90.0  # the API and the consumers import the whole stack: seconds on a busy laptop
 CATCH_UP_TIMEOUT_S = 60.0
@@ -324,29 +322,10 @@ def wait_landed(store, traffic: TrafficReport, *, since: datetime, timeout_s: fl
 
 
 def write_demo_catalog(path: Path, *, n_ads: int, seed: int) -> dict[str, str]:
-    """A catalog in the simulator's categories (one per campaign), every ad in the native format; returns
-    ad_id -> category."""
-    rng = np.random.default_rng([seed, 4])
-    n_campaigns = max(1, n_ads // 8)
-    rows = []
-    for i in range(n_ads):
-        campaign = int(rng.integers(n_campaigns))
-        category = CATEGORIES[campaign % len(CATEGORIES)]
-        advertiser = campaign // 3
-        rows.append({
-            "ad_id": f"ad-{i:05d}", "campaign_id": f"cmp-{campaign:04d}", "advertiser_id": f"adv-{advertiser:04d}",
-            "advertiser_domain": f"advertiser{advertiser}.example.com", "category": category,
-            "formats": "banner_300x250|native", "bid": f"{min(5.0, float(rng.lognormal(-0.7, 0.3))):.3f}",
-            "daily_budget": "0", "start_date": "2025-01-01", "end_date": "2030-12-31", "freq_cap_ad": "0",
-            "freq_cap_campaign": "0", "deal_ids": "", "title": f"{category.title()} offer {i}",
-            "image_url": f"https://cdn.example.com/creatives/{i:05d}.jpg",
-            "landing_url": f"https://advertiser{advertiser}.example.com/landing/{i}",
-        })  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CATALOG_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    """A catalog in the simulator's categories (one per campaign), every ad native and 300x250, no caps,
+    budgets or deals; returns ad_id -> category."""
+    rows = generate_catalog(n_ads, seed=seed, categories=CATEGORIES, formats=("banner_300x250", "native"), plain=True)
+    write_catalog(rows, path)
     return {r["ad_id"]: r["category"] for r in rows}
 
 
