@@ -11,7 +11,7 @@ from adloop.settings import Settings
 from models.evaluate import holdout_split, load_mind, score_frame
 from models.train import TrainConfig, sort_requests, train
 from models.two_tower import TwoTowerConfig
-from tests.conftest import shared_data
+from tests.support.stack import shared_data
 
 pytestmark = pytest.mark.integration
 

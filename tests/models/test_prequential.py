@@ -7,7 +7,7 @@ from features.aggregates import UserState, apply_user, user_features
 from models.mind import Impression, Replay, impression_frame, read_behaviors
 from streaming.events import EventType
 from streaming.replay import mind as replay_mind
-from tests.conftest import shared_data
+from tests.support.stack import shared_data
 
 T0 = 1_700_000_000_000
 NEWS = {"A": ("sports", "golf"), "B": ("news", "politics")}

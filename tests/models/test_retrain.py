@@ -12,7 +12,7 @@ from models.registry import Registry
 from models.retrain import train_from_log
 from streaming.events import Event
 from streaming.topic_reader import read_events
-from tests.conftest import consume_all, produce
+from tests.support.stack import consume_all, produce
 
 pytestmark = pytest.mark.integration
 T0 = 1_700_000_000_000

@@ -11,7 +11,7 @@ from models.mind import Replay
 from models.ranker import AD_SCALARS, request_features
 from models.train import TrainConfig, sort_requests, train
 from models.two_tower import CpuUserTower, TwoTowerConfig, encode_users, to_tensors
-from tests.models.conftest import synthetic_world
+from tests.support.models import synthetic_world
 
 
 @pytest.fixture(scope="module")

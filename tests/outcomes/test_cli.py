@@ -8,7 +8,7 @@ from adloop import cli
 from adloop.cli import observe
 from adloop.settings import PROJECT_ROOT, Settings
 from outcomes.store import OutcomeStore
-from tests.outcomes.test_lander import impression
+from tests.support.events import impression
 
 
 def test_report_prints_arms_lift_campaigns_models_and_writes_two_charts(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from outcomes.store import OutcomeStore
 from serving.app import create_app
 from serving.catalog import generate_catalog, write_catalog
 from streaming.events import Event, EventType
-from tests.serving.conftest import MemoryReader, NoKafka, free_port
+from tests.support.serving import MemoryReader, NoKafka, free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 NOW = datetime.now(UTC).replace(second=0, microsecond=0)

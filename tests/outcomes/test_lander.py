@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
 from outcomes.lander import OutcomeLander
 from outcomes.store import Filters, OutcomeStore
 from streaming.events import Event, EventType
-from tests.outcomes.conftest import send
+from tests.support.events import IMPRESSION_T0 as T0
+from tests.support.events import impression
+from tests.support.stack import produce
 
 pytestmark = pytest.mark.integration
-T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
-
-
-def impression(i: int, *, arm: str, clicked: bool, user: str | None = None, minute: int = 0) -> list[Event]:
-    imp = Event(
-        event_id=f"imp-{i}", schema_version=1, event_type=EventType.ad_impression, user_id=user or f"u{i % 7}",
-        ts=T0 + timedelta(minutes=minute, seconds=i), ad_id=f"ad-{i % 3}", campaign_id=f"cmp-{i % 2}",
-        request_id=f"req-{i}", arm=arm, model_version="m1" if i % 2 else "m2", propensity=0.5,
-        context={"device": "mobile" if i % 2 else "desktop", "country": "DE"},
-    )  # fmt: skip
-    events = [imp]
-    if clicked:
-        events.append(imp.model_copy(update={"event_id": f"imp-{i}-click", "event_type": EventType.ad_click,
-                                             "ts": imp.ts + timedelta(seconds=1)}))  # fmt: skip
-    return events
 
 
 def test_counts_equal_the_events_produced_and_a_replay_counts_once(outcome_settings):
@@ -39,8 +26,8 @@ def test_counts_equal_the_events_produced_and_a_replay_counts_once(outcome_setti
     conversion = first.model_copy(update={"event_id": "conv-0", "event_type": EventType.conversion, "price": 30.0})
     events.append(conversion)  # joins impression 0 by request_id + ad_id
     browsing = Event(event_id="pv-1", schema_version=1, event_type=EventType.page_view, user_id="u1", ts=T0)
-    send(outcome_settings, [*events, browsing, ("u1", b"{not json")])
-    send(outcome_settings, [("u1", b"{not json")], topic=outcome_settings.dlq_topic)
+    produce(outcome_settings, [*events, browsing, ("u1", b"{not json")])
+    produce(outcome_settings, [("u1", b"{not json")], topic=outcome_settings.dlq_topic)
 
     store = OutcomeStore(outcome_settings.outcomes_path)
     report = OutcomeLander(outcome_settings, store).run(idle_exit_s=2.0)
@@ -50,7 +37,7 @@ def test_counts_equal_the_events_produced_and_a_replay_counts_once(outcome_setti
     assert store.counts()["dlq:unknown"] == 1
 
     # the same events again, read by a fresh group from the start: nothing counts twice
-    send(outcome_settings, events)
+    produce(outcome_settings, events)
     again = OutcomeLander(outcome_settings, store, group="adloop-outcomes-test-2").run(idle_exit_s=2.0)
     assert again.landed == 0 and again.duplicates == 2 * (61 + clicks)
     assert store.outcomes()[0]["impressions"] == 60

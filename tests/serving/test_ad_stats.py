@@ -14,7 +14,7 @@ from features.online import FeastLayout, OnlineFeatureReader, write_rows
 from features.store import AD_VIEW
 from serving.catalog import build_catalog
 from serving.features_access import AdStats, run_refresher
-from tests.serving.conftest import MemoryReader
+from tests.support.serving import MemoryReader
 
 
 class ChangeLog(MemoryReader):

@@ -16,7 +16,7 @@ from features.online import FeastLayout, OnlineFeatureReader, write_rows
 from models.testing import EmptyRegistry, ProjectionBundle, StaticRegistry
 from serving.catalog import generate_catalog, write_catalog
 from serving.schemas import SelectResponse
-from tests.serving.conftest import MemoryReader, free_port
+from tests.support.serving import MemoryReader, free_port
 
 SLOTS = [{"slot_id": "top", "format": "banner_728x90"}, {"slot_id": "feed", "format": "native", "count": 2}]
 TECH = {"top_categories": ["tech"], "top_category_scores": [1.0]}

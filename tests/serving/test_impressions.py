@@ -16,8 +16,8 @@ from adloop.settings import Settings
 from serving import impressions
 from serving.impressions import ImpressionLogger, encode, kafka_producer, to_event
 from streaming.events import Event, EventType, format_ts, parse_event
-from tests.conftest import read_back
-from tests.serving.conftest import MemoryReader, free_port
+from tests.support.serving import MemoryReader, free_port
+from tests.support.stack import read_back
 
 TECH = {"top_categories": ["tech"], "top_category_scores": [1.0]}
 SLOTS = [

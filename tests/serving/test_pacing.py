@@ -10,7 +10,7 @@ import redis
 
 from serving.catalog import build_catalog
 from serving.pacing import DAY_S, Pacer, spend_key
-from tests.serving.conftest import free_port
+from tests.support.serving import free_port
 
 pytestmark = pytest.mark.integration
 

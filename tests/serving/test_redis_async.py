@@ -10,7 +10,7 @@ import redis
 
 from adloop.settings import Settings
 from serving.redis_async import AsyncRedis
-from tests.serving.conftest import free_port
+from tests.support.serving import free_port
 
 pytestmark = pytest.mark.integration
 

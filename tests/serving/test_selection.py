@@ -23,7 +23,7 @@ from serving.selection import (
     Slot,
     arm_of,
 )
-from tests.serving.conftest import MemoryReader
+from tests.support.serving import MemoryReader
 
 TECH_USER = {"top_categories": ["tech"], "top_category_scores": [1.0]}
 NOON = 20_500 * DAY_S + DAY_S / 2  # a fixed instant inside the catalog's flights

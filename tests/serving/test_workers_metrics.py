@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from adloop.settings import PROJECT_ROOT, Settings
-from tests.serving.conftest import free_port
+from tests.support.serving import free_port
 
 pytestmark = pytest.mark.integration
 REQUESTS = 40

@@ -23,9 +23,9 @@ from features.online import features_via_feast
 from features.store import AD_VIEW, USER_VIEW
 from streaming.dead_letters import describe
 from streaming.events import Event
-from tests.conftest import adloop_env, consume_all, produce, shared_data
-from tests.streaming import batch_features
-from tests.streaming.test_aggregates import synthetic_events
+from tests.support import batch_features
+from tests.support.events import synthetic_events
+from tests.support.stack import adloop_env, consume_all, produce, shared_data
 
 pytestmark = pytest.mark.integration
 

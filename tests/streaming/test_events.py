@@ -7,7 +7,7 @@ import json
 import pytest
 
 from streaming.events import Event, InvalidEvent, parse_event, parse_event_stepwise
-from tests.streaming.test_aggregates import synthetic_events
+from tests.support.events import synthetic_events
 
 VALID = {"event_id": "e-1", "schema_version": 1, "event_type": "ad_click", "user_id": "u-1",
          "ts": "2019-11-24T10:00:00.123Z", "ad_id": "ad-1", "price": 2.5, "position": 1}  # fmt: skip

@@ -6,7 +6,7 @@ import pytest
 from kafka import KafkaProducer
 
 from adloop.settings import Settings
-from tests.conftest import read_back
+from tests.support.stack import read_back
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from adloop.settings import Settings
 from streaming.events import Event, parse_event
 from streaming.producer import BrokerUnavailable, build_producer, produce_events
 from streaming.replay import read
-from tests.conftest import read_back
+from tests.support.stack import read_back
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 

@@ -11,7 +11,7 @@ import pytest
 
 from streaming.events import Event, parse_event
 from streaming.replay import ReplayFormatError, read
-from tests.conftest import shared_data
+from tests.support.stack import shared_data
 
 
 def _write(path: Path, text: str) -> Path:

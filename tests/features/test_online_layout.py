@@ -21,7 +21,7 @@ from features.online import (
     reference_timestamp,
     reference_value,
 )
-from tests.streaming.test_aggregates import synthetic_events
+from tests.support.events import synthetic_events
 
 INT64_EDGES = [0, 1, 127, 128, 255, 300, 4095, 4096, 16_383, 16_384, 2**31 - 1, 2**31, 2**63 - 1, -1, -128, -(2**63)]
 FLOAT_EDGES = [0.0, -0.0, 1.0, 0.05, -3.5, 1e-310, 1e308, math.inf, -math.inf]

@@ -2,37 +2,10 @@
 
 from __future__ import annotations
 
-import random
-
 from features.aggregates import UserState, ad_features, apply_user, prune, user_features
 from streaming.events import Event
-from tests.streaming import batch_features
-
-T0 = 1_700_000_000_000
-
-
-def synthetic_events(n: int, users: int, seed: int = 7, step_ms: int = 20_000) -> list[Event]:
-    """A seeded mixed stream (browsing and ad events) in time order."""
-    rng = random.Random(seed)
-    kinds = ["page_view", "page_view", "search", "favorite", "add_to_cart", "purchase", "ad_impression", "ad_click"]
-    events = []
-    for i in range(n):
-        kind = rng.choice(kinds)
-        ad = kind.startswith("ad_")
-        events.append(
-            Event(
-                event_id=f"syn-{seed}-{i}",
-                schema_version=1,
-                event_type=kind,
-                user_id=f"user-{rng.randrange(users)}",
-                ts=T0 + i * step_ms,
-                item_id=None if ad else f"item-{rng.randrange(50)}",
-                category=f"cat-{rng.randrange(6)}",
-                ad_id=f"ad-{rng.randrange(8)}" if ad else None,
-                campaign_id=f"camp-{rng.randrange(3)}" if ad else None,
-            )
-        )
-    return events
+from tests.support import batch_features
+from tests.support.events import T0, synthetic_events
 
 
 def fold(events: list[Event]) -> dict[str, UserState]:

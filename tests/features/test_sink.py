@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from features.aggregates import UserState, apply_user, user_features
 from features.sink import ARROW_TYPES, _table
-from tests.streaming.test_aggregates import synthetic_events
+from tests.support.events import synthetic_events
 
 
 def test_rows_become_the_same_table_as_through_pandas() -> None:
