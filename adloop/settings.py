@@ -15,14 +15,14 @@ class Settings(BaseSettings):
     # Kafka
     kafka_bootstrap_servers: str = "127.0.0.1:9092"  # comma-separated host:port list
     kafka_controller_port: int = 9093  # the local broker's KRaft controller listener
-    events_topic: str = "adloop.events"
-    dlq_topic: str = "adloop.events.dlq"
+    events_topic: str = "adloop.events"  # the clickstream: key = user id, one JSON event per message
+    dlq_topic: str = "adloop.events.dlq"  # dead letters: the original bytes, the reason in headers
     event_partitions: int = 6  # user-keyed: one consumer owns all of a user's events
-    kafka_heap: str = "-Xms256m -Xmx512m"
+    kafka_heap: str = "-Xms256m -Xmx512m"  # JVM heap of the local broker (`adloop stack up`)
     kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL, for every client
     kafka_sasl_mechanism: str | None = None  # e.g. PLAIN or SCRAM-SHA-512
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_username: str | None = None  # SASL user of every Kafka client
+    kafka_sasl_password: SecretStr | None = None  # SASL password (never logged)
     kafka_ssl_cafile: Path | None = None  # CA bundle that signed the brokers' certificates
 
     # Feature consumer
@@ -33,26 +33,26 @@ class Settings(BaseSettings):
     consumer_metrics_port: int = 9108  # Prometheus /metrics of `adloop consume`
 
     # Redis (Feast's online store and the consumer's offsets)
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # Feast's online store and the consumer's state (rediss:// for TLS)
     eval_redis_db: int = 14  # database `adloop evaluate --pipeline` owns (emptied before and after)
 
     # Paths
     stack_dir: Path = PROJECT_ROOT / ".stack"  # broker data, logs, pid files of `adloop stack`
-    feast_repo_path: Path = PROJECT_ROOT / "features" / "repo"
+    feast_repo_path: Path = PROJECT_ROOT / "features" / "repo"  # feature_store.yaml and the Feast definitions
     feast_data_dir: Path = PROJECT_ROOT / ".stack" / "feast"  # registry and offline store files
-    model_registry_path: Path = PROJECT_ROOT / ".stack" / "models"
+    model_registry_path: Path = PROJECT_ROOT / ".stack" / "models"  # model versions and the promoted pointer
     outcomes_path: Path = PROJECT_ROOT / ".stack" / "outcomes.duckdb"  # ad outcomes landed from Kafka (DuckDB)
     report_dir: Path = PROJECT_ROOT / ".stack" / "report"  # PNG charts of `adloop report`
 
     # API
-    api_host: str = "127.0.0.1"
-    api_port: int = 8000
+    api_host: str = "127.0.0.1"  # bind address of `adloop serve`
+    api_port: int = 8000  # port of `adloop serve`
     public_url: str = "http://127.0.0.1:8000"  # base of the OpenRTB billing notice URL (burl)
     url_signing_secret: SecretStr | None = None  # HMAC key of billing/click/conversion URLs (shared by replicas)
     admin_token: str | None = None  # bearer token of POST /v1/admin/reload; unset = admin disabled
 
     # Serving (ad selection)
-    catalog_path: Path = PROJECT_ROOT / "data" / "catalog" / "ads.csv"
+    catalog_path: Path = PROJECT_ROOT / "data" / "catalog" / "ads.csv"  # the ads (CSV)
     catalog_poll_s: float = 5.0  # reload the catalog when its file changes; 0 = only on admin reload
     serve_top_k: int = 200  # candidates per requested format that reach the ranker
     serve_epsilon: float = 0.05  # epsilon-greedy exploration per pick
@@ -68,15 +68,36 @@ class Settings(BaseSettings):
     impression_buffer: int = 10_000  # impressions held while Kafka is down (drop-oldest beyond)
     gil_switch_interval_ms: float = 0.5  # longest wait of a request behind a background thread (Python: 5)
     max_slots: int = 10  # per request
-    max_count_per_slot: int = 10
+    max_count_per_slot: int = 10  # ads per slot
     max_candidate_ids: int = 1000  # length limit of candidate_ad_ids / exclude_ad_ids
     openrtb_tmax_margin_ms: float = 5.0  # network allowance subtracted from OpenRTB tmax
 
-    # Start-up bound for `adloop stack up`, seconds
-    stack_start_timeout: float = 60.0
+    stack_start_timeout: float = 60.0  # seconds `adloop stack up` waits for Kafka and Redis
 
 
 @lru_cache
 def get_settings() -> Settings:
     """The process-wide settings; tests build their own `Settings(...)` or clear this cache."""
     return Settings()
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (variable, default, meaning), from `Settings` itself: names and
+    defaults from its fields, meanings from the comment beside each field in this file."""
+    import inspect
+    import re
+
+    comments = {}
+    for line in inspect.getsource(Settings).splitlines():
+        match = re.match(r"\s+(\w+):[^#]*?(?:#\s*(.*))?$", line)
+        if match and match.group(2):
+            comments[match.group(1)] = match.group(2).strip()
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, Path):
+            default = default.relative_to(PROJECT_ROOT) if default.is_relative_to(PROJECT_ROOT) else default
+        shown = "(unset)" if default is None else f"`{default}`"
+        meaning = comments.get(name, "").replace("|", "\\|")
+        rows.append(f"| `ADLOOP_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"

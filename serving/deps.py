@@ -1,7 +1,7 @@
 """Dependencies of the routes, as `Annotated` aliases.
 
 They are `async def` on purpose: FastAPI runs a sync dependency in the thread pool, one hop per
-dependency per request (measured: most of the request overhead); these only read `app.state`.
+dependency per request, which costs more than the dependency itself; these only read `app.state`.
 """
 
 from __future__ import annotations

@@ -130,12 +130,11 @@ class AdStats:
         chunk: int = REFRESH_CHUNK,
         gil_share: float = REFRESH_GIL_SHARE,
     ) -> None:
-        """Read every ad's row, `chunk` ads per round trip. It runs in a thread beside the event loop and costs
-        ~15-20 us of CPU per ad under the GIL (0.15-0.2 s for 10,000 ads, `python -m bench.select_path`), so
-        after each chunk (~1 ms) it sleeps long enough to hold the GIL at most `gil_share` of the time: a
-        request waits at most a chunk, and the loop keeps ~80% of its speed while a refresh runs. With 1 ms
-        pauses after 3 ms chunks the loop got about a quarter of the GIL while a refresh ran: at 500 requests/s
-        on two workers select's p99 was 264 ms with a full refresh every 2 s, 17 ms with this (BENCHMARKS)."""
+        """Read every ad's row, `chunk` ads per round trip. It runs in a thread beside the event loop and holds
+        the GIL while it decodes (`python -m bench.select_path` times it), so after each chunk it sleeps long
+        enough to hold the GIL at most `gil_share` of the time: a request waits at most a chunk, and the loop
+        keeps most of its speed while a refresh runs. Short pauses after long chunks starve the loop: its
+        requests queue behind the refresh and the p99 of the whole process follows."""
         started_ms = int(time.time() * 1000)
         columns = _prior_columns(catalog)
         _read_into(columns, reader, catalog, [str(a) for a in catalog.ad_ids], chunk, gil_share)

@@ -375,9 +375,9 @@ def kafka_producer(settings: Settings) -> Any:
         settings,
         acks="all",
         linger_ms=50,  # batches of a 100 ms drain go out in one request per partition
-        # ... in one batch per partition: the default 16 KiB holds ~25 impressions, so a larger drain (3
-        # partitions at 1,000/s, or up to BATCH=500 records after a backlog) opened more batches and woke the
-        # network thread more (3 partitions: its CPU 30 -> 20 us per record; 6: within noise; bench/impressions.py)
+        # ... in one batch per partition: the default 16 KiB holds a few dozen impressions, so a larger drain
+        # (or up to BATCH records after a backlog) would open more batches and wake the network thread more
+        # (`python -m bench.impressions` compares)
         batch_size=256 * 1024,
         bootstrap_timeout_ms=3000,
         max_block_ms=2000,

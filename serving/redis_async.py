@@ -1,7 +1,7 @@
 """One pipelined Redis connection for the event loop: the request path's HMGET without blocking the loop.
 
-redis-py's synchronous HMGET blocks the event loop until Redis answers (a tenth of the loop's time at
-400 requests/s: BENCHMARKS.md, Serving, session 4), and redis.asyncio costs more CPU per read than
+redis-py's synchronous HMGET blocks the event loop until Redis answers (a profile of a busy worker
+shows the loop waiting in `recv`), and redis.asyncio costs more CPU per read than
 the read itself. This is the least that does the job: an `asyncio.Protocol` that writes commands packed
 by hiredis and parses replies with hiredis' reader, answering futures in order (Redis replies in the
 order it received the commands, so concurrent requests share the connection, pipelined).

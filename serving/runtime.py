@@ -84,7 +84,7 @@ class Runtime:
     def start(self) -> None:
         # The background threads (impression drain, kafka-python's sender, pacing sync, ad-stats refresh) run
         # Python in bursts of milliseconds; a request waiting in the event loop gets the GIL back after at
-        # most the switch interval: Python's 5 ms, 0.5 ms by default here (BENCHMARKS, Serving, session 5).
+        # most the switch interval (Python's default is 5 ms; the setting's is shorter: `bench.serve` compares).
         sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         self.logger.start()
         threads = [
@@ -207,8 +207,8 @@ class Runtime:
 
 def freeze_heap() -> None:
     """Take everything alive now out of the cyclic GC's reach (`gc.freeze`): the catalog, the model and
-    the imported libraries are ~350k objects, and a full collection over them stalls every request for
-    ~160 ms (`python -m bench.gc_pause`), a p99 spike several times a minute under load. Requests'
+    the imported libraries are hundreds of thousands of objects, and a full collection over them stalls
+    every request (`python -m bench.gc_pause` times it), a p99 spike several times a minute under load. Requests'
     own garbage is still collected; what a frozen object holds is still freed by reference counting."""
     gc.unfreeze()
     gc.collect()

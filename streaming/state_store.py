@@ -23,7 +23,7 @@ from redis.retry import Retry
 from features.aggregates import UserState, add_counter
 
 # `SET <key> 1 EX <ttl>` for every key in one command: a SET per event costs the client a command to
-# pack and a reply to parse (measured: 5.3 -> 2.5 us per id, 5,000 ids in one MULTI).
+# pack and a reply to parse per id.
 _MARK_SEEN = """
 for _, key in ipairs(KEYS) do
   redis.call('SET', key, '1', 'EX', ARGV[1])
