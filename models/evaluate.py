@@ -49,6 +49,21 @@ def metrics_row(frame: pd.DataFrame, scores: np.ndarray, probs: np.ndarray | Non
     return row
 
 
+# Group AUC over fewer requests with both a click and a non-click than this is mostly noise.
+MIN_GROUPS = 100
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """One line for people: the holdout's group AUC and logloss, and a warning when it is too small to mean much."""
+    groups = int(metrics.get("impressions", 0))
+    text = (
+        f"group AUC {float(metrics['group_auc']):.3f}, logloss {float(metrics['logloss']):.3f} on {groups:,} requests"
+    )
+    if groups < MIN_GROUPS:
+        text += f" (too few to mean much: under {MIN_GROUPS} requests with both a click and a non-click)"
+    return text
+
+
 def evaluate_bundle(bundle: ModelBundle, frame: pd.DataFrame) -> dict[str, Any]:
     """One version on a frame: its metrics row and a reliability table (equal-count bins)."""
     frame = sort_requests(frame)

@@ -96,6 +96,7 @@ def train_and_promote(settings: Settings) -> str | None:
     """Train a version on what serving logged (impressions and clicks on Kafka, features as of each
     impression through Feast: `models.retrain.train_from_log`), promote it and return its name; None
     when the log is still too small to train on or training fails (serving keeps what it has)."""
+    from models.evaluate import summary
     from models.retrain import train_from_log
     from streaming.topic_reader import read_events
 
@@ -107,7 +108,7 @@ def train_and_promote(settings: Settings) -> str | None:
     except Exception:  # a failed training must not stop the demo
         log.exception("training failed; serving keeps its current ranking")
         return None
-    log.info("trained and promoted %s (holdout %s)", done["version"], done.get("holdout"))
+    log.info("trained and promoted %s; holdout: %s", done["version"], summary(done["holdout"]))
     return done["version"]
 
 

@@ -75,3 +75,12 @@ def test_platt_calibration_recovers_a_slope_and_never_reverses_the_order() -> No
     assert reversed_fit.a == 0.0
     probs = reversed_fit(np.array([-1.0, 1.0]))
     assert probs[0] == pytest.approx(probs[1]) and probs[0] == pytest.approx(1 / 3, abs=0.01)
+
+
+def test_summary_says_when_a_holdout_is_too_small() -> None:
+    from models.evaluate import MIN_GROUPS, summary
+
+    small = summary({"group_auc": np.float64(0.8312), "logloss": 0.2, "impressions": 18})
+    assert small.startswith("group AUC 0.831, logloss 0.200 on 18 requests") and "too few" in small
+    assert "np.float64" not in small
+    assert "too few" not in summary({"group_auc": 0.6, "logloss": 0.2, "impressions": MIN_GROUPS})
