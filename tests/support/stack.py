@@ -16,7 +16,7 @@ from streaming.consumer import FeatureConsumer
 from streaming.events import Event
 
 # ../shared/data beside the checkout; ADLOOP_SHARED_DATA points elsewhere (e.g. from a git worktree)
-SHARED_DATA = Path(os.environ.get("ADLOOP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED_DATA = Path(os.environ.get("ADLOOP_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
 
 
 def shared_data(*parts: str) -> Path:
