@@ -34,6 +34,7 @@ class Settings(BaseSettings):
 
     # Redis (Feast's online store and the consumer's offsets)
     redis_url: str = "redis://127.0.0.1:6379/0"  # Feast's online store and the consumer's state (rediss:// for TLS)
+    redis_cluster_nodes: str | None = None  # host:port,... of a Redis Cluster (`adloop stack up --redis-cluster`)
     eval_redis_db: int = 14  # database `adloop evaluate --pipeline` owns (emptied before and after)
 
     # Paths

@@ -19,14 +19,35 @@ def _show_status(services) -> None:
     console.print(table)
 
 
+DEFAULT_CLUSTER = "127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002"
+
+
+def _show_slots(settings) -> None:
+    from adloop.stack import redis_cluster as cluster
+
+    table = Table("Redis Cluster node", "slots", "ranges", title="Redis Cluster")
+    for node, count, ranges in cluster.slot_table(settings):
+        table.add_row(node, f"{count:,}", ranges)
+    console.print(table)
+
+
 @stack_app.command("up")
-def stack_up() -> None:
+def stack_up(
+    redis_cluster: bool = typer.Option(False, help="Also start a local 3-master Redis Cluster (its nodes setting)."),
+) -> None:
     """Install what is missing, start Kafka and Redis, wait until they answer, create the topics."""
     from adloop import stack
+    from adloop.stack import redis_cluster as cluster
 
     started = time.monotonic()
+    settings = get_settings()
+    if redis_cluster and not settings.redis_cluster_nodes:
+        settings = settings.model_copy(update={"redis_cluster_nodes": DEFAULT_CLUSTER})
+        console.print(f"Redis Cluster on {DEFAULT_CLUSTER} (set ADLOOP_REDIS_CLUSTER_NODES to choose)")
     try:
-        services = stack.up(get_settings())
+        services = stack.up(settings)
+        if redis_cluster:
+            cluster.start_cluster(settings)
     except stack.StackError as error:
         console.print(f"[red]stack up failed:[/red] {error}", markup=True, highlight=False)
         raise typer.Exit(1) from error
@@ -34,6 +55,8 @@ def stack_up() -> None:
 
     store.apply(get_settings())  # `feast apply`: registry and offline folders ready for the consumer
     _show_status(services)
+    if redis_cluster:
+        _show_slots(settings)
     console.print(f"stack ready in {time.monotonic() - started:.1f} s (Feast repo applied)")
 
 
@@ -41,8 +64,10 @@ def stack_up() -> None:
 def stack_down() -> None:
     """Stop what `adloop stack up` started, nothing else."""
     from adloop import stack
+    from adloop.stack import redis_cluster as cluster
 
-    stopped = stack.down(get_settings())
+    settings = get_settings()
+    stopped = stack.down(settings) + cluster.stop_cluster(settings)
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing (no service started by adloop runs)"))
 
 
@@ -51,7 +76,10 @@ def stack_status() -> None:
     """What runs, where, since when."""
     from adloop import stack
 
-    services = stack.status(get_settings())
+    settings = get_settings()
+    services = stack.status(settings)
     _show_status(services)
+    if settings.redis_cluster_nodes:
+        _show_slots(settings)
     if not all(s.running for s in services):
         raise typer.Exit(1)
