@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Re-install only when pyproject.toml changes; pip's cache keeps a re-install fast.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install stack run test test-tools lint down status
+.PHONY: install bench-install stack run test test-tools lint down status
 
 install: $(STAMP)
 
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.installed-* && touch $@
+
+# The benchmark's peer (quixstreams) in a venv of its own: its pins conflict with adloop's (pyproject.toml).
+BENCH_VENV := .venv-bench
+bench-install: install
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q --group bench
 
 stack: install
 	$(BIN)/adloop stack up

@@ -8,16 +8,20 @@ On the local stack (`adloop stack up`), with fresh topics, Redis db 5 and a temp
       aggregates, offline parquet, one atomic Redis write with the online rows and offsets, commit);
   (c) freshness at a fixed 10,000 events/s: produce (record CreateTime) -> features readable
       (after the batch's Redis transaction), p50 and p99;
+  (p) the peer: quixstreams 3.28 doing a simpler version of (b)'s job on the same topic
+      (bench/ingest_peer.py, in `.venv-bench` from `make bench-install`), at-least-once and exactly-once;
   (d) naive: one Feast `push` per event.
-Prints each rate and the ratios (b)/(a) and (b)/(d). Data: the Taobao slice, else synthetic events.
+Prints each rate and the ratios (b)/(a), (b)/(d) and (b)/peer. Data: the Taobao slice, else synthetic events.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -43,6 +47,8 @@ from streaming.producer import build_producer, produce_events
 SHARED_DATA = Path(os.environ.get("ADLOOP_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data")
 TAOBAO = SHARED_DATA / "taobao" / "UserBehavior_timeslice.csv"
 BENCH_REDIS_DB = 5
+PEER_PYTHON = PROJECT_ROOT / ".venv-bench" / "bin" / "python"  # `make bench-install`
+PEER_GUARANTEES = ("at-least-once", "exactly-once")
 PACE_CHUNK = 100  # messages sent back to back by the paced producer
 
 
@@ -124,6 +130,23 @@ def pipeline(settings: Settings, total: int) -> tuple[float, TimedConsumer]:
     return total / (time.perf_counter() - consumer.first_poll), consumer
 
 
+def peer(settings: Settings, total: int, guarantee: str) -> dict[str, Any]:
+    """The peer (bench/ingest_peer.py: quixstreams, in its own venv and process) on the same topic; its
+    changelog topics are deleted afterwards."""
+    command = [str(PEER_PYTHON), "-m", "bench.ingest_peer", "--bootstrap", settings.kafka_bootstrap_servers,
+               "--topic", settings.events_topic, "--redis", settings.redis_url, "--events", str(total),
+               "--guarantee", guarantee]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the peer failed ({guarantee}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    admin.delete_topics([t for t in admin.list_topics() if result["group"] in t])
+    admin.close()
+    return result
+
+
 Message = tuple[bytes, bytes, int]  # key, value, partition: encoded before the timed part
 
 
@@ -199,6 +222,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=110_300, help="events for (a) and (b)")
     parser.add_argument("--fresh-seconds", type=float, default=5.0, help="duration of (c) at 10,000 events/s")
     parser.add_argument("--naive", type=int, default=300, help="events for (d)")
+    parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip the quixstreams peer")
     parser.add_argument("--fresh-batch", type=int, default=5000, help="max events per micro-batch in (c)")
     args = parser.parse_args()
 
@@ -214,6 +238,15 @@ def main() -> None:
         print(f"(a) raw kafka-python drain:        {raw:10,.0f} events/s")
         full, _ = pipeline(settings, len(events))
         print(f"(b) full pipeline, one process:    {full:10,.0f} events/s")
+        peers = {}
+        if args.peer and PEER_PYTHON.exists():
+            for guarantee in PEER_GUARANTEES:
+                result = peer(settings, len(events), guarantee)
+                peers[guarantee] = result["rate"]
+                print(f"(p) peer quixstreams 3.28, {guarantee + ':':14s} {peers[guarantee]:10,.0f} events/s  "
+                      f"({result['users']:,} user hashes)")  # fmt: skip
+        elif args.peer:
+            print(f"(p) peer: skipped, {PEER_PYTHON} missing (`make bench-install`)")
 
         fresh_settings = isolated_settings(get_settings(), Path(root) / "fresh", args.fresh_batch)
         fresh_events = [e.model_copy(update={"event_id": f"fresh-{i}"}) for i, e in enumerate(events)]
@@ -229,6 +262,8 @@ def main() -> None:
         slow = naive(naive_settings, events[: args.naive])
         print(f"(d) naive, one Feast push/event:   {slow:10,.0f} events/s  ({args.naive} events)")
         print(f"ratios: (b)/(a) = {full / raw:.2f}   (b)/(d) = {full / slow:.1f}x")
+        if peers:
+            print("        " + "   ".join(f"(b)/peer {g} = {full / r:.2f}x" for g, r in peers.items()))
         admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
         everything = (settings, fresh_settings, naive_settings)
         admin.delete_topics([t for s in everything for t in (s.events_topic, s.dlq_topic)])
