@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from operator import add
 from typing import Any
 
-from streaming.events import Event, EventType
+from streaming.events import DecodedEvent, Event, EventType
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS
@@ -61,7 +61,7 @@ class UserState:
         return cls(**data)
 
 
-def apply_user(state: UserState, event: Event) -> UserState:
+def apply_user(state: UserState, event: Event | DecodedEvent) -> UserState:
     """Fold one event into the user's state (mutates and returns it)."""
     ts, kind = event.ts_ms, event.event_type.value
     if ts > state.last_ts:
@@ -159,7 +159,7 @@ def stale_ad_counters(hours: dict[str, list[int]], fine: dict[str, list[int]], l
     return stale + [f"f:{b}:{slot}" for b in fine if int(b) <= fine_floor for slot in (0, 1)]
 
 
-def ad_counter_fields(event: Event) -> tuple[str, str] | None:
+def ad_counter_fields(event: Event | DecodedEvent) -> tuple[str, str] | None:
     """The two counter fields an ad impression or click increments in its ad's hash (None for other events):
     `h:<hour bucket>:<slot>` and `f:<5-minute bucket>:<slot>`, slot 0 = impressions, 1 = clicks."""
     if event.event_type not in (EventType.ad_impression, EventType.ad_click):

@@ -43,7 +43,7 @@ from features.sink import FeastSink
 from features.store import AD_VIEW, USER_VIEW
 from streaming import kafka_clients, metrics
 from streaming.dead_letters import DeadLetters
-from streaming.events import Event, EventType, InvalidEvent, parse_event
+from streaming.events import DecodedEvent, EventType, InvalidEvent, decode_event
 from streaming.state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class FeatureConsumer:
     def _apply(self, batch: dict[TopicPartition, list[Any]]) -> BatchReport:
         started = time.perf_counter()
         report = BatchReport()
-        events: list[tuple[TopicPartition, int, Event]] = []
+        events: list[tuple[TopicPartition, int, DecodedEvent]] = []
         last_offsets: dict[int, int] = {}
         for tp, records in batch.items():
             applied = self.applied.get(tp.partition, -1)
@@ -143,7 +143,7 @@ class FeatureConsumer:
                     report.replayed += 1
                     continue
                 try:
-                    event = parse_event(record.value, max_bytes=self.settings.max_event_bytes)
+                    event = decode_event(record.value, max_bytes=self.settings.max_event_bytes)
                     self._check_time(event)
                 except InvalidEvent as error:
                     self.dead_letters.send(record, error)
@@ -236,14 +236,14 @@ class FeatureConsumer:
         self.consumer.close(autocommit=False)
         self.dead_letters.close()
 
-    def _check_time(self, event: Event) -> None:
+    def _check_time(self, event: DecodedEvent) -> None:
         skew_ms = self.settings.max_future_skew_s * 1000
         if event.ts_ms > time.time() * 1000 + skew_ms:
             raise InvalidEvent(
                 "future_timestamp", f"ts {event.ts.isoformat()} is more than {self.settings.max_future_skew_s} s ahead"
             )
 
-    def _drop_duplicates(self, events: list[tuple[TopicPartition, int, Event]], report: BatchReport) -> list:
+    def _drop_duplicates(self, events: list[tuple[TopicPartition, int, DecodedEvent]], report: BatchReport) -> list:
         already = self.state.seen([e.event_id for _, _, e in events])
         kept, ids = [], set()
         for item in events:

@@ -1,7 +1,9 @@
 """The clickstream contract: one JSON object per Kafka message on `adloop.events`, key = user id.
 
-This module is a leaf (pydantic only), imported by producers, the consumer and serving.
-`docs/events.schema.json` is generated from `Event` (`adloop events schema`).
+This module is a leaf (pydantic and msgspec only), imported by producers, the consumer and serving.
+`docs/events.schema.json` is generated from `Event` (`adloop events schema`). `DecodedEvent` is the same
+contract compiled by msgspec, the consumer's fast path (`decode_event`); a test keeps its JSON Schema
+identical to the published one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -82,7 +85,10 @@ class Event(BaseModel):
     def _require_zone(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError("needs a time zone (e.g. 2019-11-24T10:00:00Z)")
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError as error:  # e.g. 9999-12-31T23:59:59-01:00: would crash the consumer
+            raise ValueError(f"out of range in UTC ({error})") from error
 
     @model_validator(mode="after")
     def _ad_events_name_their_ad(self) -> Event:
@@ -177,6 +183,70 @@ def _known_type(value: Any) -> bool:
 def _describe(error: ValidationError) -> str:
     """`field: message` for each problem, e.g. `ts: Input should be a valid datetime`."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in error.errors())
+
+
+_MsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class DecodedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`Event` as msgspec decodes and validates it in one C call (~1 us against pydantic's ~6): the consumer's
+    view of a message. Same fields, constraints and meaning; `decode_event` sends whatever this refuses through
+    pydantic (`parse_event_stepwise`), which accepts the rest (lax coercions such as `"2"` for 2) or names the
+    reason. `ts` is normalised as `Event` does it: epoch ms or a zoned datetime -> UTC."""
+
+    event_id: _MsgId
+    schema_version: Literal[1]
+    event_type: EventType
+    user_id: _MsgId
+    ts: Annotated[datetime, msgspec.Meta(tz=True)] | int  # tz: a datetime without a zone is refused
+    session_id: _MsgId | None = None
+    item_id: _MsgId | None = None
+    category: _MsgId | None = None
+    brand: _MsgId | None = None
+    price: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    ad_id: _MsgId | None = None
+    campaign_id: _MsgId | None = None
+    request_id: _MsgId | None = None
+    slot_id: _MsgId | None = None
+    position: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    model_version: _MsgId | None = None
+    arm: Literal["targeted", "control"] | None = None
+    propensity: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    source: _MsgId | None = None
+    context: dict[str, ContextValue] | None = None
+
+    def __post_init__(self) -> None:
+        # ValueError here is msgspec's ValidationError for the caller, which then asks pydantic for the reason.
+        # OverflowError/OSError (out of range, or past datetime.max in UTC): the caller falls back too.
+        ts = self.ts
+        ts = datetime.fromtimestamp(ts / 1000, tz=UTC) if isinstance(ts, int) else ts.astimezone(UTC)
+        msgspec.structs.force_setattr(self, "ts", ts)
+        if self.event_type in AD_EVENTS and not self.ad_id:
+            raise ValueError(f"ad_id is required for {self.event_type.value}")
+
+    @property
+    def ts_ms(self) -> int:
+        """Event time in epoch milliseconds."""
+        return round(self.ts.timestamp() * 1000)  # type: ignore[union-attr]  # a datetime after __post_init__
+
+    @classmethod
+    def of(cls, event: Event) -> DecodedEvent:
+        return cls(**dict(event))
+
+
+_DECODER = msgspec.json.Decoder(DecodedEvent)
+
+
+def decode_event(raw: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> DecodedEvent:
+    """`parse_event` for the consumer: the msgspec fast path, else the step-by-step path (which names the reason
+    or accepts what only pydantic's lax mode does); a test proves both decide every message of a corpus alike."""
+    if len(raw) > max_bytes:
+        raise InvalidEvent("oversized", f"{len(raw)} bytes is over the limit of {max_bytes}")
+    try:
+        return _DECODER.decode(raw)
+    except (msgspec.MsgspecError, ValueError, OverflowError, OSError):  # ValueError: invalid UTF-8
+        pass
+    return DecodedEvent.of(parse_event_stepwise(raw))
 
 
 def json_schema() -> dict[str, Any]:
