@@ -73,7 +73,7 @@ def replay(
     path: Annotated[
         Path, typer.Argument(exists=True, dir_okay=False, help="The data-set file (behaviors.tsv for MIND).")
     ],
-    format: Annotated[str, typer.Option("--format", "-f", help="taobao | mind | obd | jsonl")],
+    format: Annotated[str, typer.Option("--format", "-f", help="taobao | mind | obd | jsonl | globo")],
     speed: Annotated[
         float | None, typer.Option(help="Replay event time N times faster (default: as fast as possible).")
     ] = None,

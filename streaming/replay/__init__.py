@@ -16,7 +16,7 @@ from pathlib import Path
 
 from streaming.events import Event
 
-FORMATS = ("taobao", "mind", "obd", "jsonl")
+FORMATS = ("taobao", "mind", "obd", "jsonl", "globo")
 
 
 class ReplayFormatError(ValueError):
