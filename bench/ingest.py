@@ -6,10 +6,14 @@ On the local stack (`adloop stack up`), with fresh topics, Redis db 5 and a temp
   (a) raw: kafka-python alone drains the topic (poll, no processing): this client's ceiling;
   (b) pipeline: one FeatureConsumer process applies the same events end to end (decode, dedup,
       aggregates, offline parquet, one atomic Redis write with the online rows and offsets, commit);
-  (c) freshness at a fixed 10,000 events/s: produce (record CreateTime) -> features readable
-      (after the batch's Redis transaction), p50 and p99;
+  (c) freshness at a fixed rate, half of (b) and 10,000 events/s: produce (record CreateTime) -> features
+      readable (after the batch's Redis transaction), p50 and p99;
   (p) the peer: quixstreams 3.28 doing a simpler version of (b)'s job on the same topic
       (bench/ingest_peer.py, in `.venv-bench` from `make bench-install`), at-least-once and exactly-once;
+  (r) replay: what `adloop replay` does (read the Taobao file, build each event, send with the project's
+      producer) against kafka-python alone sending the same messages encoded beforehand (same settings);
+  (g) volume (`--globo N`): the first N Globo clicks replayed (paced at half of (b)) through Kafka and one
+      consumer: events/s, freshness, Redis memory per user, the consumer process' RSS as it goes;
   (d) naive: one Feast `push` per event.
 Prints each rate and the ratios (b)/(a), (b)/(d) and (b)/peer. Data: the Taobao slice, else synthetic events.
 """
@@ -42,10 +46,11 @@ from features.sink import FeastSink
 from features.store import USER_VIEW
 from streaming.consumer import FeatureConsumer
 from streaming.events import Event
-from streaming.producer import build_producer, produce_events
+from streaming.producer import PRODUCER_CONFIG, build_producer, produce_events
 
 SHARED_DATA = Path(os.environ.get("ADLOOP_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data")
 TAOBAO = SHARED_DATA / "taobao" / "UserBehavior_timeslice.csv"
+GLOBO = SHARED_DATA / "globo" / "clicks.csv.gz"
 BENCH_REDIS_DB = 5
 PEER_PYTHON = PROJECT_ROOT / ".venv-bench" / "bin" / "python"  # `make bench-install`
 PEER_GUARANTEES = ("at-least-once", "exactly-once")
@@ -201,6 +206,101 @@ def freshness(settings: Settings, messages: list[Message], rate: float) -> tuple
     return consumer.lags_ms, achieved
 
 
+def replay_rates(settings: Settings, raw_settings: Settings, limit: int) -> tuple[float, float]:
+    """(r) events/s of `adloop replay`'s path on the Taobao file (reader + `produce_events`), and of kafka-python
+    sending the same messages already encoded (keys and values as bytes, the same producer settings)."""
+    from itertools import islice
+
+    from kafka import KafkaProducer
+
+    from streaming import replay
+
+    messages = [(e.user_id.encode(), e.to_bytes()) for e in islice(replay.read(TAOBAO, "taobao"), limit)]
+    raw = KafkaProducer(bootstrap_servers=raw_settings.kafka_bootstrap_servers, **PRODUCER_CONFIG)
+    raw.partitions_for(raw_settings.events_topic)
+    started = time.perf_counter()
+    for key, value in messages:
+        raw.send(raw_settings.events_topic, value, key=key)
+    raw.flush()
+    raw_rate = len(messages) / (time.perf_counter() - started)
+    raw.close()
+    producer = build_producer(settings)
+    producer.partitions_for(settings.events_topic)
+    summary = produce_events(producer, settings.events_topic, islice(replay.read(TAOBAO, "taobao"), limit))
+    producer.close()
+    return summary.rate, raw_rate
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def _globo_producer(settings: Settings, limit: int, rate: float, ready: Any, go: Any, result: Any) -> None:
+    from itertools import islice
+
+    from streaming import replay
+
+    warnings.filterwarnings("ignore")
+    producer = build_producer(settings)
+    producer.partitions_for(settings.events_topic)
+    ready.set()
+    go.wait()
+    summary = produce_events(producer, settings.events_topic, islice(replay.read(GLOBO, "globo"), limit), max_rate=rate)
+    result.put((summary.count, summary.rate))
+    producer.close()
+
+
+class VolumeConsumer(TimedConsumer):
+    """`TimedConsumer` that also samples its process' RSS after each batch."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rss_mb: list[tuple[int, float]] = []  # (events applied so far, RSS MB)
+
+    def apply(self, batch):
+        report = super().apply(batch)
+        self.rss_mb.append((self.applied_total, _rss_mb()))
+        return report
+
+
+def volume(settings: Settings, limit: int, rate: float) -> dict[str, Any]:
+    """(g) the first `limit` Globo clicks through a paced producer process, Kafka and one consumer."""
+    client = redis.Redis.from_url(settings.redis_url)
+    memory_before = client.info("memory")["used_memory"]
+    consumer = VolumeConsumer(settings, redis_client=client, group="bench-volume")
+    consumer.rss_mb.append((0, _rss_mb()))
+    stop = threading.Event()
+    runner = threading.Thread(target=consumer.run, kwargs={"stop": stop.is_set}, daemon=True)
+    runner.start()
+    while not consumer.consumer.assignment():
+        time.sleep(0.05)
+    context = multiprocessing.get_context("spawn")
+    ready, go, result = context.Event(), context.Event(), context.Queue()
+    producer = context.Process(target=_globo_producer, args=(settings, limit, rate, ready, go, result))
+    producer.start()
+    ready.wait(timeout=120)
+    go.set()
+    sent, sent_rate = result.get(timeout=3600)
+    producer.join()
+    deadline = time.monotonic() + 120
+    while consumer.applied_total < sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    runner.join(timeout=60)
+    elapsed = time.perf_counter() - consumer.first_poll
+    users = {k.decode().rsplit(":", 1)[1] for k in client.scan_iter("adloop:state:user:*", count=10_000)}
+    sample = sorted(users)[:: max(1, len(users) // 500)]
+    keys = [(f"adloop:state:user:{u}", consumer.layout.key(USER_VIEW, u)) for u in sample]
+    per_user = [sum(client.memory_usage(k) or 0 for k in pair) for pair in keys]
+    return {
+        "sent": sent, "sent_rate": sent_rate, "applied": consumer.applied_total,
+        "rate": consumer.applied_total / elapsed,
+        "lags": consumer.lags_ms, "users": len(users), "user_bytes": statistics.mean(per_user) if per_user else 0.0,
+        "memory": client.info("memory")["used_memory"] - memory_before, "rss": consumer.rss_mb,
+    }  # fmt: skip
+
+
 def naive(settings: Settings, events: list[Event]) -> float:
     """(d) events/s of one Feast push per event (the design this consumer avoids)."""
     sink, states = FeastSink(settings), {}
@@ -220,8 +320,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=110_300, help="events for (a) and (b)")
-    parser.add_argument("--fresh-seconds", type=float, default=5.0, help="duration of (c) at 10,000 events/s")
+    parser.add_argument("--fresh-seconds", type=float, default=5.0, help="duration of each (c)")
     parser.add_argument("--naive", type=int, default=300, help="events for (d)")
+    parser.add_argument("--globo", type=int, default=0, metavar="N", help="(g): replay the first N Globo clicks")
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip the quixstreams peer")
     parser.add_argument("--fresh-batch", type=int, default=5000, help="max events per micro-batch in (c)")
     args = parser.parse_args()
@@ -248,15 +349,50 @@ def main() -> None:
         elif args.peer:
             print(f"(p) peer: skipped, {PEER_PYTHON} missing (`make bench-install`)")
 
-        fresh_settings = isolated_settings(get_settings(), Path(root) / "fresh", args.fresh_batch)
         fresh_events = [e.model_copy(update={"event_id": f"fresh-{i}"}) for i, e in enumerate(events)]
-        fresh = encode_messages(fresh_events[: int(10_000 * args.fresh_seconds)], settings.event_partitions)
-        lags, achieved = freshness(fresh_settings, fresh, 10_000)
-        print(
-            f"(c) freshness at 10,000 events/s (achieved {achieved:,.0f}/s, {len(lags):,} events, "
-            f"batches of up to {args.fresh_batch:,}): "
-            f"p50 {statistics.median(lags):,.0f} ms, p99 {percentile(lags, 0.99):,.0f} ms"
-        )
+        made = [settings]
+        for n, rate in enumerate((round(full / 2, -2), 10_000)):
+            fresh_settings = isolated_settings(get_settings(), Path(root) / f"fresh{n}", args.fresh_batch)
+            made.append(fresh_settings)
+            fresh = encode_messages(fresh_events[: int(rate * args.fresh_seconds)], settings.event_partitions)
+            lags, achieved = freshness(fresh_settings, fresh, rate)
+            label = "half of (b)" if n == 0 else "fixed"
+            print(
+                f"(c) freshness at {rate:,.0f} events/s ({label}; achieved {achieved:,.0f}/s, {len(lags):,} events, "
+                f"batches of up to {args.fresh_batch:,}): "
+                f"p50 {statistics.median(lags):,.0f} ms, p99 {percentile(lags, 0.99):,.0f} ms"
+            )
+
+        if TAOBAO.exists():
+            replay_settings = isolated_settings(get_settings(), Path(root) / "replay")
+            raw_send_settings = isolated_settings(get_settings(), Path(root) / "rawsend")
+            made += [replay_settings, raw_send_settings]
+            replayed, raw_send = replay_rates(replay_settings, raw_send_settings, len(events))
+            print(
+                f"(r) `adloop replay` path: {replayed:10,.0f} events/s; kafka-python sending the same messages "
+                f"pre-encoded: {raw_send:,.0f}/s; ratio {replayed / raw_send:.2f}"
+            )
+
+        if args.globo and GLOBO.exists():
+            globo_settings = isolated_settings(get_settings(), Path(root) / "globo")
+            made.append(globo_settings)
+            rate = round(full / 2, -2)
+            result = volume(globo_settings, args.globo, rate)
+            rss = result["rss"]
+            middle = rss[len(rss) // 2]
+            print(
+                f"(g) Globo, first {result['sent']:,} clicks paced at {rate:,.0f}/s "
+                f"(sent at {result['sent_rate']:,.0f}/s): "
+                f"applied {result['applied']:,} at {result['rate']:,.0f} events/s; freshness p50 "
+                f"{statistics.median(result['lags']):,.0f} ms, p99 {percentile(result['lags'], 0.99):,.0f} ms; "
+                f"{result['users']:,} users, Redis +{result['memory'] / 2**20:,.0f} MB in all "
+                f"({result['memory'] / max(1, result['users']):,.0f} B per user incl. seen ids), "
+                f"state + online row {result['user_bytes']:,.0f} B per user (MEMORY USAGE, sampled); consumer RSS "
+                f"{rss[0][1]:,.0f} MB at start, {rss[1][1]:,.0f} MB after the first batch, {middle[1]:,.0f} MB at "
+                f"{middle[0]:,} events, {rss[-1][1]:,.0f} MB at the end"
+            )
+        elif args.globo:
+            print(f"(g) Globo: skipped, {GLOBO} missing")
 
         naive_settings = isolated_settings(get_settings(), Path(root) / "naive")
         slow = naive(naive_settings, events[: args.naive])
@@ -265,7 +401,7 @@ def main() -> None:
         if peers:
             print("        " + "   ".join(f"(b)/peer {g} = {full / r:.2f}x" for g, r in peers.items()))
         admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-        everything = (settings, fresh_settings, naive_settings)
+        everything = (*made, naive_settings)
         admin.delete_topics([t for s in everything for t in (s.events_topic, s.dlq_topic)])
         admin.close()
 
