@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,7 +64,11 @@ class Settings(BaseSettings):
     request_budget_ms: float = 20.0  # user-feature read budget (Redis socket timeout); over it -> fallback
     redis_retry_after_s: float = 1.0  # after a Redis connection failure, skip Redis this long
     pacing_slack: float = 0.05  # share of a daily budget spendable ahead of the smooth pace
-    pacing_sync_s: float = 1.0  # how often each serving process shares its spend through Redis (0: never)
+    pacing_sync_s: float = 0.5  # how often each serving process shares its spend through Redis (0: never);
+    # a campaign out of budget on one replica stops on the others within two of these
+    attribution_window_s: float = 7 * 86_400  # a conversion is attributed to a touch at most this much older
+    attribution_model: Literal["click", "impression"] = "click"  # the user's last click, or last impression
+    currency: str = "USD"  # of bids, budgets and conversion values (other currencies are refused)
     ad_stats_refresh_s: float = 1.0  # how often serving re-reads the ads whose online rows changed (freshness)
     ad_stats_full_refresh_s: float = 30.0  # how often it re-reads every ad's row (a safety net)
     impression_buffer: int = 10_000  # impressions held while Kafka is down (drop-oldest beyond)

@@ -28,6 +28,9 @@ class Report:
     models: list[dict[str, Any]]
     over_time: list[dict[str, Any]]  # arm x minute
     bucket: str  # minute or hour
+    money: dict[str, Any]  # conversion_rate: Lift, revenue_per_impression: dict or None (OutcomeStore.money_lift)
+    unattributed: dict[str, Any]  # conversions and revenue no touch was credited with
+    segments: list[dict[str, Any]]  # per segment x arm
 
 
 def collect(store: OutcomeStore, filters: Filters | None = None) -> Report:
@@ -44,6 +47,9 @@ def collect(store: OutcomeStore, filters: Filters | None = None) -> Report:
         models=[_ci(r) for r in store.outcomes(["model_version", "arm"], filters)],
         over_time=over_time,
         bucket=bucket,
+        money=store.money_lift(filters),
+        unattributed=store.unattributed(filters.start if filters else None, filters.end if filters else None),
+        segments=store.outcomes(["segment", "arm"], filters),
     )
 
 
@@ -75,9 +81,12 @@ def render(console: Console, report: Report, *, top_campaigns: int = 15) -> None
             rel = by_user.relative
             lift_table.add_row("relative lift", f"{rel.value:+.1%}", f"[{rel.low:+.1%}, {rel.high:+.1%}]", units)
     console.print(lift_table)
-    campaigns = Table("campaign", "impressions", "clicks", "CTR", "95% CI", title=f"Top {top_campaigns} campaigns")
+    render_money(console, report)
+    campaigns = Table("campaign", "impressions", "clicks", "CTR", "95% CI", "conversions", "spend", "ROAS",
+                      title=f"Top {top_campaigns} campaigns")  # fmt: skip
     for r in report.campaigns[:top_campaigns]:
-        campaigns.add_row(r["campaign"], f"{r['impressions']:,}", f"{r['clicks']:,}", _pct(r["ctr"]), _range(r))
+        campaigns.add_row(r["campaign"], f"{r['impressions']:,}", f"{r['clicks']:,}", _pct(r["ctr"]), _range(r),
+                          f"{r['conversions']:,}", _usd(r["spend"]), _roas(r["roas"]))  # fmt: skip
     console.print(campaigns)
     models = Table("model version", "arm", "impressions", "clicks", "CTR", "95% CI", title="Model versions")
     for r in report.models:
@@ -85,6 +94,42 @@ def render(console: Console, report: Report, *, top_campaigns: int = 15) -> None
             r["model_version"], r["arm"], f"{r['impressions']:,}", f"{r['clicks']:,}", _pct(r["ctr"]), _range(r)
         )
     console.print(models)
+
+
+def render_money(console: Console, report: Report) -> None:
+    """Conversions, conversion rate, revenue, spend, CPA and ROAS per arm and model version; their lift."""
+    columns = ("impressions", "conversions", "conv. rate", "revenue", "spend", "CPA", "ROAS")
+    arms = Table("arm", *columns, title="What it earned, per arm (USD)")
+    for r in report.arms:
+        arms.add_row(r["arm"], *_money(r))
+    console.print(arms)
+    models = Table("model version", "arm", *columns, title="Per model version")
+    for r in report.models:
+        models.add_row(r["model_version"], r["arm"], *_money(r))
+    console.print(models)
+    segments = Table("segment", "arm", *columns, title="Per segment (activity / device / country)")
+    for r in sorted(report.segments, key=lambda r: -r["impressions"])[:12]:
+        segments.add_row(r["segment"], r["arm"], *_money(r))
+    console.print(segments)
+    lift_table = Table("measure", "value", "95% CI", "method", title="Lift of targeted over control: money")
+    conversion = report.money["conversion_rate"]
+    d = conversion.difference
+    lift_table.add_row("conversion rate difference", _pp(d.value), f"[{_pp(d.low)}, {_pp(d.high)}]", "Newcombe")
+    if conversion.by_user is not None:
+        d = conversion.by_user.difference
+        lift_table.add_row(
+            "conversion rate difference", _pp(d.value), f"[{_pp(d.low)}, {_pp(d.high)}]", "users as units"
+        )
+    per_impression = report.money["revenue_per_impression"]
+    if per_impression is not None:
+        d = per_impression["difference"]
+        lift_table.add_row("revenue per impression difference", f"${d['value']:+.4f}",
+                           f"[${d['low']:+.4f}, ${d['high']:+.4f}]", "users as units")  # fmt: skip
+    else:
+        lift_table.add_row("revenue per impression difference", "-", "-", "needs two users per arm")
+    console.print(lift_table)
+    u = report.unattributed
+    console.print(f"unattributed conversions (no click within the window): {u['conversions']:,}, {_usd(u['revenue'])}")
 
 
 def write_charts(report: Report, folder: Path) -> list[Path]:
@@ -137,6 +182,19 @@ def _save(fig, path: Path) -> Path:
 def _ci(row: dict[str, Any]) -> dict[str, Any]:
     interval = wilson(row["clicks"], row["impressions"])
     return {**row, "ctr_low": interval.low, "ctr_high": interval.high}
+
+
+def _money(row: dict[str, Any]) -> list[str]:
+    return [f"{row['impressions']:,}", f"{row['conversions']:,}", _pct(row["conversion_rate"]), _usd(row["revenue"]),
+            _usd(row["spend"]), _usd(row["cpa"]), _roas(row["roas"])]  # fmt: skip
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.2f}"
+
+
+def _roas(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _pct(value: float | None) -> str:

@@ -2,8 +2,11 @@
 
 `OutcomeStore` opens the DuckDB file only for the duration of one write or one query: DuckDB
 locks a file per process, and the API, the lander and `adloop report` are separate processes.
-A joined impression is one row of `ad_impression`; its click and conversion are found by
-`request_id` + `ad_id`, so the impression decides the arm, model version and segment.
+A joined impression is one row of `ad_impression`; its click and conversions are found by
+`request_id` + `ad_id`, so the impression decides the arm, model version and segment. Money: a
+conversion's `value` is revenue; an event's `cost` is what was charged for it (a CPM impression, a CPC
+click), so spend = the impression's cost + its click's. Unattributed conversions (no request) are
+counted apart (`unattributed`).
 Writes are `INSERT OR IGNORE` on the primary key `event_id`: an event landed twice counts once.
 """
 
@@ -23,7 +26,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from outcomes.estimators import Lift, lift
+from outcomes.estimators import Lift, clustered, lift
 from streaming.events import Event
 
 log = logging.getLogger(__name__)
@@ -34,15 +37,19 @@ CREATE TABLE IF NOT EXISTS events (
     event_id VARCHAR PRIMARY KEY, event_type VARCHAR NOT NULL, ts TIMESTAMPTZ NOT NULL,
     user_id VARCHAR NOT NULL, request_id VARCHAR, ad_id VARCHAR, campaign_id VARCHAR, slot_id VARCHAR,
     position INTEGER, model_version VARCHAR, arm VARCHAR, propensity DOUBLE,
-    device VARCHAR, country VARCHAR, source VARCHAR, context JSON
+    device VARCHAR, country VARCHAR, source VARCHAR, context JSON, value DOUBLE, currency VARCHAR, cost DOUBLE
 );
+ALTER TABLE events ADD COLUMN IF NOT EXISTS value DOUBLE;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS currency VARCHAR;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS cost DOUBLE;
 CREATE TABLE IF NOT EXISTS dead_letters (
     topic VARCHAR, "partition" INTEGER, "offset" BIGINT, reason VARCHAR, landed_at TIMESTAMPTZ,
     PRIMARY KEY (topic, "partition", "offset")
 );
 """
 COLUMNS = ("event_id", "event_type", "ts", "user_id", "request_id", "ad_id", "campaign_id", "slot_id", "position",
-           "model_version", "arm", "propensity", "device", "country", "source", "context")  # fmt: skip
+           "model_version", "arm", "propensity", "device", "country", "source", "context", "value", "currency",
+           "cost")  # fmt: skip
 # group_by name -> SQL over the joined impression (alias i) and the user's activity level
 DIMENSIONS = {
     "ad": "i.ad_id",
@@ -54,10 +61,23 @@ DIMENSIONS = {
     "activity": "a.activity",
     "segment": "a.activity || '/' || coalesce(i.device, '(unknown)') || '/' || coalesce(i.country, '(unknown)')",
     "minute": "strftime(date_trunc('minute', i.ts AT TIME ZONE 'UTC'), '%Y-%m-%dT%H:%M:00Z')",
+    "day": "strftime(date_trunc('day', i.ts AT TIME ZONE 'UTC'), '%Y-%m-%d')",
     "hour": "strftime(date_trunc('hour', i.ts AT TIME ZONE 'UTC'), '%Y-%m-%dT%H:00:00Z')",
 }
 # Activity level of a user: impressions in the queried range (the filters apply first).
 ACTIVITY_SQL = "CASE WHEN count(*) >= 10 THEN 'heavy' WHEN count(*) >= 3 THEN 'medium' ELSE 'light' END"
+# An impression's click (once: a repeated click has the same event id, and DISTINCT guards older logs) and
+# its attributed conversions (several are possible: a user may buy twice after one click).
+JOINED = """
+    c AS (SELECT request_id, ad_id, max(cost) AS cost FROM events WHERE event_type = 'ad_click' GROUP BY 1, 2),
+    v AS (SELECT request_id, ad_id, count(*) AS n, sum(coalesce(value, 0)) AS value FROM events
+          WHERE event_type = 'conversion' AND request_id IS NOT NULL GROUP BY 1, 2)"""
+JOIN = """LEFT JOIN c ON c.request_id = i.request_id AND c.ad_id = i.ad_id
+          LEFT JOIN v ON v.request_id = i.request_id AND v.ad_id = i.ad_id"""
+MEASURES = ("count(*) AS impressions", "count(c.request_id) AS clicks", "coalesce(sum(v.n), 0) AS conversions",
+            "count(v.request_id) AS converted", "coalesce(sum(v.value), 0) AS revenue",
+            "coalesce(sum(i.cost), 0) + coalesce(sum(c.cost), 0) AS spend")  # fmt: skip
+EMPTY = {"impressions": 0, "clicks": 0, "conversions": 0, "converted": 0, "revenue": 0.0, "spend": 0.0}
 
 
 @dataclass(frozen=True)
@@ -98,52 +118,53 @@ class OutcomeStore:
             return db.execute("SELECT count(*) FROM events").fetchall()[0][0] - before
 
     def outcomes(self, group_by: Sequence[str] = (), filters: Filters | None = None) -> list[dict[str, Any]]:
-        """Impressions, clicks, CTR and conversions per group (no group: one total row)."""
+        """Impressions, clicks, CTR, conversions (and impressions with one: `converted`), conversion rate,
+        revenue, spend, CPA and ROAS per group (no group: one total row)."""
         unknown = [g for g in group_by if g not in DIMENSIONS]
         if unknown:
             raise ValueError(f"unknown group_by {unknown}; choose from {', '.join(DIMENSIONS)}")
         where, params = _where(filters or Filters())
         keys = [f'{DIMENSIONS[g]} AS "{g}"' for g in group_by]
-        select = ", ".join([*keys, "count(*) AS impressions", "count(c.request_id) AS clicks",
-                            "count(v.request_id) AS conversions"])  # fmt: skip
+        select = ", ".join([*keys, *MEASURES])
         positions = ", ".join(str(i + 1) for i in range(len(group_by)))
         group = f"GROUP BY {positions} ORDER BY {positions}" if group_by else ""
         sql = f"""
-            WITH i AS (SELECT * FROM events WHERE event_type = 'ad_impression' {where}),
-            c AS (SELECT DISTINCT request_id, ad_id FROM events WHERE event_type = 'ad_click'),
-            v AS (SELECT DISTINCT request_id, ad_id FROM events WHERE event_type = 'conversion'),
+            WITH i AS (SELECT * FROM events WHERE event_type = 'ad_impression' {where}), {JOINED},
             a AS (SELECT user_id, {ACTIVITY_SQL} AS activity FROM i GROUP BY user_id)
             SELECT {select}
-            FROM i LEFT JOIN c ON c.request_id = i.request_id AND c.ad_id = i.ad_id
-                   LEFT JOIN v ON v.request_id = i.request_id AND v.ad_id = i.ad_id
+            FROM i {JOIN}
                    JOIN a ON a.user_id = i.user_id
             {group}"""
         with self._connect(read_only=True) as db:
             cursor = db.execute(sql, params)
             names = [d[0] for d in cursor.description]
             rows = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-        for row in rows:
-            row["ctr"] = row["clicks"] / row["impressions"] if row["impressions"] else None
-        return rows if group_by or rows[0]["impressions"] else [{"impressions": 0, "clicks": 0, "conversions": 0,
-                                                                   "ctr": None}]  # fmt: skip
+        if not group_by and not rows[0]["impressions"]:
+            rows = [dict(EMPTY)]
+        return [_rates(row) for row in rows]
 
-    def per_user(self, filters: Filters | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """arm -> (impressions, clicks) per user: the lift's user-clustered intervals."""
+    def per_user(
+        self, filters: Filters | None = None, measure: str = "clicks"
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """arm -> (impressions, `measure`) per user (clicks, converted or revenue): user-clustered intervals."""
+        if measure not in ("clicks", "converted", "revenue"):
+            raise ValueError(f"unknown measure {measure!r}")
         where, params = _where(filters or Filters())
         sql = f"""
-            SELECT i.arm, i.user_id, count(*), count(c.request_id)
-            FROM (SELECT * FROM events WHERE event_type = 'ad_impression' {where}) i
-            LEFT JOIN (SELECT DISTINCT request_id, ad_id FROM events WHERE event_type = 'ad_click') c
-              ON c.request_id = i.request_id AND c.ad_id = i.ad_id
+            WITH i AS (SELECT * FROM events WHERE event_type = 'ad_impression' {where}), {JOINED}
+            SELECT i.arm, i.user_id, {", ".join(MEASURES[:5])}
+            FROM i {JOIN}
             GROUP BY 1, 2"""
         with self._connect(read_only=True) as db:
-            rows = db.execute(sql, params).fetchall()
-        arms: dict[str, tuple[list[int], list[int]]] = {}
-        for arm, _user, impressions, clicks in rows:
-            counts = arms.setdefault(arm, ([], []))
-            counts[0].append(impressions)
-            counts[1].append(clicks)
-        return {arm: (np.array(n), np.array(y)) for arm, (n, y) in arms.items()}
+            cursor = db.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            rows = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+        arms: dict[str, tuple[list[float], list[float]]] = {}
+        for row in rows:
+            counts = arms.setdefault(row["arm"], ([], []))
+            counts[0].append(row["impressions"])
+            counts[1].append(row[measure])
+        return {arm: (np.array(n), np.array(y, dtype=float)) for arm, (n, y) in arms.items()}
 
     def lift(self, filters: Filters | None = None, confidence: float = 0.95) -> Lift:
         """Lift of targeted over control, with binomial and user-clustered intervals."""
@@ -153,6 +174,47 @@ class OutcomeStore:
         empty = (np.zeros(0), np.zeros(0))
         return lift(t.get("clicks", 0), t.get("impressions", 0), c.get("clicks", 0), c.get("impressions", 0),
                     confidence, users=(users.get("targeted", empty), users.get("control", empty)))  # fmt: skip
+
+    def money_lift(self, filters: Filters | None = None, confidence: float = 0.95) -> dict[str, Any]:
+        """Targeted over control in conversion rate (impressions that converted; binomial and by user) and
+        revenue per impression (users as units: the ratio estimator's cluster-robust interval)."""
+        arms = {r["arm"]: r for r in self.outcomes(["arm"], filters)}
+        t, c = arms.get("targeted", {}), arms.get("control", {})
+        empty = (np.zeros(0), np.zeros(0))
+        converted = self.per_user(filters, "converted")
+        conversion = lift(t.get("converted", 0), t.get("impressions", 0), c.get("converted", 0),
+                          c.get("impressions", 0), confidence,
+                          users=(converted.get("targeted", empty), converted.get("control", empty)))  # fmt: skip
+        revenue = self.per_user(filters, "revenue")
+        by_user = clustered(revenue.get("targeted", empty), revenue.get("control", empty), confidence)
+        per_impression = None
+        if by_user is not None:
+            rate = {arm: r["revenue"] / r["impressions"] if r.get("impressions") else None
+                    for arm, r in (("targeted", t), ("control", c))}  # fmt: skip
+            per_impression = {**rate, **by_user.as_dict(), "method": "ratio-estimator-delta-method-clustered-by-user"}
+        return {"conversion_rate": conversion, "revenue_per_impression": per_impression}
+
+    def unattributed(self, start: datetime | None = None, end: datetime | None = None) -> dict[str, Any]:
+        """Conversions no click or impression could be credited with (by conversion time), and their value."""
+        where, params = _where(Filters(start, end))
+        sql = f"""SELECT count(*), coalesce(sum(value), 0) FROM events
+                  WHERE event_type = 'conversion' AND request_id IS NULL {where}"""
+        with self._connect(read_only=True) as db:
+            n, value = db.execute(sql, params).fetchall()[0]
+        return {"conversions": n, "revenue": float(value)}
+
+    def spend(self, filters: Filters | None = None) -> list[dict[str, Any]]:
+        """The ledger as landed: USD charged per campaign, UTC day (of the charge) and arm, from every event
+        with a cost (CPM impressions, CPC clicks)."""
+        where, params = _where(filters or Filters())
+        sql = f"""
+            SELECT coalesce(campaign_id, '(none)') AS campaign, strftime(ts AT TIME ZONE 'UTC', '%Y-%m-%d') AS day,
+                   coalesce(arm, '(none)') AS arm, count(*) AS charges, sum(cost) AS spend
+            FROM events WHERE cost IS NOT NULL {where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""
+        with self._connect(read_only=True) as db:
+            cursor = db.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
 
     def counts(self) -> dict[str, int]:
         """Events landed per type, and dead letters per reason (`dlq:<reason>`)."""
@@ -183,7 +245,9 @@ class OutcomeStore:
             try:
                 db = duckdb.connect(str(self.path), read_only=read_only)
                 break
-            except duckdb.IOException as error:  # "Could not set lock": another process has it open
+            # IOException "Could not set lock": another process has it open; ConnectionException: this process has
+            # it open in the other mode (an API serving reads while its thread writes, as in tests)
+            except (duckdb.IOException, duckdb.ConnectionException) as error:
                 if time.monotonic() > deadline:
                     raise
                 log.debug("outcomes file busy (%s); retrying", error)
@@ -198,7 +262,8 @@ def _table(events: Sequence[Event]) -> pa.Table:
     """The events as an Arrow table in `COLUMNS` order (`ts` as UTC microseconds)."""
     unique = {e.event_id: e for e in reversed(events)}  # a repeated id inside one batch: the first one counts
     rows = [_row(e) for e in reversed(unique.values())]
-    types = {"ts": pa.timestamp("us", tz="UTC"), "position": pa.int32(), "propensity": pa.float64()}
+    types = {"ts": pa.timestamp("us", tz="UTC"), "position": pa.int32(), "propensity": pa.float64(),
+             "value": pa.float64(), "cost": pa.float64()}  # fmt: skip
     return pa.table({name: pa.array([r[i] for r in rows], type=types.get(name, pa.string()))
                      for i, name in enumerate(COLUMNS)})  # fmt: skip
 
@@ -209,8 +274,19 @@ def _row(event: Event) -> list[Any]:
         event.event_id, event.event_type.value, event.ts, event.user_id, event.request_id, event.ad_id,
         event.campaign_id, event.slot_id, event.position, event.model_version, event.arm, event.propensity,
         _text(context.get("device")), _text(context.get("country")), event.source,
-        json.dumps(context) if context else None,
+        json.dumps(context) if context else None, event.value, event.currency, event.cost,
     ]  # fmt: skip
+
+
+def _rates(row: dict[str, Any]) -> dict[str, Any]:
+    """Add CTR, conversion rate, CPA (spend per conversion) and ROAS (revenue / spend) to a counts row."""
+    n, spend = row["impressions"], float(row["spend"])
+    row["revenue"], row["spend"] = float(row["revenue"]), spend
+    row["ctr"] = row["clicks"] / n if n else None
+    row["conversion_rate"] = row["converted"] / n if n else None
+    row["cpa"] = spend / row["conversions"] if row["conversions"] else None
+    row["roas"] = row["revenue"] / spend if spend else None
+    return row
 
 
 def _text(value: Any) -> str | None:

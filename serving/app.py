@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from adloop.settings import Settings, get_settings
 from serving import metrics
-from serving.routes import admin, catalog, dashboard, ops, outcomes, rtb, select, users
+from serving.routes import admin, catalog, conversions, dashboard, ops, outcomes, rtb, select, track, users
 from serving.runtime import Runtime, freeze_heap
 
 
@@ -35,6 +35,6 @@ def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
         description="Ad selection (JSON and OpenRTB 2.6), catalog, features, outcomes and dashboard, operations.",
     )
     app.state.settings = settings
-    for module in (select, rtb, catalog, users, admin, ops, outcomes, dashboard):
+    for module in (select, track, conversions, rtb, catalog, users, admin, ops, outcomes, dashboard):
         app.include_router(module.router)
     return app

@@ -10,9 +10,15 @@ File format (`data/catalog/ads.csv`, UTF-8, one header row, one ad per row):
 | `advertiser_domain` | advertiser's domain (OpenRTB `adomain`, matched against `badv`)             |
 | `category`          | plain category name: fashion, sports, tech, travel, food, home, beauty, ... |
 | `formats`           | `|`-separated slot formats the creative fits (see `KNOWN_FORMATS`)          |
-| `bid`               | **CPC**: USD per click. The auction ranks by pCTR x bid (expected USD per |
-|                     | impression) and quotes eCPM = 1000 x pCTR x bid (OpenRTB prices are CPM)  |
+| `pricing`           | `cpc` (charged per tracked click) or `cpm` (charged per impression); empty |
+|                     | = `cpc`                                                                     |
+| `bid`               | `cpc`: USD per click; `cpm`: USD per 1,000 impressions. The auction ranks |
+|                     | by expected USD per impression (pCTR x bid, or bid / 1000) and quotes     |
+|                     | eCPM = 1000 x that (OpenRTB prices are CPM)                               |
 | `daily_budget`      | USD per UTC day for this ad; 0 = unlimited                                  |
+| `campaign_daily_budget` | USD per UTC day shared by the campaign's ads; 0 = unlimited (the        |
+|                     | smallest non-zero value over the campaign's rows applies); optional column  |
+| `campaign_lifetime_budget` | USD over the campaign's life, shared likewise; 0 = unlimited; optional |
 | `start_date`        | first day of the flight, `YYYY-MM-DD` (UTC, inclusive); empty = open        |
 | `end_date`          | last day of the flight, inclusive; empty = open                            |
 | `freq_cap_ad`       | max impressions of this ad per user per 24 h; 0 = no cap                    |
@@ -66,8 +72,11 @@ COLUMNS = (
     "advertiser_domain",
     "category",
     "formats",
+    "pricing",
     "bid",
     "daily_budget",
+    "campaign_daily_budget",
+    "campaign_lifetime_budget",
     "start_date",
     "end_date",
     "freq_cap_ad",
@@ -77,6 +86,8 @@ COLUMNS = (
     "image_url",
     "landing_url",
 )
+OPTIONAL_COLUMNS = ("pricing", "campaign_daily_budget", "campaign_lifetime_budget")  # older files lack them
+PRICING = ("cpc", "cpm")
 OPEN_START, OPEN_END = -(2**31), 2**31 - 1  # epoch days standing for an open flight
 
 
@@ -98,12 +109,15 @@ class Catalog:
     category_code: np.ndarray  # (n,) int32 -> categories
     categories: list[str]
     format_masks: dict[str, np.ndarray]  # format -> (n,) bool
-    bid: np.ndarray  # (n,) float64, USD per click
+    bid: np.ndarray  # (n,) float64, USD per click (cpc) or per 1,000 impressions (cpm)
     daily_budget: np.ndarray  # (n,) float64, USD per day, 0 = unlimited
     start_day: np.ndarray  # (n,) int64 epoch days, inclusive
     end_day: np.ndarray  # (n,) int64 epoch days, inclusive
     cap_ad: np.ndarray  # (n,) int32, 0 = no cap
     cap_campaign: np.ndarray  # (n_campaigns,) int32, 0 = no cap
+    cpm: np.ndarray  # (n,) bool, charged per impression (else per click)
+    campaign_daily: np.ndarray  # (n_campaigns,) float64, USD per day, 0 = unlimited
+    campaign_lifetime: np.ndarray  # (n_campaigns,) float64, USD in all, 0 = unlimited
     deals: dict[str, np.ndarray]  # deal id -> row indices
     creatives: list[dict[str, str]]  # row -> {title, image_url, landing_url}
     formats: list[str]  # row -> formats (for listings)
@@ -112,6 +126,11 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.ad_ids)
+
+    def expected_value(self, rows: np.ndarray, pctr: np.ndarray) -> np.ndarray:
+        """(c,) expected USD per impression of `rows` at click probabilities `pctr` (the auction's ranking)."""
+        bid = self.bid[rows]
+        return np.where(self.cpm[rows], bid / 1000.0, pctr * bid)
 
     def live_mask(self, day: int) -> np.ndarray:
         """(n,) bool: ads whose flight covers `day` (epoch days, UTC)."""
@@ -126,8 +145,11 @@ class Catalog:
             "advertiser_domain": self.advertiser_domains[self.advertiser_code[row]],
             "category": self.categories[self.category_code[row]],
             "formats": self.formats[row],
+            "pricing": "cpm" if self.cpm[row] else "cpc",
             "bid": float(self.bid[row]),
             "daily_budget": float(self.daily_budget[row]),
+            "campaign_daily_budget": float(self.campaign_daily[self.campaign_code[row]]),
+            "campaign_lifetime_budget": float(self.campaign_lifetime[self.campaign_code[row]]),
             "start_day": _day_text(int(self.start_day[row]), OPEN_START),
             "end_day": _day_text(int(self.end_day[row]), OPEN_END),
             "freq_cap_ad": int(self.cap_ad[row]),
@@ -142,7 +164,7 @@ def load_catalog(path: Path) -> Catalog:
     rows = list(csv.DictReader(raw.decode("utf-8").splitlines()))
     if not rows:
         raise CatalogError(f"{path}: no ads")
-    missing = [c for c in COLUMNS if c not in rows[0]]
+    missing = [c for c in COLUMNS if c not in rows[0] and c not in OPTIONAL_COLUMNS]
     if missing:
         raise CatalogError(f"{path}: missing columns {missing}")
     return build_catalog(rows, version=hashlib.blake2b(raw, digest_size=8).hexdigest())
@@ -162,6 +184,8 @@ def build_catalog(rows: list[dict[str, str]], *, version: str) -> Catalog:
     days = np.zeros((2, n), dtype=np.int64)
     cap_ad = np.zeros(n, dtype=np.int32)
     campaign_caps: dict[int, int] = {}
+    campaign_budgets: tuple[dict[int, float], dict[int, float]] = ({}, {})  # daily, lifetime
+    cpm = np.zeros(n, dtype=bool)
     masks = {f: np.zeros(n, dtype=bool) for f in KNOWN_FORMATS}
     deals: dict[str, list[int]] = {}
     creatives, formats = [], []
@@ -185,21 +209,30 @@ def build_catalog(rows: list[dict[str, str]], *, version: str) -> Catalog:
         for f in fmts:
             masks[f][i] = True
         formats.append(fmts)
+        pricing = (row.get("pricing") or "cpc").strip().lower()
+        if pricing not in PRICING:
+            raise CatalogError(f"{where}: pricing {row['pricing']!r} is not one of {PRICING}")
+        cpm[i] = pricing == "cpm"
         nums[0, i] = _number(row, "bid", where, float, positive=True)
+        for budgets, column in zip(
+            campaign_budgets, ("campaign_daily_budget", "campaign_lifetime_budget"), strict=True
+        ):
+            _smallest(budgets, int(codes[0, i]), _number(row, column, where, float))
         nums[1, i] = _number(row, "daily_budget", where, float)
         days[0, i] = _day(row, "start_date", where, OPEN_START)
         days[1, i] = _day(row, "end_date", where, OPEN_END)
         cap_ad[i] = _number(row, "freq_cap_ad", where, int)
-        cap = _number(row, "freq_cap_campaign", where, int)
-        if cap:
-            old = campaign_caps.get(int(codes[0, i]), 0)
-            campaign_caps[int(codes[0, i])] = min(old, cap) if old else cap
+        _smallest(campaign_caps, int(codes[0, i]), _number(row, "freq_cap_campaign", where, int))
         for deal in filter(None, (d.strip() for d in row.get("deal_ids", "").split("|"))):
             deals.setdefault(deal, []).append(i)
         creatives.append({k: row.get(k, "").strip() for k in ("title", "image_url", "landing_url")})
     cap_campaign = np.zeros(len(campaigns), dtype=np.int32)
     for code, cap in campaign_caps.items():
         cap_campaign[code] = cap
+    campaign_daily, campaign_lifetime = np.zeros((2, len(campaigns)))
+    for values, budgets in zip((campaign_daily, campaign_lifetime), campaign_budgets, strict=True):
+        for code, budget in budgets.items():
+            values[code] = budget
     return Catalog(
         version=version,
         ad_ids=ids,
@@ -217,6 +250,9 @@ def build_catalog(rows: list[dict[str, str]], *, version: str) -> Catalog:
         end_day=days[1],
         cap_ad=cap_ad,
         cap_campaign=cap_campaign,
+        cpm=cpm,
+        campaign_daily=campaign_daily,
+        campaign_lifetime=campaign_lifetime,
         deals={d: np.asarray(rows_, dtype=np.int64) for d, rows_ in deals.items()},
         creatives=creatives,
         formats=formats,
@@ -233,12 +269,14 @@ def generate_catalog(
     categories: Sequence[str] = CATEGORIES,
     formats: Sequence[str] | None = None,
     plain: bool = False,
+    cpm_share: float = 0.0,
 ) -> list[dict[str, str]]:
     """A synthetic catalog of `n_ads` rows (deterministic for a seed): ~8 ads per campaign, ~3 campaigns
     per advertiser, one category per campaign, CPC bids log-normal around $0.50. By default each ad has
     1-3 random formats and the catalog has a few expired / future flights, deal ads, budgets and caps;
     `formats` gives every ad those formats, and `plain` leaves out flights, deals, budgets and caps
-    (the demo, where only the users' preferences should decide what is served)."""
+    (the demo, where only the users' preferences should decide what is served); `cpm_share` of the
+    campaigns buy impressions (CPM bid = 50 x a CPC bid: the same expected price at a 5% CTR)."""
     rng = random.Random(seed)
     rows = []
     n_campaigns = max(1, n_ads // 8)
@@ -254,6 +292,8 @@ def generate_catalog(
         elif flight < 0.05:
             start = "2031-01-01"  # not started
         deal = f"deal-{rng.randrange(n_deals)}" if not plain and rng.random() < 0.05 else ""
+        pricing = "cpm" if (campaign * 0.618034) % 1 < cpm_share else "cpc"  # a campaign buys one way
+        scale = 50 if pricing == "cpm" else 1
         rows.append(
             {
                 "ad_id": f"ad-{i:05d}",
@@ -262,8 +302,11 @@ def generate_catalog(
                 "advertiser_domain": f"advertiser{advertiser}.example.com",
                 "category": category,
                 "formats": "|".join(sorted(fmts)),
-                "bid": f"{min(5.0, rng.lognormvariate(-0.7, 0.3 if plain else 0.5)):.3f}",
+                "pricing": pricing,
+                "bid": f"{min(5.0, rng.lognormvariate(-0.7, 0.3 if plain else 0.5)) * scale:.3f}",
                 "daily_budget": "0" if plain else str(rng.choice([0, 50, 200, 1000])),
+                "campaign_daily_budget": "0" if plain else str([0, 500, 2000][campaign % 3]),
+                "campaign_lifetime_budget": "0" if plain else str([0, 0, 20_000][campaign % 3]),
                 "start_date": start,
                 "end_date": end,
                 "freq_cap_ad": "0" if plain else str(rng.choice([0, 3, 5, 10])),
@@ -309,6 +352,13 @@ def _number(row: dict[str, str], column: str, where: str, kind: type, *, positiv
     if value < 0 or (positive and value <= 0):
         raise CatalogError(f"{where}: {column} {text!r} must be {'> 0' if positive else '>= 0'}")
     return value
+
+
+def _smallest(values: dict[int, float], key: int, value: float) -> None:
+    """Keep the smallest non-zero value per key (0 = none): a campaign's rows may disagree, the tightest wins."""
+    if value:
+        old = values.get(key, 0)
+        values[key] = min(old, value) if old else value
 
 
 def _day(row: dict[str, str], column: str, where: str, default: int) -> int:

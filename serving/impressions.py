@@ -217,8 +217,12 @@ class ImpressionLogger:
         metrics.IMPRESSIONS.labels(outcome).inc(n)
 
 
-def impression_records(result: SelectionResult, request: SelectionRequest) -> list[dict[str, Any]]:
-    """One record per served ad (fields of the `ad_impression` event)."""
+def impression_records(
+    result: SelectionResult, request: SelectionRequest, costs: dict[tuple[str, str], float] | None = None
+) -> list[dict[str, Any]]:
+    """One record per served ad (fields of the `ad_impression` event); `costs`: (slot id, ad id) -> USD charged
+    for the impression (CPM ads)."""
+    costs = costs or {}
     slots = {s.slot_id: s for s in request.slots}
     records = []
     for slot_id, picks in result.slots.items():
@@ -244,6 +248,7 @@ def impression_records(result: SelectionResult, request: SelectionRequest) -> li
                     "propensity": c.propensity,
                     "context": {**context, "advertiser_id": c.advertiser_id},
                     "ts": int(time.time() * 1000),
+                    "cost": costs.get((slot_id, c.ad_id)),
                 }
             )
     return records
@@ -271,14 +276,15 @@ def encode(record: dict[str, Any]) -> tuple[bytes, bytes]:
 
 
 def to_event(record: dict[str, Any]) -> Event:
-    """An impression record (what `log()` takes) as a contract `Event`."""
+    """A record (what `log()` takes) as a contract `Event`: an impression, or the `event_type` it names (the
+    click tracker's `ad_click` and the conversion routes' `conversion` travel the same way)."""
     return Event(
         event_id=record.get("event_id") or uuid.uuid4().hex,
         schema_version=SCHEMA_VERSION,
-        event_type=EventType.ad_impression,
+        event_type=EventType(record.get("event_type", EventType.ad_impression)),
         user_id=record["user_id"],
         ts=datetime.fromtimestamp(record["ts"] / 1000, tz=UTC),
-        ad_id=record["ad_id"],
+        ad_id=record.get("ad_id"),
         campaign_id=record.get("campaign_id"),
         category=record.get("category"),
         request_id=record.get("request_id"),
@@ -287,8 +293,11 @@ def to_event(record: dict[str, Any]) -> Event:
         model_version=record.get("model_version"),
         arm=record.get("arm"),
         propensity=record.get("propensity"),
-        source="serve",
+        source=record.get("source", "serve"),
         context=record.get("context") or None,
+        value=record.get("value"),
+        currency=record.get("currency"),
+        cost=record.get("cost"),
     )
 
 
@@ -346,6 +355,8 @@ OPTIONAL_FIELDS = (
 
 def _checked(record: dict[str, Any]) -> dict[str, Any] | None:
     """The record as the contract's JSON object (keys in field order, no nulls), or None: take the slow path."""
+    if record.get("event_type", "ad_impression") != "ad_impression" or "source" in record:
+        return None  # clicks and conversions are few: `to_event` encodes them
     event_id = record.get("event_id") or uuid.uuid4().hex
     user_id, ts = record.get("user_id"), record.get("ts")
     if not (_is_id(event_id) and _is_id(user_id) and _is_id(record.get("ad_id"))):
@@ -366,6 +377,11 @@ def _checked(record: dict[str, Any]) -> dict[str, Any] | None:
         if not _is_context(context):
             return None
         data["context"] = context
+    cost = record.get("cost")
+    if cost is not None:
+        if type(cost) is not float or not (math.isfinite(cost) and cost >= 0):
+            return None
+        data["cost"] = cost
     return data
 
 

@@ -45,6 +45,10 @@ MODEL_INFO = Gauge(
     multiprocess_mode="livemax",
 )  # fmt: skip
 CATALOG_ADS = Gauge("adloop_catalog_ads", "Ads in the loaded catalog.", multiprocess_mode="livemax")
+CLICKS = Counter("adloop_clicks_total", "Tracked clicks, by outcome.", ["outcome"])  # new, duplicate, unbilled, forged
+CONVERSIONS = Counter(
+    "adloop_conversions_total", "Conversions, by outcome.", ["outcome"]
+)  # attributed, unattributed, duplicate, forged
 RELOADS = Counter("adloop_reloads_total", "Catalog / model reloads, by outcome.", ["outcome"])
 GC_PAUSE_SECONDS = Histogram(
     "adloop_gc_pause_seconds", "Full (generation 2) collections of the cyclic GC: each pauses the whole process.",

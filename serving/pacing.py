@@ -1,18 +1,22 @@
-"""Budgets and smooth pacing: spend counters per ad per UTC day, shared by replicas through Redis.
+"""Budgets and smooth pacing: the spend ledger per ad per UTC day and over all time, shared by replicas
+through Redis.
 
-An ad may have spent at most `daily_budget x min(1, elapsed fraction of the day + slack)` by now,
-so a budget spreads over the day instead of being gone by 9 am; it never spends past its budget.
-Spend is the expected cost charged when the ad is served (pCTR x CPC bid, i.e. eCPM / 1000) or,
-for OpenRTB, the clearing price from the billing notice.
+An ad, and a campaign (its ads together), may have spent at most `daily budget x min(1, elapsed
+fraction of the day + slack)` by now, so a budget spreads over the day instead of being gone by 9 am;
+a campaign's lifetime budget is a hard cap. Spend is what was actually charged, by the ad's pricing
+model (`serving.charges`): a CPM ad when its impression is logged (its CPM bid / 1000, or the
+clearing price of the OpenRTB billing notice), a CPC ad when its tracked click arrives (its bid).
 
 Each process charges its in-memory counters at once (the request path never waits for Redis) and,
 every `ADLOOP_PACING_SYNC_S` from a background thread (`Pacer.sync`), adds what it charged since to
-the day's hash `adloop:spend:<day>` (field = ad id; HINCRBYFLOAT, expiring after two days) and reads
-the whole hash back, in one script call: so uvicorn workers and replicas pace one budget together.
+the day's hash `adloop:spend:<day>` (field = ad id; HINCRBYFLOAT, expiring after two days) and to the
+lifetime hash `adloop:spend:lifetime`, and reads both back, in one script call: so uvicorn workers and
+replicas pace one budget together.
 The read costs in proportion to the ads that spent today, not to the catalog: a sync holds the
 serving process's GIL (commands and keys per ad cost 11-14 ms a second with 7,500 budgeted ads, one
 script call 2.5-3.4 ms: `python -m bench.select_path`). Between syncs a process does not see the
-others' spend: the overshoot is bounded by (replicas - 1) x spend rate x sync interval. Without Redis
+others' spend: the overshoot is bounded by (replicas - 1) x spend rate x sync interval, and a campaign
+that ran out on one replica stops on the others within two sync intervals. Without Redis
 each process paces alone (the runtime logs it), as a single process always does.
 """
 
@@ -28,13 +32,18 @@ from serving.catalog import Catalog
 
 DAY_S = 86_400
 KEY_TTL_S = 2 * DAY_S
+LIFETIME_KEY = "adloop:spend:lifetime"  # field = ad id, USD charged since the ad's first charge
 
 
-# KEYS[1] = the day's hash; ARGV = ttl, then ad id, amount, ad id, amount, ...; returns HGETALL.
+# KEYS[1] = the day's hash, KEYS[2] = the lifetime hash; ARGV = ttl, then ad id, amount, ...;
+# returns {HGETALL day, HGETALL lifetime}.
 SYNC_SCRIPT = """
-for i = 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 2, #ARGV, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1])
+end
 if #ARGV > 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return redis.call('HGETALL', KEYS[1])
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
 """
 
 
@@ -51,15 +60,25 @@ class Pacer:
         self._catalog = catalog
         self._spend = np.zeros(len(catalog))  # USD today per catalog row: every replica's as last synced + ours since
         self._pending = np.zeros(len(catalog))  # ours since the last sync (not yet in Redis)
+        self._lifetime = np.zeros(len(catalog))  # USD ever, as last synced + ours since
 
     def allowed(self, catalog: Catalog, now: float | None = None) -> np.ndarray:
-        """(n,) bool: ads that may still spend now (unlimited budgets always may)."""
+        """(n,) bool: ads that may still spend now, by their own and their campaign's budgets (unlimited
+        budgets always may)."""
         now = time.time() if now is None else now
         self._roll(now)
-        spend = self._spend if catalog is self._catalog else self.spend_for(catalog)
+        same = catalog is self._catalog
+        spend = self._spend if same else self.spend_for(catalog)
+        lifetime = self._lifetime if same else self._carry(catalog, self._lifetime)
         fraction = min(1.0, (now % DAY_S) / DAY_S + self.slack)
         budget = catalog.daily_budget
-        return (budget <= 0) | (spend < budget * fraction)
+        ok = (budget <= 0) | (spend < budget * fraction)
+        n_campaigns = len(catalog.campaign_ids)
+        campaign_day = np.bincount(catalog.campaign_code, spend, minlength=n_campaigns)
+        campaign_ever = np.bincount(catalog.campaign_code, lifetime, minlength=n_campaigns)
+        daily, ever = catalog.campaign_daily, catalog.campaign_lifetime
+        campaign_ok = ((daily <= 0) | (campaign_day < daily * fraction)) & ((ever <= 0) | (campaign_ever < ever))
+        return ok & campaign_ok[catalog.campaign_code]
 
     def charge(self, catalog: Catalog, rows: np.ndarray, amounts: np.ndarray) -> None:
         if catalog is not self._catalog:
@@ -67,6 +86,7 @@ class Pacer:
         with self._lock:
             np.add.at(self._spend, rows, amounts)
             np.add.at(self._pending, rows, amounts)
+            np.add.at(self._lifetime, rows, amounts)
 
     def sync(self, client: Any) -> None:
         """Add this process's unsynced spend to the shared counters and read back every budgeted ad's total
@@ -81,27 +101,27 @@ class Pacer:
         for row in rows:
             args += (catalog.ad_ids[row], float(pending[row]))
         try:
-            flat = client.eval(SYNC_SCRIPT, 1, spend_key(day), *args)
+            today, ever = client.eval(SYNC_SCRIPT, 2, spend_key(day), LIFETIME_KEY, *args)
         except Exception:
             with self._lock:
                 if self._catalog is catalog and self._day == day:
                     self._pending += pending
             raise
-        index = catalog.index
-        shared = np.zeros(len(catalog))
-        for ad_id, total in zip(flat[::2], flat[1::2], strict=True):
-            row = index.get(ad_id.decode())
-            if row is not None:
-                shared[row] = float(total)
-        budgeted = catalog.daily_budget > 0
+        shared, shared_ever = _per_row(catalog, today), _per_row(catalog, ever)
         with self._lock:  # what was charged while we talked to Redis stays on top of the shared totals
             if self._catalog is catalog and self._day == day:
-                self._spend[budgeted] = shared[budgeted] + self._pending[budgeted]
+                self._spend = shared + self._pending
+                self._lifetime = shared_ever + self._pending
 
     def rebase(self, catalog: Catalog) -> None:
         """Carry today's spend over to a reloaded catalog (matched by ad_id)."""
         with self._lock:
-            self._spend, self._pending, self._catalog = self.spend_for(catalog), self._carry(catalog), catalog
+            spend, lifetime, pending = (
+                self.spend_for(catalog),
+                self._carry(catalog, self._lifetime),
+                self._carry(catalog),
+            )
+            self._spend, self._lifetime, self._pending, self._catalog = spend, lifetime, pending, catalog
 
     def spend_for(self, catalog: Catalog) -> np.ndarray:
         return self._carry(catalog, self._spend)
@@ -120,9 +140,27 @@ class Pacer:
         row = self._catalog.index.get(ad_id)
         return 0.0 if row is None else float(self._spend[row])
 
+    def campaign_spent(self, campaign_id: str) -> tuple[float, float]:
+        """(today, lifetime) USD of a campaign's ads, as this process sees them."""
+        code = self._catalog.campaign_index.get(campaign_id)
+        if code is None:
+            return 0.0, 0.0
+        rows = self._catalog.campaign_code == code
+        return float(self._spend[rows].sum()), float(self._lifetime[rows].sum())
+
     def _roll(self, now: float) -> None:
         day = int(now // DAY_S)
         if day != self._day:
             with self._lock:
                 n = len(self._catalog)
                 self._day, self._spend, self._pending = day, np.zeros(n), np.zeros(n)
+
+
+def _per_row(catalog: Catalog, flat: list[bytes]) -> np.ndarray:
+    """An HGETALL reply (ad id, amount, ...) as per-row amounts of `catalog` (unknown ads left out)."""
+    out = np.zeros(len(catalog))
+    for ad_id, total in zip(flat[::2], flat[1::2], strict=True):
+        row = catalog.index.get(ad_id.decode())
+        if row is not None:
+            out[row] = float(total)
+    return out

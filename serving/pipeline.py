@@ -14,14 +14,16 @@ import logging
 from serving import metrics
 from serving.impressions import ImpressionLogger, impression_records
 from serving.selection import SelectionRequest, SelectionResult, Selector, ServingState
+from serving.tracking import Touch, TouchStore
 
 log = logging.getLogger(__name__)
 
 
 class RequestPipeline:
-    def __init__(self, selector: Selector, logger: ImpressionLogger):
+    def __init__(self, selector: Selector, logger: ImpressionLogger, *, touches: TouchStore | None = None):
         self.selector = selector
         self.logger = logger
+        self.touches = touches  # last-impression attribution: each user's last impression, written in batches
 
     async def run(
         self, request: SelectionRequest, *, route: str = "select", log_impressions: bool = True
@@ -50,8 +52,11 @@ class RequestPipeline:
         _observe(result, route)
         if log_impressions:
             try:
-                self.selector.charge(state, result)
-                self.logger.log(impression_records(result, request))
+                costs = self.selector.charge(state, result)
+                records = impression_records(result, request, costs)
+                self.logger.log(records)
+                if self.touches is not None:
+                    self.touches.remember_impressions([_touch(r) for r in records])
             except Exception:
                 log.exception("impression logging failed")
                 metrics.ERRORS.labels(route, "impressions").inc()
@@ -67,3 +72,8 @@ def _observe(result: SelectionResult, route: str) -> None:
     empty = sum(1 for picks in result.slots.values() if not picks)
     if empty:
         metrics.NO_FILL.labels(route).inc(empty)
+
+
+def _touch(record: dict) -> Touch:
+    return Touch(record["request_id"], record["ad_id"], record["campaign_id"], record["arm"], record["model_version"],
+                 record["propensity"], record["user_id"], record["slot_id"], record["ts"])  # fmt: skip

@@ -29,6 +29,8 @@ from serving.pipeline import RequestPipeline
 from serving.protocols import FeatureReader, ModelBundle, ModelRegistry
 from serving.redis_async import AsyncRedis
 from serving.selection import SelectionConfig, Selector, ServingState
+from serving.signing import secret_of
+from serving.tracking import Touch, TouchStore, encode_token
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,23 @@ class Runtime:
         )
         guarded = GuardedReader(self.reader, retry_after_s=settings.redis_retry_after_s)
         self.selector = Selector(state, config, pacer=self.pacer, ad_stats=self.ad_stats, features=guarded)
-        self.pipeline = RequestPipeline(self.selector, self.logger)
+        # Click tracking and attribution (serving/tracking.py): the shared signing secret, touches in Redis
+        self.secret = secret_of(settings)
+        self.touches = TouchStore(
+            redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0),
+            window_s=settings.attribution_window_s,
+        )
+        last_impression = settings.attribution_model == "impression"
+        self.pipeline = RequestPipeline(self.selector, self.logger, touches=self.touches if last_impression else None)
         self._publish(state)
 
     @property
     def state(self) -> ServingState:
         return self.selector.state
+
+    def click_url(self, touch: Touch) -> str:
+        """The signed click-tracking URL of a served ad (`GET /c/{token}`)."""
+        return f"{self.settings.public_url.rstrip('/')}/c/{encode_token(touch, self.secret)}"
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -102,6 +115,8 @@ class Runtime:
         ]
         if self.settings.catalog_poll_s > 0:
             threads.append(threading.Thread(target=self._watch_catalog, name="catalog-watch", daemon=True))
+        if self.settings.attribution_model == "impression":
+            threads.append(threading.Thread(target=self.touches.run, name="touches", daemon=True, args=(self._stop,)))
         if self.settings.pacing_sync_s > 0:
             threads.append(threading.Thread(target=self._sync_pacing, name="pacing-sync", daemon=True))
         for thread in threads:

@@ -87,6 +87,7 @@ class ChosenAdOut(BaseModel):
     pctr: float = Field(description="Predicted click probability.")
     price: float = Field(description="eCPM in USD (1000 x pCTR x CPC bid).")
     propensity: float = Field(description="Probability the policy chose this ad here.")
+    click_url: str = Field(description="Signed click tracker: logs the click and redirects to the landing URL.")
 
 
 class SlotOut(BaseModel):

@@ -250,12 +250,17 @@ class Selector:
         user, fallback = await self.features.user_async(user_id)
         return user, fallback, time.perf_counter() - clock
 
-    def charge(self, state: ServingState, result: SelectionResult) -> None:
-        """Record the expected spend of what was served (pacing)."""
-        chosen = [c for picks in result.slots.values() for c in picks]
-        if chosen:
-            rows = np.fromiter((c.row for c in chosen), dtype=np.int64, count=len(chosen))
-            self.pacer.charge(state.catalog, rows, np.array([c.price / 1000 for c in chosen]))
+    def charge(self, state: ServingState, result: SelectionResult) -> dict[tuple[str, str], float]:
+        """Charge the CPM ads served (CPM bid / 1000 each; CPC ads pay on their tracked click) to the pacing
+        ledger; (slot id, ad id) -> USD charged, logged with the impression."""
+        catalog = state.catalog
+        chosen = [c for picks in result.slots.values() for c in picks if catalog.cpm[c.row]]
+        if not chosen:
+            return {}
+        rows = np.fromiter((c.row for c in chosen), dtype=np.int64, count=len(chosen))
+        amounts = catalog.bid[rows] / 1000
+        self.pacer.charge(catalog, rows, amounts)
+        return {(c.slot_id, c.ad_id): float(a) for c, a in zip(chosen, amounts, strict=True)}
 
     # --- steps ------------------------------------------------------------------------------
 
@@ -326,7 +331,7 @@ class Selector:
                     frame = state.ad_columns(self.ad_stats).take(cands)  # AD_FRAME_COLUMNS and more
                     pctr = np.asarray(state.model.predict_ctr(user, frame, context, sims[cands]), float)
                     return cands, pctr, None
-                score = ctr * catalog.bid  # unknown user: retrieve by expected value, rank with the model
+                score = catalog.expected_value(slice(None), ctr)  # unknown user: retrieve by value, rank by model
                 cands = _top_k(score, slot_masks.values(), k)
                 frame = state.ad_columns(self.ad_stats).take(cands)  # AD_FRAME_COLUMNS and more
                 zeros = np.zeros(len(cands), dtype=np.float32)
@@ -337,12 +342,12 @@ class Selector:
                 reason = "model_error"
         else:
             reason = "no_model"
-        cands = _top_k(ctr * catalog.bid, slot_masks.values(), k)
+        cands = _top_k(catalog.expected_value(slice(None), ctr), slot_masks.values(), k)
         return cands, ctr[cands], reason
 
     def _choose(self, catalog, request, eps, cands, pctr, slot_masks) -> dict[str, list[Choice]]:
         rng = self._rng()
-        ev = pctr * catalog.bid[cands]  # (c,) expected USD per impression
+        ev = catalog.expected_value(cands, pctr)  # (c,) expected USD per impression (CPC or CPM)
         ecpm = 1000.0 * ev
         free = np.ones(len(cands), dtype=bool)  # an ad appears once per request
         out: dict[str, list[Choice]] = {}

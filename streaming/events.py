@@ -55,7 +55,9 @@ class Event(BaseModel):
     category: Id | None = None
     brand: Id | None = None
     price: float | None = Field(default=None, ge=0)
-    ad_id: Id | None = Field(default=None, description="Required for ad_impression, ad_click and conversion.")
+    ad_id: Id | None = Field(
+        default=None, description="Required for ad_impression and ad_click; an unattributed conversion has none."
+    )
     campaign_id: Id | None = None
     request_id: Id | None = Field(default=None, description="Joins an impression, its click and conversion.")
     slot_id: Id | None = None
@@ -67,6 +69,13 @@ class Event(BaseModel):
     )
     source: Id | None = Field(default=None, description="Producer label, e.g. replay:taobao or simulate (synthetic).")
     context: dict[str, ContextValue] | None = Field(default=None, description="Page, device, country, ...")
+    value: float | None = Field(default=None, ge=0, description="A conversion's value (revenue), in `currency`.")
+    currency: Annotated[str, Field(pattern="^[A-Z]{3}$")] | None = Field(
+        default=None, description="ISO 4217 code of `value` (and `cost`); USD when absent."
+    )
+    cost: float | None = Field(
+        default=None, ge=0, description="What the advertiser was charged for this impression or click (USD)."
+    )
 
     @field_validator("ts", mode="before")
     @classmethod
@@ -92,7 +101,8 @@ class Event(BaseModel):
 
     @model_validator(mode="after")
     def _ad_events_name_their_ad(self) -> Event:
-        if self.event_type in AD_EVENTS and not self.ad_id:
+        # A conversion without an ad is one that no click or impression could be attributed to: kept, counted.
+        if self.event_type in AD_EVENTS and self.event_type is not EventType.conversion and not self.ad_id:
             raise ValueError(f"ad_id is required for {self.event_type.value}")
         return self
 

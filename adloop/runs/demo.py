@@ -36,8 +36,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
+import orjson
 
 from adloop.settings import Settings
 from serving.catalog import generate_catalog, write_catalog
@@ -63,6 +65,8 @@ class DemoConfig:
     max_requests: int | None = None  # stop traffic earlier (tests)
     control_share: float = 0.2  # share of users served without targeting (a demo wants a visible control)
     base_ctr: float = 0.05  # the simulated users' click rate on an ad of average preference
+    conversion_rate: float = 0.2  # mean chance that a click converts (hidden, per category: 0.5x to 1.5x this)
+    order_value: float = 40.0  # mean value of a conversion, USD (log-normal)
     ads: int = 200  # demo catalog size
     hold_s: float = 0.0  # keep the API (and dashboard) up this long after traffic
     folder: Path | None = None  # demo catalog and process logs (default: <stack_dir>/demo)
@@ -73,6 +77,8 @@ class TrafficReport:
     requests: int = 0
     impressions: Counter[str] = field(default_factory=Counter)  # arm -> ads served
     clicks: Counter[str] = field(default_factory=Counter)  # arm -> clicks produced
+    conversions: Counter[str] = field(default_factory=Counter)  # arm -> conversions posted
+    revenue: Counter[str] = field(default_factory=Counter)  # arm -> USD of the conversions posted
     fallbacks: Counter[str] = field(default_factory=Counter)  # reason -> requests
     model_versions: Counter[str] = field(default_factory=Counter)
     errors: int = 0
@@ -223,16 +229,24 @@ def drive(
     post: Callable[[dict[str, Any]], dict[str, Any]],
     population: Population,
     categories: dict[str, str],
-    send_click: Callable[[Event], None],
+    send_click: Callable[[Event], None] | None,
     *,
     seconds: float,
     rate: float,
     max_requests: int | None = None,
     seed: int = 0,
+    follow: Callable[[str, Event], None] | None = None,
+    convert: Callable[[Event, float], None] | None = None,
+    conversion_rate: float = 0.2,
+    order_value: float = 40.0,
 ) -> TrafficReport:
     """Simulated users request ads through `post(body) -> response`; each served ad is clicked by the user's
-    hidden preference and the click handed to `send_click`. Bounded by `seconds` and `max_requests`."""
+    hidden preference and the click handed to `send_click`, or `follow(click_url, click)` (the tracker). A
+    click converts with a hidden chance per category (`conversion_rate` x 0.5..1.5): `convert(click, value)`.
+    Bounded by `seconds` and `max_requests`."""
     rng = np.random.default_rng([seed, 3])
+    hidden = np.random.default_rng([population.config.seed, 6]).uniform(0.5, 1.5, len(CATEGORIES))
+    convert_p = {c: min(1.0, conversion_rate * float(h)) for c, h in zip(CATEGORIES, hidden, strict=True)}
     weights = np.array([u.activity for u in population.users])
     report = TrafficReport()
     started = time.monotonic()
@@ -259,40 +273,61 @@ def drive(
                 report.impressions[arm] += 1
                 shown = _impression(answer, slot["slot_id"], ad, categories.get(ad["ad_id"]), now)
                 click = population.click_event(shown)
-                if click is not None:
+                if click is None:
+                    continue
+                if follow is not None:
+                    follow(ad["click_url"], click)
+                else:
                     send_click(click)
-                    report.clicks[arm] += 1
+                report.clicks[arm] += 1
+                if convert is not None and rng.random() < convert_p.get(click.category or "", conversion_rate):
+                    value = round(float(rng.lognormal(np.log(order_value) - 0.125, 0.5)), 2)  # mean order_value
+                    convert(click, value)
+                    report.conversions[arm] += 1
+                    report.revenue[arm] += value
     return report
 
 
 def drive_http(base: str, settings: Settings, population: Population, categories, config: DemoConfig):
-    """`drive` against a running API, clicks produced to the settings' events topic."""
+    """`drive` against a running API: clicks through each ad's tracker URL, conversions posted back (signed)."""
     import httpx
 
-    from streaming.producer import build_producer
+    from serving.routes.conversions import sign_postback
+    from serving.signing import secret_of
 
-    producer = build_producer(settings)
-    try:
-        with httpx.Client(base_url=base, timeout=5.0) as client:
+    secret = secret_of(settings)  # the API's: same stack folder
+    with httpx.Client(base_url=base, timeout=5.0) as client:
 
-            def post(body: dict[str, Any]) -> dict[str, Any]:
-                response = client.post("/v1/select", json=body)
-                response.raise_for_status()
-                return response.json()
+        def post(body: dict[str, Any]) -> dict[str, Any]:
+            response = client.post("/v1/select", json=body)
+            response.raise_for_status()
+            return response.json()
 
-            return drive(
-                post,
-                population,
-                categories,
-                lambda click: producer.send(settings.events_topic, key=click.user_id, value=click),
-                seconds=config.minutes * 60,
-                rate=config.requests_per_second,
-                max_requests=config.max_requests,
-                seed=config.seed,
-            )
-    finally:
-        producer.flush(timeout=30)
-        producer.close()
+        def follow(url: str, click: Event) -> None:
+            response = client.get(urlsplit(url).path)  # the tracker answers 302 to the landing page: not followed
+            if response.status_code != 302:
+                log.warning("click tracker answered %s", response.status_code)
+
+        def convert(click: Event, value: float) -> None:
+            body = orjson.dumps({"idempotency_key": f"{click.request_id}:{click.ad_id}", "user_id": click.user_id,
+                                 "value": value, "currency": "USD"})  # fmt: skip
+            headers = {"X-Adloop-Signature": sign_postback(body, secret), "Content-Type": "application/json"}
+            client.post("/v1/conversions", content=body, headers=headers).raise_for_status()
+
+        return drive(
+            post,
+            population,
+            categories,
+            None,
+            seconds=config.minutes * 60,
+            rate=config.requests_per_second,
+            max_requests=config.max_requests,
+            seed=config.seed,
+            follow=follow,
+            convert=convert,
+            conversion_rate=config.conversion_rate,
+            order_value=config.order_value,
+        )
 
 
 def merge(a: TrafficReport, b: TrafficReport) -> TrafficReport:
@@ -301,6 +336,8 @@ def merge(a: TrafficReport, b: TrafficReport) -> TrafficReport:
         a.requests + b.requests,
         a.impressions + b.impressions,
         a.clicks + b.clicks,
+        a.conversions + b.conversions,
+        a.revenue + b.revenue,
         a.fallbacks + b.fallbacks,
         a.model_versions + b.model_versions,
         a.errors + b.errors,
@@ -312,20 +349,22 @@ def wait_landed(store, traffic: TrafficReport, *, since: datetime, timeout_s: fl
     (or time runs out); returns what it holds."""
     from outcomes.store import Filters
 
-    want = (sum(traffic.impressions.values()), sum(traffic.clicks.values()))
+    want = (sum(traffic.impressions.values()), sum(traffic.clicks.values()), sum(traffic.conversions.values()))
     deadline = time.monotonic() + timeout_s
     while True:
         total = store.outcomes([], Filters(start=since))[0]
-        got = (total["impressions"], total["clicks"])
+        got = (total["impressions"], total["clicks"], total["conversions"])
         if got == want or time.monotonic() > deadline:
-            return {"impressions": got[0], "clicks": got[1]}
+            return {"impressions": got[0], "clicks": got[1], "conversions": got[2]}
         time.sleep(0.5)
 
 
 def write_demo_catalog(path: Path, *, n_ads: int, seed: int) -> dict[str, str]:
     """A catalog in the simulator's categories (one per campaign), every ad native and 300x250, no caps,
     budgets or deals; returns ad_id -> category."""
-    rows = generate_catalog(n_ads, seed=seed, categories=CATEGORIES, formats=("banner_300x250", "native"), plain=True)
+    rows = generate_catalog(
+        n_ads, seed=seed, categories=CATEGORIES, formats=("banner_300x250", "native"), plain=True, cpm_share=1 / 3
+    )  # a third of the campaigns buy impressions
     write_catalog(rows, path)
     return {r["ad_id"]: r["category"] for r in rows}
 

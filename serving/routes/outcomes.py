@@ -32,7 +32,8 @@ def outcomes(
     ] = None,
     confidence: Annotated[float, Query(gt=0.5, lt=1)] = 0.95,
 ) -> dict[str, Any]:
-    """Outcomes per group (CTR with a Wilson interval) and the lift of targeted over control."""
+    """Outcomes per group (CTR and conversion rate with Wilson intervals, revenue, spend, CPA, ROAS), the lift of
+    targeted over control in CTR, conversion rate and revenue per impression, and unattributed conversions."""
     dims = [g.strip() for g in group_by.split(",") if g.strip()] if group_by else []
     unknown = [g for g in dims if g not in DIMENSIONS]
     if unknown:
@@ -43,12 +44,17 @@ def outcomes(
     store = OutcomeStore(settings.outcomes_path)
     rows = [_with_interval(r, confidence) for r in store.outcomes(dims, filters)]
     result = store.lift(filters, confidence)
+    money = store.money_lift(filters, confidence)
+    per_impression = money["revenue_per_impression"]
     return {
         "group_by": dims,
         "filters": {k: v for k, v in vars(filters).items() if v is not None},
         "rows": rows,
         "total": _with_interval(store.outcomes([], filters)[0], confidence),
         "lift": _finite(result.as_dict()),
+        "conversion_lift": _finite(money["conversion_rate"].as_dict()),
+        "revenue_per_impression_lift": _finite(per_impression),
+        "unattributed": store.unattributed(from_, to),
     }
 
 
@@ -107,9 +113,11 @@ def _live(counts: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
 
 
 def _with_interval(row: dict[str, Any], confidence: float) -> dict[str, Any]:
-    interval = wilson(row["clicks"], row["impressions"], confidence)
-    return {**row, "ctr_low": interval.low if row["impressions"] else None,
-            "ctr_high": interval.high if row["impressions"] else None}  # fmt: skip
+    n, out = row["impressions"], dict(row)
+    for rate, hits in (("ctr", "clicks"), ("conversion_rate", "converted")):
+        interval = wilson(row[hits], n, confidence)
+        out[f"{rate}_low"], out[f"{rate}_high"] = (interval.low, interval.high) if n else (None, None)
+    return out
 
 
 def _finite(value: Any) -> Any:

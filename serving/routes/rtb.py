@@ -112,7 +112,9 @@ def billing(
     }
     if price is not None:
         record["context"]["clearing_price_cpm"] = price
-        runtime.pacer.charge(catalog, np.array([row]), np.array([price / 1000]))
+        if catalog.cpm[row]:  # a CPM ad pays the clearing price; a CPC ad pays on its tracked click
+            record["cost"] = price / 1000
+            runtime.pacer.charge(catalog, np.array([row]), np.array([price / 1000]))
     runtime.logger.log([record])
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 import orjson
 from fastapi import APIRouter, HTTPException, Response, status
@@ -12,6 +13,7 @@ from serving import metrics
 from serving.deps import RuntimeDep, SettingsDep
 from serving.schemas import SelectRequest, SelectResponse
 from serving.selection import SelectionRequest, Slot
+from serving.tracking import Touch
 
 router = APIRouter(prefix="/v1", tags=["selection"])
 
@@ -30,13 +32,20 @@ async def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: Setting
         exclude_ad_ids=body.exclude_ad_ids,
     )
     state, result = await runtime.pipeline.run(request)
-    body = response_body(result, request, state.catalog)
+    body = response_body(result, request, state.catalog, click_url=runtime.click_url)
     metrics.child(metrics.REQUEST_SECONDS, "select").observe(time.perf_counter() - started)
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-def response_body(result, request: SelectionRequest, catalog) -> dict:
-    """The `SelectResponse` as plain data (serialised once, without re-validating what we built)."""
+def response_body(result, request: SelectionRequest, catalog, *, click_url: Callable[[Touch], str]) -> dict:
+    """The `SelectResponse` as plain data (serialised once, without re-validating what we built); each ad carries
+    its signed click-tracking URL."""
+    now_ms = int(time.time() * 1000)
+
+    def touch(c, slot_id: str) -> Touch:
+        return Touch(result.request_id, c.ad_id, c.campaign_id, result.arm, result.model_version, c.propensity,
+                     result.user_id, slot_id, now_ms)  # fmt: skip
+
     slots = [
         {
             "slot_id": s.slot_id,
@@ -50,6 +59,7 @@ def response_body(result, request: SelectionRequest, catalog) -> dict:
                     "pctr": c.pctr,
                     "price": c.price,
                     "propensity": c.propensity,
+                    "click_url": click_url(touch(c, s.slot_id)),
                 }
                 for c in result.slots.get(s.slot_id, [])
             ],

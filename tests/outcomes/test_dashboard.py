@@ -134,6 +134,8 @@ def test_dashboard_renders_live_data_in_headless_chromium(app_settings, tmp_path
             assert "100.0%" in page.locator("#kpis").inner_text()  # relative lift of 20% over 10%
             assert "schema" in page.locator("#dlq").inner_text()
             assert page.locator("#latency tbody tr").count() >= 1
+            assert page.locator("#money tbody tr").count() == 2  # conversions, revenue, spend, ROAS per arm
+            assert "unattributed conversions" in page.locator("#money-kpis").inner_text()
 
             # live: a new impression shows up at the next poll without a reload
             imp = _events()[0].model_copy(update={"event_id": "late", "request_id": "late", "ts": NOW})

@@ -236,8 +236,8 @@ def test_missing_required_fields_are_refused() -> None:
 def test_the_fast_path_knows_the_contract() -> None:
     """A field or a bound changed in the contract fails here until `encode`'s checks follow it."""
     optional = [name for name, _ in impressions.OPTIONAL_FIELDS]
-    written = ["event_id", "schema_version", "event_type", "user_id", "ts", *optional, "source", "context"]
-    never_set = ["session_id", "item_id", "brand", "price"]
+    written = ["event_id", "schema_version", "event_type", "user_id", "ts", *optional, "source", "context", "cost"]
+    never_set = ["session_id", "item_id", "brand", "price", "value", "currency"]  # impressions carry no value
     assert sorted(Event.model_fields) == sorted(written + never_set)
     assert optional == [f for f in Event.model_fields if f in optional]  # keys in the contract's order
     fields = Event.model_json_schema()["properties"]
@@ -248,6 +248,7 @@ def test_the_fast_path_knows_the_contract() -> None:
     assert fields["position"]["anyOf"][0] == {"type": "integer", "minimum": 0}
     assert fields["propensity"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
     assert fields["arm"]["anyOf"][0]["enum"] == ["targeted", "control"]
+    assert fields["cost"]["anyOf"][0] == {"type": "number", "minimum": 0}
     context = fields["context"]["anyOf"][0]["additionalProperties"]["anyOf"]
     assert [c["type"] for c in context] == ["string", "integer", "number", "boolean", "null"]
 

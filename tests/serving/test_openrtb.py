@@ -219,7 +219,10 @@ def test_not_json_is_400(app) -> None:
     assert response.status_code == 400
 
 
-def test_billing_notice_logs_the_impression(app) -> None:
+@pytest.mark.parametrize("pricing", ["cpm", "cpc"])
+def test_billing_notice_logs_the_impression(make_app, catalog_rows, catalog_file, pricing: str) -> None:
+    write_catalog([dict(r, pricing=pricing) for r in catalog_rows], catalog_file)
+    app, _ = make_app()
     with TestClient(app) as client:
         b = bid(client, SIMPLE_BANNER).json()["seatbid"][0]["bid"][0]
         logger = app.state.runtime.logger
@@ -229,5 +232,6 @@ def test_billing_notice_logs_the_impression(app) -> None:
         bad = client.get(url.path, params={"r": "x"})
         spent = app.state.runtime.pacer.spent(b["adid"])
     assert notice.status_code == 204 and logger.counts["enqueued"] == before + 1
-    assert spent == pytest.approx(1.25 / 1000)
+    # a CPM ad pays the clearing price; a CPC ad pays on its tracked click, not here
+    assert spent == pytest.approx(1.25 / 1000 if pricing == "cpm" else 0.0)
     assert bad.status_code == 422

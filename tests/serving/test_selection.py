@@ -131,12 +131,20 @@ def test_budgets_and_smooth_pacing(catalog_rows) -> None:
     assert set(served(result)) == {r["ad_id"] for r in rows[2:]}
 
 
-def test_serving_charges_the_pacer(catalog_rows) -> None:
-    sel = make_selector(catalog_rows)
-    result = sel.select_with(sel.state, request(Slot("a", "native")), TECH_USER)
-    sel.charge(sel.state, result)
-    choice = result.slots["a"][0]
-    assert sel.pacer.spent(choice.ad_id) == pytest.approx(choice.price / 1000)
+def test_serving_charges_cpm_ads_their_bid_and_cpc_ads_nothing(catalog_rows) -> None:
+    rows = [dict(r, formats="native", start_date="", end_date="", pricing=("cpm", "cpc")[i % 2])
+            for i, r in enumerate(catalog_rows[:20])]  # fmt: skip
+    sel = make_selector(rows)
+    result = sel.select_with(sel.state, request(Slot("a", "native", 10)), TECH_USER, now=NOON)
+    costs = sel.charge(sel.state, result)
+    catalog = sel.state.catalog
+    for choice in result.slots["a"]:
+        cpm = bool(catalog.cpm[choice.row])
+        expected = catalog.bid[choice.row] / 1000 if cpm else 0.0  # a CPC ad pays on its tracked click
+        assert sel.pacer.spent(choice.ad_id) == pytest.approx(expected)
+        assert costs.get(("a", choice.ad_id)) == (pytest.approx(expected) if cpm else None)
+        if cpm:
+            assert choice.price == pytest.approx(catalog.bid[choice.row])  # eCPM of a CPM ad: its bid
 
 
 def test_flights_candidates_excludes_and_blocklists(catalog_rows) -> None:

@@ -1,0 +1,143 @@
+"""Click tracking and attribution: signed click tokens, and the touches conversions are attributed to.
+
+A served creative carries `GET /c/{token}`. The token is compact and signed (`serving.signing`, the
+secret every replica shares): base64url of a JSON array of the impression's identity and policy
+(request id, ad, campaign, arm, model version, propensity, user, slot, impression time in ms), then
+`.` and the HMAC. A token that does not verify changes nothing.
+
+A click's event id is derived from its impression (request id + ad id): a repeated click of the same
+impression has the same id, so the feature consumer and the outcomes lander count it once, and the
+tracker's Redis record (`SET NX`) makes sure it is charged once.
+
+Touches live in Redis, not in the consumer's features: attribution needs the exact impression (request
+id, ad, arm, model version), which the feature rows do not keep, and must see a click the moment its
+redirect is answered. A touch is one JSON value with an expiry of the attribution window:
+`adloop:touch:click:<click id>` (a postback naming the click), `adloop:touch:user:click:<user>` (the
+user's last click) and, with `ADLOOP_ATTRIBUTION_MODEL=impression`, `adloop:touch:user:impression:<user>`
+(the user's last impression, written by a background thread in batches).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+
+from serving import signing
+
+log = logging.getLogger(__name__)
+TOUCH_FIELDS = ("request_id", "ad_id", "campaign_id", "arm", "model_version", "propensity", "user_id", "slot_id",
+                "ts_ms")  # fmt: skip
+ARMS = ("targeted", "control")
+# KEYS[1] = the click's touch, KEYS[2] = the user's last click; ARGV = ttl s, touch JSON. 1: new, 0: seen.
+RECORD_CLICK = """
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Touch:
+    """An impression (or its click) a conversion may be attributed to."""
+
+    request_id: str
+    ad_id: str
+    campaign_id: str
+    arm: str
+    model_version: str
+    propensity: float
+    user_id: str
+    slot_id: str
+    ts_ms: int  # the impression's time (epoch ms); a click's touch is stored with the click's time
+
+    @property
+    def click_id(self) -> str:
+        return click_id(self.request_id, self.ad_id)
+
+
+class InvalidToken(ValueError):
+    """A click token that is malformed or whose signature does not verify."""
+
+
+def click_id(request_id: str, ad_id: str) -> str:
+    """The event id of the click on an impression: the same for every click of it."""
+    return "clk-" + hashlib.blake2b(f"{request_id}\x1f{ad_id}".encode(), digest_size=12).hexdigest()
+
+
+def conversion_id(idempotency_key: str) -> str:
+    """The event id of a conversion: the same for every retry of one postback."""
+    return "cnv-" + hashlib.blake2b(idempotency_key.encode(), digest_size=12).hexdigest()
+
+
+def encode_token(touch: Touch, secret: bytes) -> str:
+    values = list(asdict(touch).values())
+    values[3] = ARMS.index(touch.arm)  # 0 / 1: a few bytes less per URL
+    payload = base64.urlsafe_b64encode(orjson.dumps(values)).rstrip(b"=").decode()
+    return f"{payload}.{signing.sign({'t': payload}, secret)}"
+
+
+def decode_token(token: str, secret: bytes) -> Touch:
+    """The touch of a verified token; raises `InvalidToken` otherwise."""
+    payload, _, sig = token.partition(".")
+    if not payload or not signing.verify({"t": payload, signing.SIGNATURE_PARAM: sig}, secret):
+        raise InvalidToken("signature does not verify")
+    try:
+        values = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        values[3] = ARMS[values[3]]
+        touch = Touch(*values)
+    except Exception as error:  # signed by us, so only a bug gets here; still never a 500
+        raise InvalidToken(f"malformed payload: {error}") from error
+    return touch
+
+
+class TouchStore:
+    """Touches in Redis (a client with its own timeouts, not the request path's budget)."""
+
+    def __init__(self, client: Any, *, window_s: float):
+        self.client = client
+        self.ttl = max(1, int(window_s))
+        self._impressions: deque[Touch] = deque(maxlen=100_000)
+        self._wake = threading.Event()
+
+    def record_click(self, touch: Touch) -> bool:
+        """Remember a click (its touch with the click's time); False if this impression was clicked already."""
+        value = orjson.dumps(asdict(touch))
+        keys = (f"adloop:touch:click:{touch.click_id}", f"adloop:touch:user:click:{touch.user_id}")
+        return bool(self.client.eval(RECORD_CLICK, 2, *keys, self.ttl, value))
+
+    def last(self, *, user_id: str | None, click: str | None, model: str) -> Touch | None:
+        """The touch a conversion goes to: the named click, else the user's last click (or impression)."""
+        key = f"adloop:touch:click:{click}" if click else f"adloop:touch:user:{model}:{user_id}"
+        raw = self.client.get(key)
+        return None if raw is None else Touch(**orjson.loads(raw))
+
+    def remember_impressions(self, touches: list[Touch]) -> None:
+        """Queue the impressions served (last-impression attribution); written by `run` (no I/O here)."""
+        self._impressions.extend(touches)
+        if len(self._impressions) >= 500:
+            self._wake.set()
+
+    def run(self, stop: threading.Event, every_s: float = 0.5) -> None:
+        """Write the queued impressions as each user's last one, a pipeline per round."""
+        while not stop.is_set():
+            self._wake.wait(every_s)
+            self._wake.clear()
+            batch = [self._impressions.popleft() for _ in range(len(self._impressions))]
+            if not batch:
+                continue
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for touch in batch:
+                    pipe.set(f"adloop:touch:user:impression:{touch.user_id}", orjson.dumps(asdict(touch)), ex=self.ttl)
+                pipe.execute()
+            except Exception as error:
+                log.warning("writing %d impression touches failed (%s); they are not attributable", len(batch), error)
