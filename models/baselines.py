@@ -7,6 +7,7 @@
 - co-occurrence (session kNN): the session's last clicks vote for the articles that followed them in
   earlier sessions; the most recent click's transitions weigh 1, the two before 0.5 and 0.25
   (`probes.VOTE_WEIGHTS`). Transitions are counted online, so the vote is always as of the event.
+- co-occurrence, last click: the same with the most recent click alone.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ BASELINES = {
     "popularity, last hour": "pop_1h",
     "popularity, decayed (1 h half-life)": "pop_decayed",
     "co-occurrence (session kNN)": "cooc_vote",
+    "co-occurrence, last click": "cooc_last",
 }
 
 

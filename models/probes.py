@@ -59,7 +59,6 @@ def build_probes(clicks: Clicks, events: np.ndarray, protocol: Protocol, *, half
     """Candidates and features of `events` (click indices, any order; returned in time order)."""
     events = np.sort(np.asarray(events, dtype=np.int64))
     n_items, width = clicks.n_items, protocol.negatives + 1
-    rng = np.random.default_rng(protocol.seed)
     ts, item = clicks.ts, clicks.item
     previous = _previous_item(clicks)
     state = _State(n_items)
@@ -80,6 +79,8 @@ def build_probes(clicks: Clicks, events: np.ndarray, protocol: Protocol, *, half
         own = item[session]
         target = int(item[index])
         in_pool[e] = state.hour[target] > 0
+        # One generator per event: its candidates do not depend on which other events are scored.
+        rng = np.random.default_rng((protocol.seed, int(index)))
         row = _draw(state.hour, np.append(own, target), protocol.negatives, rng)
         candidates[e, 0], candidates[e, 1 : 1 + len(row)] = target, row
         cands = candidates[e, : 1 + len(row)]
