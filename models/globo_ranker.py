@@ -26,12 +26,10 @@ PARAMS = {  # flat, as LightGBM's python-guide keeps them
     "objective": "lambdarank",
     "metric": "ndcg",
     "eval_at": [10],
-    "learning_rate": 0.05,
+    "learning_rate": 0.1,
     "num_leaves": 31,
     "min_data_in_leaf": 200,
     "feature_fraction": 0.9,
-    "bagging_fraction": 0.8,
-    "bagging_freq": 1,
     "lambda_l2": 1.0,
     "num_threads": 2,
     "deterministic": True,
@@ -43,9 +41,11 @@ PARAMS = {  # flat, as LightGBM's python-guide keeps them
 
 @dataclass
 class RankerConfig:
-    rounds: int = 300  # boosting rounds at most (early stopping on the last `valid_share` of events)
+    rounds: int = 200  # boosting rounds at most (early stopping on the last `valid_share` of events)
     valid_share: float = 0.1  # latest share of the training events held out for early stopping
     early_stopping: int = 30  # rounds without improvement before stopping
+    train_negatives: int = 20  # negatives kept per training event (seeded): more events for the same rows
+    seed: int = 0
 
 
 def feature_tensor(probes: Probes, embedding: np.ndarray | None, names: Sequence[str]) -> np.ndarray:
@@ -55,7 +55,9 @@ def feature_tensor(probes: Probes, embedding: np.ndarray | None, names: Sequence
     emb = np.zeros(probes.candidates.shape) if embedding is None else embedding
     mask = probes.mask
     cols[EMBEDDING] = emb
-    cols["pop_1h_vs_slate"] = cols["pop_1h"] / np.maximum(np.where(mask, cols["pop_1h"], 0).max(axis=1, keepdims=True), 1)
+    cols["pop_1h_vs_slate"] = cols["pop_1h"] / np.maximum(
+        np.where(mask, cols["pop_1h"], 0).max(axis=1, keepdims=True), 1
+    )
     top = np.where(mask, cols["cooc_vote"], 0).max(axis=1, keepdims=True)
     cols["cooc_vote_vs_slate"] = cols["cooc_vote"] / np.maximum(top, 1e-9)
     masked = np.where(mask, emb, -np.inf)
@@ -77,9 +79,14 @@ class GloboRanker:
         probes = probes.select(keep)
         embedding = None if embedding is None else embedding[keep]
         x = feature_tensor(probes, embedding, self.features)  # (E, C, F)
-        mask = probes.mask
+        mask = _keep_negatives(probes.mask, self.config.train_negatives, self.config.seed)
         labels = np.zeros(mask.shape, dtype=np.int32)
         labels[:, 0] = 1
+        # The clicked article is column 0: shuffled within each event, or LightGBM's NDCG, which keeps tied
+        # scores in row order, credits a tie to the click and early stopping picks a one-tree model.
+        order = np.argsort(np.random.default_rng(self.config.seed).random(mask.shape), axis=1)
+        x = np.take_along_axis(x, order[:, :, None], axis=1)
+        labels, mask = np.take_along_axis(labels, order, axis=1), np.take_along_axis(mask, order, axis=1)
         split = int(len(keep) * (1 - self.config.valid_share))
         train = _dataset(x[:split], labels[:split], mask[:split])
         valid = _dataset(x[split:], labels[split:], mask[split:], reference=train)
@@ -96,6 +103,17 @@ class GloboRanker:
         e, c, f = x.shape
         out = self.booster.predict(x.reshape(e * c, f), num_iteration=self.booster.best_iteration).reshape(e, c)
         return np.where(probes.mask, out, -np.inf)
+
+
+def _keep_negatives(mask: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """`mask` with at most k negatives per event left, drawn uniformly (the positive always kept)."""
+    keys = np.random.default_rng(seed).random(mask.shape)
+    keys[:, 0] = -1.0  # the positive sorts first
+    keys[~mask] = np.inf
+    order = np.argsort(keys, axis=1)
+    keep = np.zeros_like(mask)
+    np.put_along_axis(keep, order[:, : k + 1], True, axis=1)
+    return keep & mask
 
 
 def _dataset(x: np.ndarray, labels: np.ndarray, mask: np.ndarray, reference: lgb.Dataset | None = None) -> lgb.Dataset:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,15 +103,28 @@ class SequenceModel:
     def refresh(self, clicks: Clicks, start_ms: int, end_ms: int) -> None:
         self.fit(clicks, start_ms, end_ms, epochs=self.config.refresh_epochs)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The weights and the seen articles as they are now (a copy: later training leaves it alone)."""
+        state = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+        return {"state": state, "seen": torch.from_numpy(self.seen.copy())}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.net.load_state_dict(snapshot["state"])
+        self.seen = snapshot["seen"].numpy().copy()
+
     @torch.no_grad()
-    def score(self, probes: Probes) -> np.ndarray:
-        """(E, C) cosine similarities of each event's session and its candidates; 0 for unseen articles."""
+    def score(self, probes: Probes, index_map: np.ndarray | None = None) -> np.ndarray:
+        """(E, C) cosine similarities of each event's session and its candidates; 0 for unseen articles.
+        `index_map` maps the probes' article indices to this model's rows (-1: not in the model)."""
         self.net.eval()
-        history = torch.from_numpy(probes.history[:, : self.config.history]).to(self.device)
-        cands = torch.from_numpy(probes.candidates).to(self.device)
-        users, items = self.net.user_tower(history), self.net.item_tower(cands)  # (E, dim), (E, C, dim)
+        history, cands = probes.history[:, : self.config.history], probes.candidates
+        if index_map is not None:
+            history = np.where(history >= 0, index_map[np.maximum(history, 0)], -1)
+            cands = np.where(cands >= 0, index_map[np.maximum(cands, 0)], -1)
+        users = self.net.user_tower(torch.from_numpy(history).to(self.device))  # (E, dim)
+        items = self.net.item_tower(torch.from_numpy(cands).to(self.device))  # (E, C, dim)
         scores = (users[:, None, :] * items).sum(dim=-1).cpu().numpy()
-        known = self.seen[np.maximum(probes.candidates, 0)] & (probes.candidates >= 0)
+        known = self.seen[np.maximum(cands, 0)] & (cands >= 0)
         return np.where(known, scores, 0.0)
 
     def _step(self, history: Tensor, target: Tensor) -> None:
