@@ -104,7 +104,8 @@ def test_features_do_not_read_later_clicks(clicks, probes) -> None:
     e = len(probes.events) // 2
     t = int(probes.ts[e])
     cut = clicks_from_frame(frame[frame["click_timestamp"] <= t])
-    at = int(np.flatnonzero((cut.ts == t) & (cut.articles[cut.item] == clicks.articles[clicks.item[probes.events[e]]]))[0])
+    article = clicks.articles[clicks.item[probes.events[e]]]
+    at = int(np.flatnonzero((cut.ts == t) & (cut.articles[cut.item] == article))[0])
     short = build_probes(cut, np.array([at]), PROTOCOL)
     same = clicks.articles[probes.candidates[e][probes.mask[e]]]
     np.testing.assert_array_equal(cut.articles[short.candidates[0][short.mask[0]]], same)
