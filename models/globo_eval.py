@@ -150,6 +150,13 @@ def evaluate_saved(clicks: Clicks, root: Path, version: str, protocol: Protocol 
     return GloboReport(rows, diffs, per_event, info)
 
 
+def first_clicks(clicks: Clicks) -> np.ndarray:
+    """(n_items,) unix ms of each article's first click in the log."""
+    out = np.full(clicks.n_items, np.iinfo(np.int64).max)
+    np.minimum.at(out, clicks.item, clicks.ts)
+    return out
+
+
 def _rows(scores: dict[str, np.ndarray], held: Probes, sessions: np.ndarray) -> tuple[dict, dict, str]:
     """(per-event metrics, summaries, the best co-occurrence baseline by HR@10) of every scorer."""
     per_event = {name: event_metrics(np.where(held.mask, s, -np.inf), held.mask) for name, s in scores.items()}
@@ -164,6 +171,7 @@ def _sizes(clicks: Clicks, held: Probes, start: int, end: int) -> dict[str, Any]
         "eligible": len(eligible(clicks, start, end)),
         "sessions": int(np.unique(clicks.session[held.events]).size),
         "in_pool": float(held.in_pool.mean()),
+        "new_articles": float((first_clicks(clicks)[clicks.item[held.events]] >= start).mean()),
         "window": (start, end),
     }
 

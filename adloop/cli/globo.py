@@ -59,7 +59,8 @@ def evaluate_globo_cmd(
         f"{source}: {len(clicks):,} clicks (read in {read_seconds:.1f} s); evaluated [{start}, {end}) UTC: "
         f"{share} of {info['eligible']:,} next-in-session clicks = {info['events']:,} events "
         f"({info['sessions']:,} sessions), {protocol.negatives} negatives each from the last hour's clicks; "
-        f"clicked article in that pool for {info['in_pool']:.1%}",
+        f"clicked article in that pool for {info['in_pool']:.1%}; first clicked within the "
+        f"evaluated days for {info['new_articles']:.1%}",
         highlight=False, markup=False, soft_wrap=True,
     )  # fmt: skip
     console.print(format_table(report.rows), highlight=False, markup=False, soft_wrap=True)
