@@ -104,8 +104,20 @@ def evaluate_cmd(
     pipeline: Annotated[
         bool, typer.Option("--pipeline", help="With --model: replay PATH through Kafka, the consumer and Redis.")
     ] = False,
+    data: Annotated[str, typer.Option("--data", help="mind, or globo (next-in-session clicks).")] = "mind",
+    all_events: Annotated[bool, typer.Option("--all", help="globo: score every eligible event.")] = False,
+    sample: Annotated[float, typer.Option("--sample", help="globo: share of eligible events scored.")] = 0.1,
+    eval_from: Annotated[str | None, typer.Option("--from", help="globo: first evaluated UTC day.")] = None,
 ) -> None:
     """The evaluation table (train on earlier days, score the last day prequentially), or one saved version's."""
+    if data == "globo":
+        from adloop.cli.globo import evaluate_globo_cmd
+
+        evaluate_globo_cmd(path, model=model, all_events=all_events, eval_from=eval_from, sample=sample)
+        return
+    if data != "mind":
+        console.print(f"[red]--data {data}:[/red] use mind or globo")
+        raise typer.Exit(2)
     from models.evaluate import evaluate_bundle, evaluation_table, format_table, holdout_split, load_mind
     from models.registry import Registry, RegistryError
 
