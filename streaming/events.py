@@ -224,6 +224,9 @@ class DecodedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     propensity: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     source: _MsgId | None = None
     context: dict[str, ContextValue] | None = None
+    value: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    currency: Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")] | None = None
+    cost: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
     def __post_init__(self) -> None:
         # ValueError here is msgspec's ValidationError for the caller, which then asks pydantic for the reason.
@@ -231,8 +234,8 @@ class DecodedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ts = self.ts
         ts = datetime.fromtimestamp(ts / 1000, tz=UTC) if isinstance(ts, int) else ts.astimezone(UTC)
         msgspec.structs.force_setattr(self, "ts", ts)
-        if self.event_type in AD_EVENTS and not self.ad_id:
-            raise ValueError(f"ad_id is required for {self.event_type.value}")
+        if self.event_type in AD_EVENTS and self.event_type is not EventType.conversion and not self.ad_id:
+            raise ValueError(f"ad_id is required for {self.event_type.value}")  # as `Event`
 
     @property
     def ts_ms(self) -> int:
