@@ -54,6 +54,7 @@ class Settings(BaseSettings):
 
     # Serving (ad selection)
     catalog_path: Path = PROJECT_ROOT / "data" / "catalog" / "ads.csv"  # the ads (CSV)
+    model_poll_s: float = 2.0  # how often each serving process reads the registry's promoted pointer (0: never)
     catalog_poll_s: float = 5.0  # reload the catalog when its file changes; 0 = only on admin reload
     serve_top_k: int = 200  # candidates per requested format that reach the ranker
     serve_epsilon: float = 0.05  # epsilon-greedy exploration per pick

@@ -45,6 +45,10 @@ MODEL_INFO = Gauge(
     multiprocess_mode="livemax",
 )  # fmt: skip
 CATALOG_ADS = Gauge("adloop_catalog_ads", "Ads in the loaded catalog.", multiprocess_mode="livemax")
+MODEL_LOAD_FAILURES = Counter(
+    "adloop_model_load_failures", "Model versions that failed to load (the model serving was kept)."
+)
+MODEL_SWAPS = Counter("adloop_model_swaps", "Models swapped in by following the registry's promoted version.")
 RELOADS = Counter("adloop_reloads_total", "Catalog / model reloads, by outcome.", ["outcome"])
 GC_PAUSE_SECONDS = Histogram(
     "adloop_gc_pause_seconds", "Full (generation 2) collections of the cyclic GC: each pauses the whole process.",

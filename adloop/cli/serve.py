@@ -37,5 +37,22 @@ def serve(
         port=port,
         workers=workers,
         log_level="info",
+        log_config=_log_config(),
         access_log=False,  # one canonical line per request belongs in the app, not per-hit access logs
     )
+
+
+def _log_config() -> dict:
+    """uvicorn's logging plus the root logger at INFO: the workers are fresh processes (spawned), and
+    adloop's own lines (a model swapped or failed to load, a reader rebuilt) must reach their stderr."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["adloop"] = {"format": "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"}
+    config["handlers"]["adloop"] = {"formatter": "adloop", "class": "logging.StreamHandler",
+                                    "stream": "ext://sys.stderr"}  # fmt: skip
+    config["root"] = {"handlers": ["adloop"], "level": "INFO"}
+    config["loggers"]["kafka"] = {"level": "WARNING"}
+    return config
