@@ -9,6 +9,8 @@ import typer
 from adloop.cli.app import app
 from adloop.settings import get_settings
 
+WORKER_HEALTHCHECK_S = 60
+
 
 @app.command("serve")
 def serve(
@@ -39,6 +41,9 @@ def serve(
         log_level="info",
         log_config=_log_config(),
         access_log=False,  # one canonical line per request belongs in the app, not per-hit access logs
+        # uvicorn kills a worker that leaves its health ping unanswered this long (default 5 s): a worker busy
+        # importing torch at start-up or loading a promoted model on a loaded machine is not hung.
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
     )
 
 
