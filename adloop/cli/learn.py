@@ -96,6 +96,32 @@ def train_cmd(
                   f"promote it with `adloop models promote {version}`", highlight=False)  # fmt: skip
 
 
+@app.command("learn")
+def learn_cmd(
+    once: Annotated[bool, typer.Option("--once", help="One check (and training if due), then exit.")] = False,
+) -> None:
+    """Retrain continuously from the served log: every ADLOOP_LEARN_EVERY_IMPRESSIONS new impressions or
+    ADLOOP_LEARN_EVERY_MINUTES, train, evaluate, promote through the gate; serving follows by itself."""
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from models.learn_service import LearnService
+
+    settings = get_settings()
+    service = LearnService(settings)
+    if once:
+        console.print_json(data=service.step())
+        return
+    start_http_server(settings.learn_metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(f"learning from {settings.events_topic}; metrics on :{settings.learn_metrics_port}", highlight=False)
+    service.run(stop)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     path: Annotated[Path | None, typer.Argument(help="MIND folder; default ../shared/data/mind.")] = None,

@@ -15,8 +15,8 @@ from models.registry import Registry
 from models.train import TrainConfig, sort_requests, train
 from models.two_tower import TwoTowerConfig
 from streaming.topic_reader import read_events
-from tests.conftest import consume_all, produce
 from tests.models.test_retrain import served_log
+from tests.support.stack import consume_all, produce
 
 pytestmark = pytest.mark.integration
 

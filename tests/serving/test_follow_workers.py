@@ -18,8 +18,8 @@ import urllib.request
 import pytest
 
 from adloop.settings import PROJECT_ROOT, Settings
-from tests.serving.conftest import free_port
-from tests.serving.trained import registry_with
+from tests.support.serving import free_port
+from tests.support.trained import registry_with
 
 pytestmark = pytest.mark.integration
 POLL_S = 2.0  # the default of ADLOOP_MODEL_POLL_S

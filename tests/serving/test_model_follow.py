@@ -14,8 +14,8 @@ from features import store
 from serving import metrics
 from serving.catalog import generate_catalog, write_catalog
 from serving.runtime import Runtime
-from tests.serving.conftest import MemoryReader, NoKafka
-from tests.serving.trained import registry_with
+from tests.support.serving import MemoryReader, NoKafka
+from tests.support.trained import registry_with
 
 SLOTS = [{"slot_id": "feed", "format": "native", "count": 2}]
 

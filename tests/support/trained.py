@@ -15,7 +15,7 @@ def trained() -> tuple[Any, dict[str, Any]]:
     from models.mind import Replay
     from models.train import TrainConfig, train
     from models.two_tower import TwoTowerConfig
-    from tests.models.conftest import synthetic_world
+    from tests.support.models import synthetic_world
 
     news, impressions = synthetic_world(n_requests=300)
     tower = TwoTowerConfig(item_buckets=1024, attribute_buckets=128, category_buckets=32, epochs=1, batch_size=64)
