@@ -107,6 +107,7 @@ class ModelFollower:
         if version is None:
             return current
         if current is not None and current.version == version:
+            self.failure = None  # the promoted version is the one serving: an earlier failure is history
             return current
         if self._previous is not None and self._previous.version == version:
             self.failure = None

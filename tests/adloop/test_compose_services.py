@@ -81,7 +81,7 @@ def test_each_compose_service_runs_and_becomes_healthy_on_the_local_stack(local_
                 continue
             check = services[name]["healthcheck"]["test"][1:]
             check = [sys.executable if c == "python" else c for c in _ports(check, ports)]
-            deadline = time.monotonic() + 240
+            deadline = time.monotonic() + 360  # two API workers importing torch on 2 shared cores
             while (done := subprocess.run(check, capture_output=True, text=True, timeout=30)).returncode != 0:
                 assert process.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, f"{name} never became healthy: {done.stderr[-1500:]}" + (
