@@ -55,6 +55,7 @@ class Settings(BaseSettings):
 
     # Serving (ad selection)
     catalog_path: Path = PROJECT_ROOT / "data" / "catalog" / "ads.csv"  # the ads (CSV)
+    model_poll_s: float = 2.0  # how often each serving process reads the registry's promoted pointer (0: never)
     catalog_poll_s: float = 5.0  # reload the catalog when its file changes; 0 = only on admin reload
     serve_top_k: int = 200  # candidates per requested format that reach the ranker
     serve_epsilon: float = 0.05  # epsilon-greedy exploration per pick
@@ -77,6 +78,13 @@ class Settings(BaseSettings):
     max_count_per_slot: int = 10  # ads per slot
     max_candidate_ids: int = 1000  # length limit of candidate_ad_ids / exclude_ad_ids
     openrtb_tmax_margin_ms: float = 5.0  # network allowance subtracted from OpenRTB tmax
+
+    # Retraining service (`adloop learn`)
+    learn_every_impressions: int = 5000  # train when this many impressions were logged since the last training
+    learn_every_minutes: float = 60.0  # or train after this many minutes with at least one new impression
+    learn_check_s: float = 30.0  # how often it counts the impressions on the events topic
+    learn_click_window_s: float = 1800.0  # a click within this many seconds of its impression labels it 1
+    learn_metrics_port: int = 9109  # Prometheus /metrics of `adloop learn`
 
     stack_start_timeout: float = 60.0  # seconds `adloop stack up` waits for Kafka and Redis
 

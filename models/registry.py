@@ -3,7 +3,9 @@
     <root>/v0003/            two_tower.pt, two_tower.json, ad_matrix.npy, ad_ids.json, ranker.txt,
                              calibrator.json, manifest.json (metrics, features, data window, seed,
                              code version, training time, sha256 of every artifact)
-    <root>/promoted.json     {"version": "v0003", "history": ["v0001", "v0002"]}
+    <root>/promoted.json     {"version": "v0003", "history": ["v0001", "v0002"], "promoted_at": 1764650000.1}
+    <root>/reload.json       {"generation": 4}: bumped by an admin reload; every serving process reloads
+    <root>/load_failures.json  {"v0004": {"reason": ..., "at": ..., "process": "host:pid"}}: loads that failed
 
 A version folder is written under a temporary name and renamed into place, so a half-written
 version is never listed. `promote` loads the version (checksums and all) before it rewrites the
@@ -12,14 +14,18 @@ pointer (temp file + os.replace), so a corrupt or incomplete version never repla
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,8 @@ log = logging.getLogger(__name__)
 
 ARTIFACTS = ["two_tower.pt", "two_tower.json", "ad_matrix.npy", "ad_ids.json", "ranker.txt", "calibrator.json"]
 POINTER = "promoted.json"
+RELOAD = "reload.json"
+FAILURES = "load_failures.json"
 COMPILED = "ranker.compiled"  # lleaves object code, a cache built on first load (not an artifact)
 
 
@@ -84,6 +92,7 @@ class Registry:
     def list(self) -> list[dict[str, Any]]:
         """Every version, oldest first: name, created_at, promoted flag and the full model's group AUC."""
         promoted = self.promoted()
+        failures = self.failures()
         rows = []
         for path in self._versions():
             try:
@@ -93,7 +102,8 @@ class Registry:
             full = manifest.get("metrics", {}).get("full model", {})
             rows.append({"version": path.name, "created_at": manifest.get("created_at"),
                          "promoted": path.name == promoted, "group_auc": full.get("group_auc"),
-                         "ok": bool(manifest)})  # fmt: skip
+                         "ok": bool(manifest), "load_failure": failures.get(path.name),
+                         "gate": manifest.get("gate")})  # fmt: skip
         return rows
 
     def promoted(self) -> str | None:
@@ -109,7 +119,8 @@ class Registry:
         if current == version:
             return
         history = [*pointer.get("history", []), current] if current else pointer.get("history", [])
-        self._write_pointer({"version": version, "history": history})
+        self._write_pointer({"version": version, "history": history, "promoted_at": time.time()})
+        self._clear_failure(version)  # it loaded here: a failure recorded earlier is history
         log.info("promoted %s (was %s)", version, current)
 
     def rollback(self) -> str:
@@ -120,9 +131,43 @@ class Registry:
             raise RegistryError("nothing to roll back to: no earlier promoted version")
         previous = history.pop()
         self.load(previous, compiled=False)
-        self._write_pointer({"version": previous, "history": history})
+        self._write_pointer({"version": previous, "history": history, "promoted_at": time.time()})
         log.info("rolled back from %s to %s", pointer.get("version"), previous)
         return previous
+
+    def pointer(self) -> dict[str, Any]:
+        """What serving processes follow, one small read: the promoted version, when it was promoted, and
+        the reload generation (`request_reload`)."""
+        pointer = self._read_pointer()
+        return {"version": pointer.get("version"), "promoted_at": pointer.get("promoted_at"),
+                "generation": _read_json(self.root / RELOAD).get("generation", 0)}  # fmt: skip
+
+    def request_reload(self) -> int:
+        """Bump the reload generation: every serving process that follows this registry reloads its catalog
+        and model on its next poll (the admin reload reaches all workers and replicas this way)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            generation = int(_read_json(self.root / RELOAD).get("generation", 0)) + 1
+            _write_json(self.root / RELOAD, {"generation": generation, "at": time.time()})
+        return generation
+
+    def record_failure(self, version: str, reason: str) -> None:
+        """Remember that `version` failed to load (shown by `list` and `adloop models list`)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            failures = _read_json(self.root / FAILURES)
+            failures[version] = {"reason": reason, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 "process": f"{socket.gethostname()}:{os.getpid()}"}  # fmt: skip
+            _write_json(self.root / FAILURES, failures)
+
+    def failures(self) -> dict[str, dict[str, Any]]:
+        return _read_json(self.root / FAILURES)
+
+    def record_gate(self, version: str, gate: dict[str, Any]) -> None:
+        """Store the promotion gate's comparison in `version`'s manifest (written aside, then renamed)."""
+        manifest = self.manifest(version)
+        manifest["gate"] = gate
+        _write_json(self.root / version / "manifest.json", manifest, indent=2)
 
     def manifest(self, version: str) -> dict[str, Any]:
         path = self.root / version / "manifest.json"
@@ -172,15 +217,42 @@ class Registry:
         return f"v{max(numbers, default=0) + 1:04d}"
 
     def _read_pointer(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.root / POINTER).read_text())
-        except FileNotFoundError:
-            return {}
+        return _read_json(self.root / POINTER)
 
     def _write_pointer(self, pointer: dict[str, Any]) -> None:
-        tmp = self.root / f".{POINTER}.{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps(pointer))
-        os.replace(tmp, self.root / POINTER)
+        _write_json(self.root / POINTER, pointer)
+
+    def _clear_failure(self, version: str) -> None:
+        if version in self.failures():
+            with self._locked():
+                failures = _read_json(self.root / FAILURES)
+                failures.pop(version, None)
+                _write_json(self.root / FAILURES, failures)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Read-modify-write of the registry's small files, one process at a time (serving workers write
+        failures at the same moment)."""
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:  # never half-written (os.replace), so only a hand edit: say so, read as empty
+        log.warning("%s is not valid JSON; read as empty", path)
+        return {}
+
+
+def _write_json(path: Path, data: dict[str, Any], indent: int | None = None) -> None:
+    """Whole or not at all: written aside, then renamed over (readers never see half a file)."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(data, indent=indent, default=str))
+    os.replace(tmp, path)
 
 
 def code_version() -> str | None:

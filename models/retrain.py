@@ -1,7 +1,8 @@
 """Train a version on what serving logged: labelled impressions + point-in-time Feast features.
 
-The closed loop's learning step (`adloop train --from-log`, the demo's retrain): the last
-`holdout_share` of requests in time is held out and its metrics go into the manifest.
+The closed loop's learning step (`adloop train --from-log`, the demo's retrain, `adloop learn`): the last
+`holdout_share` of requests in time is held out and its metrics go into the manifest; `promote` goes
+through the promotion gate (models/gate.py), whose unseen traffic is that holdout and anything later.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from adloop.settings import Settings
 from models.dataset import labelled_impressions, training_frame
 from models.evaluate import evaluate_bundle
+from models.gate import GateRefused, promote_through_gate
 from models.registry import Registry
 from models.train import TrainConfig, sort_requests, train
 from models.two_tower import TwoTowerConfig
@@ -29,7 +31,9 @@ def train_from_log(
     holdout_share: float = 0.2,
     promote: bool = False,
 ) -> dict[str, Any]:
-    """Train, evaluate on the later requests, save (and optionally promote); returns what it did."""
+    """Train, evaluate on the later requests, save (and optionally promote through the gate); returns what it
+    did (`promoted`, and `gate`: the comparison when promotion was asked)."""
+    events = list(events)  # read twice: the training set, then the gate's replay
     impressions = labelled_impressions(events, click_window_s=click_window_s)
     clicks = int(impressions["label"].sum()) if len(impressions) else 0
     if len(impressions) < MIN_IMPRESSIONS or clicks < MIN_CLICKS:
@@ -48,6 +52,11 @@ def train_from_log(
     metrics = {"holdout": holdout["metrics"], "reliability": holdout["reliability"],
                "impressions": len(impressions), "clicks": clicks, "source": "served log"}  # fmt: skip
     version = registry.save(bundle, report=report, metrics=metrics)
+    done: dict[str, Any] = {"version": version, "promoted": False, **metrics}
     if promote:
-        registry.promote(version)
-    return {"version": version, "promoted": promote, **metrics}
+        try:
+            done["gate"] = promote_through_gate(settings, registry, version, events, click_window_s=click_window_s)
+            done["promoted"] = True
+        except GateRefused as refused:
+            done["gate"] = refused.gate
+    return done

@@ -48,7 +48,11 @@ def request_path_redis(url: str, *, timeout_s: float, max_connections: int = 64)
 
 
 class NoFeatures:
-    """The reader while no Feast registry exists: every user and ad is unknown (serving answers with defaults)."""
+    """The reader while no Feast registry exists: every user and ad is unknown (serving answers with defaults,
+    flagged `no_feature_store` by `GuardedReader`, and the runtime keeps trying to build the real reader)."""
+
+    def __init__(self, reason: str = "no feature store"):
+        self.reason = reason
 
     def user(self, user_id: str) -> dict[str, Any]:
         return {}
@@ -75,6 +79,8 @@ class GuardedReader:
         self._timeouts = 0  # in a row
 
     def user(self, user_id: str) -> tuple[dict[str, Any], str | None]:
+        if isinstance(self.reader, NoFeatures):
+            return {}, "no_feature_store"
         if time.monotonic() < self._skip_until:
             return {}, self._skip_reason
         try:
@@ -88,7 +94,7 @@ class GuardedReader:
         """`user` awaiting Redis in the event loop when the reader can (`user_async`), so the loop serves
         other requests meanwhile."""
         read = getattr(self.reader, "user_async", None)
-        if read is None:
+        if read is None or isinstance(self.reader, NoFeatures):
             return self.user(user_id)
         if time.monotonic() < self._skip_until:
             return {}, self._skip_reason

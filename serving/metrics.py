@@ -49,6 +49,10 @@ CLICKS = Counter("adloop_clicks_total", "Tracked clicks, by outcome.", ["outcome
 CONVERSIONS = Counter(
     "adloop_conversions_total", "Conversions, by outcome.", ["outcome"]
 )  # attributed, unattributed, duplicate, forged
+MODEL_LOAD_FAILURES = Counter(
+    "adloop_model_load_failures", "Model versions that failed to load (the model serving was kept)."
+)
+MODEL_SWAPS = Counter("adloop_model_swaps", "Models swapped in by following the registry's promoted version.")
 RELOADS = Counter("adloop_reloads_total", "Catalog / model reloads, by outcome.", ["outcome"])
 GC_PAUSE_SECONDS = Histogram(
     "adloop_gc_pause_seconds", "Full (generation 2) collections of the cyclic GC: each pauses the whole process.",

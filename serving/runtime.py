@@ -3,7 +3,9 @@ background threads, reload the catalog and model without a restart, stop.
 
 `Runtime` owns the catalog + model (`ServingState`, swapped whole on reload: a request in flight
 keeps the state it started with, so a reload drops nothing), the selector, the Redis clients, the
-impression logger and the background threads (ad-stats refresh, catalog file watch, pacing sync).
+impression logger and the background threads (ad-stats refresh, catalog file watch, pacing sync, the
+model registry's follower `serving.model_follow`, which also retries a feature reader that could not
+be built). `readiness()` reports each dependency, and what is degraded and why.
 The request path itself is `serving.pipeline.RequestPipeline` (`runtime.pipeline`). No FastAPI.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -24,9 +27,10 @@ from serving import metrics
 from serving.catalog import Catalog, load_catalog
 from serving.features_access import AdStats, GuardedReader, NoFeatures, request_path_redis, run_refresher
 from serving.impressions import ImpressionLogger, kafka_producer
+from serving.model_follow import ModelFollower
 from serving.pacing import Pacer
 from serving.pipeline import RequestPipeline
-from serving.protocols import FeatureReader, ModelBundle, ModelRegistry
+from serving.protocols import FeatureReader, ModelRegistry
 from serving.redis_async import AsyncRedis
 from serving.selection import SelectionConfig, Selector, ServingState
 from serving.signing import secret_of
@@ -51,8 +55,11 @@ class Runtime:
         budget_s = settings.request_budget_ms / 1000
         self.redis = request_path_redis(settings.redis_url, timeout_s=budget_s)
         self.async_redis = AsyncRedis(settings.redis_url, timeout_s=budget_s)  # the routes' user reads
+        self._default_reader = feature_reader is None  # only the default one is rebuilt when it is missing
         self.reader = feature_reader or default_reader(self.redis, settings, self.async_redis)
+        self.reader_error: str | None = _missing_reader_reason(self.reader)
         self.registry = registry or default_registry(settings)
+        self.follower = ModelFollower(self.registry)
         self.logger = ImpressionLogger(
             topic=settings.events_topic,
             buffer_size=settings.impression_buffer,
@@ -62,7 +69,7 @@ class Runtime:
         self._stop = threading.Event()
         self._catalog_mtime = 0.0
         catalog = self._load_catalog()
-        state = ServingState(catalog, self._load_model())
+        state = ServingState(catalog, self.follower.load_promoted(None))
         self.pacer = Pacer(catalog, slack=settings.pacing_slack)
         self.ad_stats = AdStats(catalog)
         config = SelectionConfig(
@@ -72,8 +79,8 @@ class Runtime:
             control_share=settings.control_share,
             control_salt=settings.control_salt,
         )
-        guarded = GuardedReader(self.reader, retry_after_s=settings.redis_retry_after_s)
-        self.selector = Selector(state, config, pacer=self.pacer, ad_stats=self.ad_stats, features=guarded)
+        self.guarded = GuardedReader(self.reader, retry_after_s=settings.redis_retry_after_s)
+        self.selector = Selector(state, config, pacer=self.pacer, ad_stats=self.ad_stats, features=self.guarded)
         # Click tracking and attribution (serving/tracking.py): the shared signing secret, touches in Redis
         self.secret = secret_of(settings)
         self.touches = TouchStore(
@@ -105,7 +112,7 @@ class Runtime:
                 target=run_refresher,
                 name="ad-stats",
                 daemon=True,
-                args=(self.ad_stats, self.reader, lambda: self.state.catalog),
+                args=(self.ad_stats, _CurrentReader(self), lambda: self.state.catalog),
                 kwargs={
                     "every_s": self.settings.ad_stats_refresh_s,
                     "full_every_s": self.settings.ad_stats_full_refresh_s,
@@ -119,6 +126,8 @@ class Runtime:
             threads.append(threading.Thread(target=self.touches.run, name="touches", daemon=True, args=(self._stop,)))
         if self.settings.pacing_sync_s > 0:
             threads.append(threading.Thread(target=self._sync_pacing, name="pacing-sync", daemon=True))
+        if self.settings.model_poll_s > 0:
+            threads.append(threading.Thread(target=self._follow_registry, name="model-follow", daemon=True))
         for thread in threads:
             thread.start()
 
@@ -128,24 +137,56 @@ class Runtime:
         self.redis.close()
         self.async_redis.close()
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self, *, everywhere: bool = False) -> dict[str, Any]:
         """Re-read the catalog file and the promoted model; swap them in at once. Raises on a bad catalog
-        (the old state keeps serving)."""
+        (the old state keeps serving); a model that fails to load keeps the old model serving (reported
+        by `readiness`). everywhere: also ask every other process following the registry to reload
+        (the admin route: with `--workers N` the call reaches one worker)."""
         with self._reload_lock:
+            old = self.state
             try:
                 catalog = self._load_catalog()
-                state = ServingState(catalog, self._load_model())
             except Exception:
                 metrics.RELOADS.labels("failed").inc()
                 raise
+            model = self.follower.load_promoted(old.model)
+            state = ServingState(catalog, model)
             self.pacer.rebase(catalog)
             self.ad_stats.reset(catalog)
             self.selector.state = state
+            self.follower.swapped(old.model, model)
             self._publish(state)
-            metrics.RELOADS.labels("ok").inc()
+            metrics.RELOADS.labels("failed" if self.follower.failure else "ok").inc()
             freeze_heap()  # the new catalog and model join the frozen heap (one pause per reload)
+        if everywhere:
+            self.follower.request_reload()
         threading.Thread(target=self._refresh_stats_once, daemon=True).start()
         return self.describe()
+
+    def follow_once(self) -> bool:
+        """One look at the registry (the follower thread's step; tests call it): True when the model or the
+        catalog changed. Also rebuilds a feature reader that could not be built."""
+        self._retry_reader()
+        step = self.follower.poll(self.state.model)
+        if step is None:
+            return False
+        action, model = step
+        if action == "reload":
+            try:
+                self.reload()
+            except Exception:
+                log.exception("reload asked through the registry failed; the old catalog keeps serving")
+                return False
+            return True
+        with self._reload_lock:
+            old = self.state
+            state = ServingState(old.catalog, model)
+            self.selector.state = state
+            self.follower.swapped(old.model, model)
+            self._publish(state)
+            metrics.MODEL_SWAPS.inc()
+            freeze_heap()
+        return True
 
     def describe(self) -> dict[str, Any]:
         state = self.state
@@ -154,21 +195,46 @@ class Runtime:
             "ads": len(state.catalog),
             "model_version": state.model_version,
             "model_loaded": state.model is not None,
+            "model_failed": self.follower.describe()["failed"],
         }
 
     def readiness(self) -> dict[str, Any]:
+        """Each dependency's check. `ready` needs the catalog, Redis and Kafka (a missing or stale model still
+        serves, with the fallback ranking or the older version); `degraded` names every dependency that is
+        not as it should be, with the reason, whether or not it blocks readiness."""
         try:
-            redis_ok = bool(self.redis.ping())
-        except Exception:
-            redis_ok = False
+            redis_ok, redis_error = bool(self.redis.ping()), None
+        except Exception as error:
+            redis_ok, redis_error = False, f"{type(error).__name__}: {error}"
         state = self.state
+        follow = self.follower.describe()
+        model_reason = None
+        if follow["failed"]:
+            failed = follow["failed"]
+            model_reason = f"{failed['version']} failed to load ({failed['reason']}); {state.model_version} serves"
+        elif state.model is None:
+            model_reason = "no model promoted: fallback ranking (live CTR x bid)"
+        elif follow["promoted"] and follow["promoted"] != state.model_version:
+            model_reason = f"{follow['promoted']} is promoted; {state.model_version} serves until it loads"
         checks = {
-            "catalog": {"ok": len(state.catalog) > 0, "ads": len(state.catalog), "version": state.catalog.version},
-            "redis": {"ok": redis_ok},
-            "kafka": {"ok": self.logger.connected, "buffered": self.logger.buffered, "error": self.logger.last_error},
-            "model": {"ok": True, "version": state.model_version, "loaded": state.model is not None},
+            "catalog": {"ok": len(state.catalog) > 0, "ads": len(state.catalog), "version": state.catalog.version,
+                        "reason": None if len(state.catalog) else "the catalog has no ads"},
+            "redis": {"ok": redis_ok, "reason": redis_error},
+            "features": {"ok": self.reader_error is None, "reason": self.reader_error},
+            "kafka": {"ok": self.logger.connected, "buffered": self.logger.buffered, "error": self.logger.last_error,
+                      "reason": None if self.logger.connected else
+                      f"impressions buffered in memory ({self.logger.buffered}): {self.logger.last_error}"},
+            "model": {"ok": model_reason is None, "version": state.model_version, "loaded": state.model is not None,
+                      "reason": model_reason, **follow},
+        }  # fmt: skip
+        blocking = ("catalog", "redis", "kafka")
+        return {
+            "ready": all(checks[name]["ok"] for name in blocking),
+            "model_version": state.model_version,
+            "pid": os.getpid(),
+            "degraded": {name: c["reason"] for name, c in checks.items() if not c["ok"]},
+            "checks": checks,
         }
-        return {"ready": all(c["ok"] for c in checks.values()), "checks": checks}
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -177,13 +243,25 @@ class Runtime:
         self._catalog_mtime = path.stat().st_mtime
         return load_catalog(path)
 
-    def _load_model(self) -> ModelBundle | None:
+    def _follow_registry(self) -> None:
+        while not self._stop.wait(self.settings.model_poll_s):
+            try:
+                self.follow_once()
+            except Exception:  # a registry on a flaky file system: the next poll tries again
+                log.exception("following the model registry failed; the current model keeps serving")
+
+    def _retry_reader(self) -> None:
+        """The default feature reader could not be built (no Feast registry yet): try again; once built it
+        replaces the stand-in, and responses stop being flagged `no_feature_store`."""
+        if self.reader_error is None or not self._default_reader:
+            return
         try:
-            version = self.registry.promoted()
-            return self.registry.load(version) if version else None
-        except Exception:
-            log.exception("model load failed; serving with the fallback ranking")
-            return None
+            reader = feast_reader(self.redis, self.settings, self.async_redis)
+        except Exception as error:
+            self.reader_error = f"no Feast registry: {type(error).__name__}: {error}"
+            return
+        self.reader, self.guarded.reader, self.reader_error = reader, reader, None
+        log.info("feature reader built: user and ad features are read from Redis")
 
     def _publish(self, state: ServingState) -> None:
         metrics.publish_model(state.model_version, state.model is not None)
@@ -220,6 +298,20 @@ class Runtime:
             log.warning("ad stats refresh after reload failed: %s", error)
 
 
+class _CurrentReader:
+    """The runtime's reader as it is now (the ad-stats thread outlives a reader rebuilt by `_retry_reader`)."""
+
+    def __init__(self, runtime: Runtime):
+        self._runtime = runtime
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runtime.reader, name)
+
+
+def _missing_reader_reason(reader: FeatureReader) -> str | None:
+    return getattr(reader, "reason", None) if isinstance(reader, NoFeatures) else None
+
+
 def freeze_heap() -> None:
     """Take everything alive now out of the cyclic GC's reach (`gc.freeze`): the catalog, the model and
     the imported libraries are hundreds of thousands of objects, and a full collection over them stalls
@@ -231,14 +323,21 @@ def freeze_heap() -> None:
 
 
 def default_reader(client: redis.Redis, settings: Settings, async_client: AsyncRedis | None = None) -> FeatureReader:
-    """Feast's Redis layout read directly (features/online.py); the layout comes from the Feast registry."""
+    """Feast's Redis layout read directly (features/online.py), or `NoFeatures` (with its reason) while
+    the Feast registry is missing."""
+    try:
+        return feast_reader(client, settings, async_client)
+    except Exception as error:  # no registry yet (`adloop stack up` applies it): serve flagged, retry
+        log.warning("Feast registry unavailable (%s): answers are flagged no_feature_store until it is applied "
+                    "(`adloop stack up` or `adloop features apply`); retried every model poll", error)  # fmt: skip
+        return NoFeatures(f"no Feast registry: {type(error).__name__}: {error}")
+
+
+def feast_reader(client: redis.Redis, settings: Settings, async_client: AsyncRedis | None = None) -> FeatureReader:
+    """The reader of Feast's Redis layout; the layout comes from the Feast registry (raises without one)."""
     from features.online import FeastLayout, OnlineFeatureReader
 
-    try:
-        return OnlineFeatureReader(client, FeastLayout.from_settings(settings), async_client)
-    except Exception as error:  # no registry yet (`adloop stack up` applies it): serve with defaults
-        log.warning("Feast registry unavailable (%s): user features default to empty; run `adloop stack up`", error)
-        return NoFeatures()
+    return OnlineFeatureReader(client, FeastLayout.from_settings(settings), async_client)
 
 
 def default_registry(settings: Settings) -> ModelRegistry:

@@ -96,6 +96,32 @@ def train_cmd(
                   f"promote it with `adloop models promote {version}`", highlight=False)  # fmt: skip
 
 
+@app.command("learn")
+def learn_cmd(
+    once: Annotated[bool, typer.Option("--once", help="One check (and training if due), then exit.")] = False,
+) -> None:
+    """Retrain continuously from the served log: every ADLOOP_LEARN_EVERY_IMPRESSIONS new impressions or
+    ADLOOP_LEARN_EVERY_MINUTES, train, evaluate, promote through the gate; serving follows by itself."""
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from models.learn_service import LearnService
+
+    settings = get_settings()
+    service = LearnService(settings)
+    if once:
+        console.print_json(data=service.step())
+        return
+    start_http_server(settings.learn_metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(f"learning from {settings.events_topic}; metrics on :{settings.learn_metrics_port}", highlight=False)
+    service.run(stop)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     path: Annotated[Path | None, typer.Argument(help="MIND folder; default ../shared/data/mind.")] = None,
@@ -164,25 +190,66 @@ def models_list() -> None:
     """Every saved version, with its holdout group AUC; * marks the promoted one."""
     from models.registry import Registry
 
-    table = Table("", "version", "created (UTC)", "group AUC", "manifest")
+    table = Table("", "version", "created (UTC)", "group AUC", "manifest", "gate", "last load failure")
     for row in Registry(get_settings().model_registry_path).list():
         auc = f"{row['group_auc']:.4f}" if row["group_auc"] is not None else "-"
+        failure = row["load_failure"]
+        gate = row["gate"]["decision"] if row["gate"] else "-"
         table.add_row("*" if row["promoted"] else "", row["version"], row["created_at"] or "-", auc,
-                      "ok" if row["ok"] else "unreadable")  # fmt: skip
+                      "ok" if row["ok"] else "unreadable", gate,
+                      f"{failure['at']} {failure['process']}: {failure['reason']}" if failure else "-")  # fmt: skip
     console.print(table)
 
 
 @models_app.command("promote")
-def models_promote(version: str = typer.Argument(..., help="The version to serve, e.g. v0003.")) -> None:
-    """Validate a version (load every artifact) and make it the promoted one."""
+def models_promote(
+    version: str = typer.Argument(..., help="The version to serve, e.g. v0003."),
+    force: Annotated[bool, typer.Option("--force", help="Promote even when the gate refuses.")] = False,
+    hours: Annotated[float, typer.Option(help="The gate replays this many hours of the served log.")] = 6.0,
+    click_window: Annotated[float, typer.Option(help="A click counts within this many seconds.")] = 1800,
+) -> None:
+    """Validate a version (load every artifact), compare it with the promoted one on recent logged traffic
+    neither trained on (the gate: models/gate.py), store the comparison in its manifest, and promote it
+    unless it is worse beyond noise (or --force)."""
+    from models.gate import GateRefused, promote_through_gate
     from models.registry import Registry, RegistryError
 
+    settings = get_settings()
+    registry = Registry(settings.model_registry_path)
     try:
-        Registry(get_settings().model_registry_path).promote(version)
+        gate = promote_through_gate(settings, registry, version, _logged(settings, registry, version), force=force,
+                                    hours=hours, click_window_s=click_window)  # fmt: skip
+    except GateRefused as refused:
+        _print_gate(refused.gate)
+        console.print(f"[red]not promoted:[/red] {refused} (--force promotes anyway)", highlight=False)
+        raise typer.Exit(1) from refused
     except RegistryError as error:
         console.print(f"[red]not promoted:[/red] {error}", highlight=False)
         raise typer.Exit(1) from error
-    console.print(f"promoted {version}")
+    _print_gate(gate)
+    console.print(f"promoted {version}" + (" (forced past the gate)" if gate.get("forced") else ""))
+
+
+def _logged(settings: Any, registry: Any, version: str) -> Any:
+    """The served log, read only when the gate needs it (a promoted version other than `version`)."""
+    from streaming.topic_reader import read_events
+
+    current = registry.promoted()
+    return read_events(settings) if current is not None and current != version else iter(())
+
+
+def _print_gate(gate: dict[str, Any]) -> None:
+    console.print(f"gate: {gate['decision']} ({gate['reason']}); rule: {gate['rule']}", highlight=False)
+    if not gate.get("table"):
+        return
+    table = Table("version", "logloss", "group AUC", "AUC", "mean pCTR", "observed CTR",
+                  title=f"{gate['impressions']} unseen impressions, {gate['clicks']} clicks")  # fmt: skip
+    for version, row in gate["table"].items():
+        table.add_row(version, *(f"{row[k]:.4f}" for k in ("logloss", "group_auc", "auc", "mean_pctr", "observed_ctr")))
+    loss, group = gate["paired"]["logloss"], gate["paired"]["group_auc"]
+    table.add_row("difference", f"{loss['difference']:+.4f} ± {loss['se']:.4f}",
+                  f"{group['difference']:+.4f} ± {group['se']:.4f}", "", "", "")  # fmt: skip
+    console.print(table)
 
 
 @models_app.command("rollback")

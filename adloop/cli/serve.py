@@ -9,6 +9,8 @@ import typer
 from adloop.cli.app import app
 from adloop.settings import get_settings
 
+WORKER_HEALTHCHECK_S = 60
+
 
 @app.command("serve")
 def serve(
@@ -37,5 +39,25 @@ def serve(
         port=port,
         workers=workers,
         log_level="info",
+        log_config=_log_config(),
         access_log=False,  # one canonical line per request belongs in the app, not per-hit access logs
+        # uvicorn kills a worker that leaves its health ping unanswered this long (default 5 s): a worker busy
+        # importing torch at start-up or loading a promoted model on a loaded machine is not hung.
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
     )
+
+
+def _log_config() -> dict:
+    """uvicorn's logging plus the root logger at INFO: the workers are fresh processes (spawned), and
+    adloop's own lines (a model swapped or failed to load, a reader rebuilt) must reach their stderr."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["adloop"] = {"format": "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"}
+    config["handlers"]["adloop"] = {"formatter": "adloop", "class": "logging.StreamHandler",
+                                    "stream": "ext://sys.stderr"}  # fmt: skip
+    config["root"] = {"handlers": ["adloop"], "level": "INFO"}
+    config["loggers"]["kafka"] = {"level": "WARNING"}
+    return config

@@ -114,6 +114,9 @@ def train_and_promote(settings: Settings) -> str | None:
     except Exception:  # a failed training must not stop the demo
         log.exception("training failed; serving keeps its current ranking")
         return None
+    if not done["promoted"]:  # the gate found it worse than the promoted version beyond noise
+        log.warning("trained %s, not promoted: %s", done["version"], done["gate"]["reason"])
+        return None
     log.info("trained and promoted %s; holdout: %s", done["version"], summary(done["holdout"]))
     return done["version"]
 
