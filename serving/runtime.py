@@ -72,7 +72,9 @@ class Runtime:
         )
         guarded = GuardedReader(self.reader, retry_after_s=settings.redis_retry_after_s)
         self.selector = Selector(state, config, pacer=self.pacer, ad_stats=self.ad_stats, features=guarded)
-        self.pipeline = RequestPipeline(self.selector, self.logger)
+        window_s = settings.serve_batch_window_ms / 1000
+        self.pipeline = RequestPipeline(self.selector, self.logger, batch_window_s=window_s,
+                                        max_batch=settings.serve_batch_max)  # fmt: skip
         self._publish(state)
 
     @property

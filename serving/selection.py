@@ -23,6 +23,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,40 +210,124 @@ class Selector:
         """Selection for known user features (tests call this directly)."""
         timings = {} if timings is None else timings
         now = time.time() if now is None else now
+        p = self._prepare(state, request, user, fallback, now, timings)
+        clock = time.perf_counter()
+        if p.arm == "control":
+            p.cands = np.flatnonzero(p.eligible)
+            p.pctr = p.ctr[p.cands]
+        else:
+            p.cands, p.pctr, reason = self._targeted(state, request, user, p.eligible, p.slot_masks, p.ctr, now)
+            p.fallback = p.fallback or reason
+            if reason is not None:
+                p.model_version = FALLBACK_VERSION
+        timings["rank"], _ = _lap(clock)
+        return self._finish(state, p)
+
+    def select_many(
+        self,
+        items: Sequence[tuple[SelectionRequest, UserRead | None]],
+        *,
+        state: ServingState | None = None,
+        now: float | None = None,
+    ) -> list[SelectionResult]:
+        """`select` of several requests scored together (`serving.pipeline` batches concurrent requests):
+        eligibility per request, then for the targeted ones one user-tower call, one retrieval matmul and one
+        ranker call over all their candidates, then each request's choice in order. Every result equals what
+        `select` gives the same request with the same random draws (tests/serving/test_batching.py); the
+        shared stages' time is split evenly over the requests that took part."""
+        state = state or self.state
+        now = time.time() if now is None else now
+        prepared = []
+        for request, user_read in items:
+            timings: dict[str, float] = {}
+            if user_read is None:
+                clock = time.perf_counter()
+                user, fallback = self.features.user(request.user_id)
+                timings["features"], _ = _lap(clock)
+            else:
+                user, fallback, timings["features"] = user_read
+            prepared.append(self._prepare(state, request, user, fallback, now, timings))
+        clock = time.perf_counter()
+        targeted = [p for p in prepared if p.arm == "targeted"]
+        for p, ranked in zip(targeted, self._targeted_many(state, targeted, now), strict=True):
+            p.cands, p.pctr, reason = ranked
+            p.fallback = p.fallback or reason
+            if reason is not None:
+                p.model_version = FALLBACK_VERSION
+        shared, clock = _lap(clock)
+        results = []
+        for p in prepared:
+            if p.arm == "control":
+                p.cands = np.flatnonzero(p.eligible)
+                p.pctr = p.ctr[p.cands]
+            p.timings["rank"] = shared / max(1, len(targeted)) if p.arm == "targeted" else 0.0
+            result = self._finish(state, p)
+            result.timings["total_select"] = sum(result.timings.values())
+            results.append(result)
+        return results
+
+    def _prepare(self, state, request, user, fallback, now, timings) -> _Prepared:
+        """The per-request steps before ranking: arm, eligibility, slot masks, the live CTR column."""
         catalog, clock = state.catalog, time.perf_counter()
         arm = arm_of(request.user_id, share=self.config.control_share, salt=self.config.control_salt)
         eligible = self._eligible(state, request, user, now)
         slot_masks = {s.slot_id: self._slot_mask(catalog, s, eligible) for s in request.slots}
-        timings["eligibility"], clock = _lap(clock)
+        timings["eligibility"], _ = _lap(clock)
         ctr = self.ad_stats.columns["ad_ctr_24h"] if self.ad_stats.catalog_version == catalog.version else None
         if ctr is None:
             ctr = np.full(len(catalog), CTR_PRIOR)
-        model_version = state.model_version
-        if arm == "control":
-            cands = np.flatnonzero(eligible)
-            pctr = ctr[cands]
-        else:
-            cands, pctr, reason = self._targeted(state, request, user, eligible, slot_masks, ctr, now)
-            fallback = fallback or reason
-            if reason is not None:
-                model_version = FALLBACK_VERSION
-        timings["rank"], clock = _lap(clock)
-        eps = 1.0 if arm == "control" else self.config.epsilon
-        if fallback == "no_model" and self.config.epsilon_no_model is not None:
+        return _Prepared(request, user, fallback, arm, eligible, slot_masks, ctr, timings, state.model_version)
+
+    def _finish(self, state: ServingState, p: _Prepared) -> SelectionResult:
+        """Choose per slot from the ranked candidates: the per-request step after ranking."""
+        clock = time.perf_counter()
+        eps = 1.0 if p.arm == "control" else self.config.epsilon
+        if p.fallback == "no_model" and self.config.epsilon_no_model is not None:
             eps = self.config.epsilon_no_model  # cold start: explore, so the first model learns from varied ads
-        slots = self._choose(catalog, request, eps, cands, pctr, slot_masks)
-        timings["choose"], clock = _lap(clock)
-        return SelectionResult(
-            request.request_id,
-            request.user_id,
-            arm,
-            model_version,
-            fallback,
-            slots,
-            int(eligible.sum()),
-            len(cands),
-            timings,
-        )
+        slots = self._choose(state.catalog, p.request, eps, p.cands, p.pctr, p.slot_masks)
+        p.timings["choose"], _ = _lap(clock)
+        return SelectionResult(p.request.request_id, p.request.user_id, p.arm, p.model_version, p.fallback, slots,
+                               int(p.eligible.sum()), len(p.cands), p.timings)  # fmt: skip
+
+    def _targeted_many(self, state: ServingState, batch: list[_Prepared], now: float) -> list[tuple]:
+        """`_targeted` of each request, the model's work done once for the batch."""
+        if not batch:
+            return []
+        if len(batch) == 1:  # the one-user forward is cheaper than a batch of one
+            p = batch[0]
+            return [self._targeted(state, p.request, p.user, p.eligible, p.slot_masks, p.ctr, now)]
+        catalog, k, model = state.catalog, self.config.top_k, state.model
+        if model is not None:
+            try:
+                vectors = model.user_vectors([p.user for p in batch])  # (b, d): one tower call
+                known = np.flatnonzero(np.any(vectors, axis=1))
+                sims = vectors[known] @ state.ad_matrix.T if len(known) else None  # (b', n): one retrieval call
+                row_of = {int(j): r for r, j in enumerate(known)}
+                columns = state.ad_columns(self.ad_stats)
+                cands_of, frames, scores = [], [], []
+                for j, p in enumerate(batch):
+                    if j in row_of:
+                        score = sims[row_of[j]]
+                        cands = _top_k(score, p.slot_masks.values(), k)
+                        scores.append(score[cands])
+                    else:  # unknown user: retrieve by expected value, rank with the model (as `_targeted`)
+                        cands = _top_k(p.ctr * catalog.bid, p.slot_masks.values(), k)
+                        scores.append(np.zeros(len(cands), dtype=np.float32))
+                    cands_of.append(cands)
+                    frames.append(columns.take(cands))
+                contexts = [_ranker_context(p.request, now) for p in batch]
+                pctrs = model.predict_ctr_many([p.user for p in batch], frames, contexts, scores)  # one ranker call
+                return [(c, np.asarray(pc, float), None) for c, pc in zip(cands_of, pctrs, strict=True)]
+            except Exception:
+                log.exception("batched model scoring failed; falling back to CTR x bid")
+                reason = "model_error"
+        else:
+            reason = "no_model"
+        out = []
+        for p in batch:
+            cands = _top_k(p.ctr * catalog.bid, p.slot_masks.values(), k)
+            out.append((cands, p.ctr[cands], reason))
+        return out
 
     async def read_user(self, user_id: str) -> UserRead:
         """The user's features awaited without blocking the event loop (the API's routes)."""
@@ -311,12 +396,7 @@ class Selector:
     def _targeted(self, state, request, user, eligible, slot_masks, ctr, now):
         """(candidate rows, pCTR, fallback reason): model ranking, or CTR x bid without a model."""
         catalog, k = state.catalog, self.config.top_k
-        # The ranker's context: request time and the number of ads shown together.
-        context = {
-            **request.context,
-            "ts_ms": int(now * 1000),
-            "slate_size": sum(s.count for s in request.slots),
-        }
+        context = _ranker_context(request, now)
         if state.model is not None:
             try:
                 u = state.model.user_vector(user)  # (d,)
@@ -387,6 +467,28 @@ class Selector:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    """One request between its per-request steps (eligibility before, choice after) and the ranking."""
+
+    request: SelectionRequest
+    user: dict[str, Any]
+    fallback: str | None
+    arm: str
+    eligible: np.ndarray  # (n,) bool
+    slot_masks: dict[str, np.ndarray]
+    ctr: np.ndarray  # (n,) live ad CTR (the fallback ranking and the control arm's pCTR)
+    timings: dict[str, float]
+    model_version: str
+    cands: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    pctr: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+
+def _ranker_context(request: SelectionRequest, now: float) -> dict[str, Any]:
+    """The ranker's context: request time and the number of ads shown together."""
+    return {**request.context, "ts_ms": int(now * 1000), "slate_size": sum(s.count for s in request.slots)}
 
 
 def _align(catalog: Catalog, model: ModelBundle) -> np.ndarray:
