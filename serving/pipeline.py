@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from serving import metrics
@@ -56,6 +57,7 @@ class RequestPipeline:
         self._drainer: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_batch = 0
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="select-gpu")  # one batch on the device at a time
 
     async def run(
         self,
@@ -100,29 +102,32 @@ class RequestPipeline:
                 batch.append(queue.get_nowait())
             self._last_batch = len(batch)
             try:
-                self.score(batch)
+                if self.selector.state.device is not None:  # CUDA: the loop serves others while the GPU works
+                    answers = await asyncio.get_running_loop().run_in_executor(self._executor, self.score, batch)
+                else:
+                    answers = self.score(batch)
             except Exception:  # never lets the drainer die: each request is answered alone instead
                 log.exception("batched selection failed; scoring the batch's requests one by one")
                 metrics.ERRORS.labels(batch[0].route, "batch").inc()
-                for q in batch:
-                    if not q.future.done():
-                        q.future.set_result(self._alone(q))
+                answers = [(q, self._alone(q)) for q in batch if not q.future.done()]
+            for q, answer in answers:
+                if not q.future.done():  # a cancelled request (client gone) gets nothing
+                    q.future.set_result(answer)
 
-    def score(self, batch: list[_Queued]) -> None:
-        """Select for the batch in one pass, then count, charge and log each request and answer it."""
+    def score(self, batch: list[_Queued]) -> list[tuple[_Queued, tuple[ServingState, SelectionResult]]]:
+        """Select for the batch in one pass, then count, charge and log each request; the answers are handed
+        to the waiting requests by the loop (this may run in a worker thread)."""
         live = [q for q in batch if not q.future.done()]  # a cancelled request (client gone) is not served
         if not live:
-            return
+            return []
         metrics.BATCH_SIZE.observe(len(live))
-        if len(live) == 1:
-            live[0].future.set_result(self._alone(live[0]))
-            return
         state = self.selector.state  # one snapshot for the whole batch
+        if len(live) == 1 and state.device is None:
+            return [(live[0], self._alone(live[0]))]
         results = self.selector.select_many([(q.request, q.user_read) for q in live], state=state)
         for q, result in zip(live, results, strict=True):
             self._after(state, q.request, result, q.route, q.log_impressions)
-            if not q.future.done():
-                q.future.set_result((state, result))
+        return [(q, (state, result)) for q, result in zip(live, results, strict=True)]
 
     def _alone(self, q: _Queued) -> tuple[ServingState, SelectionResult]:
         return self.run_with(q.request, route=q.route, log_impressions=q.log_impressions, user_read=q.user_read)

@@ -60,7 +60,7 @@ class Runtime:
         self._stop = threading.Event()
         self._catalog_mtime = 0.0
         catalog = self._load_catalog()
-        state = ServingState(catalog, self._load_model())
+        state = ServingState(catalog, self._load_model(), index_min_ads=settings.serve_index_min_ads)
         self.pacer = Pacer(catalog, slack=settings.pacing_slack)
         self.ad_stats = AdStats(catalog)
         config = SelectionConfig(
@@ -121,7 +121,7 @@ class Runtime:
         with self._reload_lock:
             try:
                 catalog = self._load_catalog()
-                state = ServingState(catalog, self._load_model())
+                state = ServingState(catalog, self._load_model(), index_min_ads=self.settings.serve_index_min_ads)
             except Exception:
                 metrics.RELOADS.labels("failed").inc()
                 raise

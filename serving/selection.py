@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from features.aggregates import CTR_PRIOR
 from models.ranker import AdColumns, ad_columns
@@ -35,9 +36,11 @@ from serving.catalog import IAB_CATEGORY, Catalog
 from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
 from serving.protocols import AD_STAT_COLUMNS, ModelBundle
+from serving.retrieval import AdIndex, top_k_indexed
 
 log = logging.getLogger(__name__)
 FALLBACK_VERSION = "fallback-ctr-x-bid"
+INDEX_MIN_ADS = 200_000  # catalogs from this size are searched through an approximate index (serving.retrieval)
 AD_COLUMNS = ("ad_id", "category", "campaign_id", "advertiser_id")  # what embed_ads gets of an unseen ad
 UserRead = tuple[dict[str, Any], str | None, float]  # (features, fallback reason or None, seconds it took)
 
@@ -105,13 +108,23 @@ class SelectionConfig:
 
 
 class ServingState:
-    """One catalog with one model (or none), aligned at load time; replaced whole on reload."""
+    """One catalog with one model (or none), aligned at load time; replaced whole on reload.
 
-    def __init__(self, catalog: Catalog, model: ModelBundle | None):
+    Retrieval: exact dot products (`ad_matrix`) below `index_min_ads` ads, an approximate index over the
+    same vectors (`serving.retrieval.AdIndex`) from there; with the model on CUDA the ad matrix is kept on
+    the device too and retrieval is exact there. Both are built here, so a reload builds them in the
+    reloading thread and the swap of the whole state replaces them at once."""
+
+    def __init__(self, catalog: Catalog, model: ModelBundle | None, *, index_min_ads: int = INDEX_MIN_ADS):
         self.catalog = catalog
         self.model = model
         self.model_version = model.version if model is not None else FALLBACK_VERSION
         self.ad_matrix = _align(catalog, model) if model is not None else None  # (n, d) float32
+        device = getattr(model, "device", None)
+        self.device = device if isinstance(device, torch.device) and device.type == "cuda" else None
+        self.device_matrix = None if self.device is None else torch.from_numpy(self.ad_matrix).to(self.device)
+        use_index = self.ad_matrix is not None and self.device is None and len(catalog) >= index_min_ads
+        self.index = AdIndex(self.ad_matrix) if use_index else None
         self.domain_code = {d: i for i, d in enumerate(catalog.advertiser_domains)}
         self.iab = [IAB_CATEGORY.get(c, c) for c in catalog.categories]
         self.text_columns = {  # (n,) object arrays of ids as text, for the ranker's ad_frame
@@ -293,7 +306,7 @@ class Selector:
         """`_targeted` of each request, the model's work done once for the batch."""
         if not batch:
             return []
-        if len(batch) == 1:  # the one-user forward is cheaper than a batch of one
+        if len(batch) == 1 and state.device is None:  # on the CPU the one-user forward is cheaper than a batch
             p = batch[0]
             return [self._targeted(state, p.request, p.user, p.eligible, p.slot_masks, p.ctr, now)]
         catalog, k, model = state.catalog, self.config.top_k, state.model
@@ -301,15 +314,14 @@ class Selector:
             try:
                 vectors = model.user_vectors([p.user for p in batch])  # (b, d): one tower call
                 known = np.flatnonzero(np.any(vectors, axis=1))
-                sims = vectors[known] @ state.ad_matrix.T if len(known) else None  # (b', n): one retrieval call
+                retrieved = _retrieve(state, vectors, [batch[j].slot_masks for j in known], k)
                 row_of = {int(j): r for r, j in enumerate(known)}
                 columns = state.ad_columns(self.ad_stats)
                 cands_of, frames, scores = [], [], []
                 for j, p in enumerate(batch):
                     if j in row_of:
-                        score = sims[row_of[j]]
-                        cands = _top_k(score, p.slot_masks.values(), k)
-                        scores.append(score[cands])
+                        cands, score = retrieved[row_of[j]]
+                        scores.append(score)
                     else:  # unknown user: retrieve by expected value, rank with the model (as `_targeted`)
                         cands = _top_k(p.ctr * catalog.bid, p.slot_masks.values(), k)
                         scores.append(np.zeros(len(cands), dtype=np.float32))
@@ -401,10 +413,15 @@ class Selector:
             try:
                 u = state.model.user_vector(user)  # (d,)
                 if np.any(u):
-                    sims = state.ad_matrix @ u  # (n,)
-                    cands = _top_k(sims, slot_masks.values(), k)
+                    if state.index is not None:
+                        cands = top_k_indexed(state.index, u, slot_masks.values(), k)
+                        scores = state.ad_matrix[cands] @ u
+                    else:
+                        sims = state.ad_matrix @ u  # (n,)
+                        cands = _top_k(sims, slot_masks.values(), k)
+                        scores = sims[cands]
                     frame = state.ad_columns(self.ad_stats).take(cands)  # AD_FRAME_COLUMNS and more
-                    pctr = np.asarray(state.model.predict_ctr(user, frame, context, sims[cands]), float)
+                    pctr = np.asarray(state.model.predict_ctr(user, frame, context, scores), float)
                     return cands, pctr, None
                 score = ctr * catalog.bid  # unknown user: retrieve by expected value, rank with the model
                 cands = _top_k(score, slot_masks.values(), k)
@@ -503,6 +520,51 @@ def _align(catalog: Catalog, model: ModelBundle) -> np.ndarray:
         rows = [catalog.describe(int(i)) for i in missing]
         matrix[missing] = model.embed_ads({name: [r[name] for r in rows] for name in AD_COLUMNS})  # columns
     return matrix
+
+
+def _retrieve(state: ServingState, vectors: np.ndarray, slot_masks: list[dict[str, np.ndarray]], k: int):
+    """(candidate rows, their embedding scores) of each known user of a batch (`vectors` rows with any
+    non-zero, in order): one (b, n) matmul on the CPU, per-request index searches for a large catalog, or
+    one masked top-k on the device when the model runs on CUDA."""
+    users = vectors[np.any(vectors, axis=1)]
+    if not len(users):
+        return []
+    if state.device_matrix is not None:
+        return _retrieve_on_device(state, users, slot_masks, k)
+    if state.index is not None:
+        out = []
+        for u, masks in zip(users, slot_masks, strict=True):
+            cands = top_k_indexed(state.index, u, masks.values(), k)
+            out.append((cands, state.ad_matrix[cands] @ u))
+        return out
+    sims = users @ state.ad_matrix.T  # (b, n): one retrieval call for the batch
+    out = []
+    for score, masks in zip(sims, slot_masks, strict=True):
+        cands = _top_k(score, masks.values(), k)
+        out.append((cands, score[cands]))
+    return out
+
+
+def _retrieve_on_device(state: ServingState, users: np.ndarray, slot_masks: list[dict[str, np.ndarray]], k: int):
+    """Exact retrieval on the GPU: one (b, n) matmul against the device-resident ad matrix, every (request,
+    slot) mask applied there and one top-k over all of them; only the k rows per mask come back."""
+    device, matrix = state.device, state.device_matrix
+    owner = [i for i, masks in enumerate(slot_masks) for _ in masks]  # request of each mask
+    stacked = np.stack([m for masks in slot_masks for m in masks.values()])  # (m, n) bool
+    with torch.inference_mode():
+        sims = torch.from_numpy(users).to(device, non_blocking=True) @ matrix.T  # (b, n)
+        masked = sims[torch.as_tensor(owner, device=device)]
+        masked.masked_fill_(~torch.from_numpy(stacked).to(device, non_blocking=True), -torch.inf)
+        values, rows = masked.topk(min(k, matrix.shape[0]), dim=1)
+        values, rows = values.cpu().numpy(), rows.cpu().numpy()  # the one wait for the device
+    picked: list[list[np.ndarray]] = [[] for _ in slot_masks]
+    for i, (v, r) in enumerate(zip(values, rows, strict=True)):
+        picked[owner[i]].append(r[np.isfinite(v)])
+    out = []
+    for u, rows_of in zip(users, picked, strict=True):
+        cands = np.unique(np.concatenate(rows_of)) if rows_of else np.empty(0, dtype=np.int64)
+        out.append((cands, state.ad_matrix[cands] @ u))
+    return out
 
 
 def _top_k(score: np.ndarray, masks, k: int) -> np.ndarray:

@@ -83,6 +83,10 @@ def run_both(sel: Selector, n: int = 24, seed: int = 11):
 
 @pytest.fixture(scope="module")
 def trained_bundle():
+    return train_small_bundle()
+
+
+def train_small_bundle():
     """A real model (two-tower + LightGBM + Platt) on a small synthetic log: seconds to train."""
     news, impressions = synthetic_world(n_requests=200, seed=1)
     tower = TwoTowerConfig(item_buckets=2048, attribute_buckets=256, category_buckets=64, epochs=1, batch_size=64)
