@@ -17,8 +17,8 @@ from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
 from serving.pipeline import RequestPipeline
 from serving.selection import SelectionConfig, SelectionRequest, Selector, ServingState, Slot
-from tests.models.conftest import synthetic_world
-from tests.serving.conftest import MemoryReader
+from tests.support.models import synthetic_world
+from tests.support.serving import MemoryReader
 
 NOON = 20_500 * DAY_S + DAY_S / 2  # a fixed instant inside the catalog's flights
 
