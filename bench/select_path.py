@@ -126,6 +126,8 @@ def main() -> None:
 
         if args.batch:
             batched(runtime, request, args.requests, args.batch, cpu_ms)
+            if args.profile:
+                profile(lambda: batched(runtime, request, args.requests, args.batch, cpu_ms), args.profile)
         if index is not None:
             recall(runtime, rows, users)
         if args.profile:

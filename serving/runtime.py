@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import threadpoolctl
 import torch
 
 from adloop.settings import Settings
@@ -46,6 +47,10 @@ class Runtime:
         # Inference here is one user per request: torch's intra-op threads cannot help a batch of one,
         # and their spinning workers take CPU from the event loop and the Kafka sender.
         torch.set_num_threads(1)
+        # Likewise numpy's BLAS: a batch's (b, n) retrieval matmul is a GEMM, which OpenBLAS splits over
+        # threads whose spinning costs more CPU than they save (compare `OPENBLAS_NUM_THREADS=1` and not
+        # with `python -m bench.select_path --batch 16`).
+        threadpoolctl.threadpool_limits(1, user_api="blas")
         budget_s = settings.request_budget_ms / 1000
         self.redis = request_path_redis(settings.redis_url, timeout_s=budget_s)
         self.async_redis = AsyncRedis(settings.redis_url, timeout_s=budget_s)  # the routes' user reads
