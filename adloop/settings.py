@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     serve_epsilon_no_model: float | None = None  # exploration while no model is promoted (None: serve_epsilon)
     control_share: float = 0.1  # share of users (stable hash) served without targeting
     control_salt: str = "adloop-arm-v1"  # changing it re-draws the arms
+    serve_batch_window_ms: float = Field(0.0, ge=0.0, le=1.0)  # under load, hold a batch this long for company
+    serve_batch_max: int = Field(64, ge=1)  # requests scored together at most
+    serve_index_min_ads: int = 200_000  # from this many ads retrieval goes through an approximate index (CPU)
     request_budget_ms: float = 20.0  # user-feature read budget (Redis socket timeout); over it -> fallback
     redis_retry_after_s: float = 1.0  # after a Redis connection failure, skip Redis this long
     pacing_slack: float = 0.05  # share of a daily budget spendable ahead of the smooth pace

@@ -1,6 +1,6 @@
 """The request path's CPU in one process, stage by stage, with no HTTP: where a `/v1/select` spends its time.
 
-    .venv/bin/python -m bench.select_path [--requests 3000] [--stages-only] [--profile N]
+    .venv/bin/python -m bench.select_path [--requests 3000] [--stages-only] [--profile N] [--batch B] [--ads N]
 
 Before/after pairs: copy this file into a checkout of the older commit and run both back to back with
 `--stages-only` (the machine's speed drifts by ~20% over an hour; compare runs minutes apart).
@@ -17,6 +17,10 @@ in the same process:
   two commands per ad, MGET of every budgeted ad (what it did before) beside the one-script hash sync;
 - the ad-stats refresh (in a thread): a full one's CPU and its share of the GIL without yielding beside
   serving's yielding one; a changed-ads one after 1,000 ads' rows were rewritten.
+`--batch B`: the same requests also scored B at a time (`Selector.select_many`, what the pipeline does
+with concurrent requests), CPU per request beside one at a time. `--ads N`: a catalog of N ads (the
+10,000 with seeded features, then ads no event has touched; no ad-stats refresh, priors instead), and
+for an indexed catalog the recall@200 of the approximate index against exact search and both times.
 """
 
 from __future__ import annotations
@@ -42,10 +46,12 @@ def main() -> None:
         metavar="N",
         help="after the stages, cProfile the requests and print the N costliest functions",
     )
+    parser.add_argument("--batch", type=int, default=0, help="also score B requests at a time")
+    parser.add_argument("--ads", type=int, default=10_000, help="catalog size (>= 10,000)")
     parser.add_argument("--stages-only", action="store_true",
                         help="only Runtime.select (runs on older checkouts too, for a before/after pair)")  # fmt: skip
     args = parser.parse_args()
-    assert args.requests <= 20_000, "bounded benchmark"
+    assert args.requests <= 20_000 and 10_000 <= args.ads <= 2_000_000 and args.batch <= 256, "bounded benchmark"
 
     import redis
     import torch
@@ -72,14 +78,26 @@ def main() -> None:
     )
     ads = generate_catalog(10_000, seed=7)
     write_catalog(ads, settings.catalog_path)
+    if args.ads > len(ads):  # the seeded ads first, then ads no event has touched
+        large = generate_catalog(args.ads, seed=7)
+        large[: len(ads)] = ads
+        for row in large[len(ads) :]:
+            row["ad_id"] = "l" + row["ad_id"]
+        write_catalog(large, settings.catalog_path)
+        del large
     client = redis.Redis.from_url(settings.redis_url)
     client.flushdb()
     try:
         store.apply(settings)
         users, rows = seed_features(settings, client, ads)
         train_bench_model(ads, settings.model_registry_path)
+        built = time.perf_counter()
         runtime = Runtime(settings)  # not started: no impression sender, no background threads
-        runtime.ad_stats.refresh(runtime.reader, runtime.state.catalog)
+        index = runtime.state.index
+        print(f"serving state of {len(runtime.state.catalog):,} ads built in {time.perf_counter() - built:.1f} s"
+              + (f" (approximate index: {index.nlist} clusters, {index.nprobe} probed)" if index else ""))  # fmt: skip
+        if args.ads == len(ads):
+            runtime.ad_stats.refresh(runtime.reader, runtime.state.catalog)
         freeze_heap()
 
         def request(i: int) -> SelectionRequest:
@@ -106,6 +124,12 @@ def main() -> None:
         for stage, values in stages.items():
             print(f"  {stage:<14}{_ms(values, 50):>9}{_ms(values, 99):>9}")
 
+        if args.batch:
+            batched(runtime, request, args.requests, args.batch, cpu_ms)
+            if args.profile:
+                profile(lambda: batched(runtime, request, args.requests, args.batch, cpu_ms), args.profile)
+        if index is not None:
+            recall(runtime, rows, users)
         if args.profile:
             profile(lambda: [runtime.pipeline.run_with(request(i)) for i in range(args.requests)], args.profile)
         if args.stages_only:
@@ -132,6 +156,50 @@ def main() -> None:
     finally:
         client.flushdb()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def batched(runtime, request, n: int, size: int, alone_ms: float) -> None:
+    """The same requests B at a time through `Selector.select_many` (user reads done synchronously first,
+    as the routes await them before queueing), charged and logged as the pipeline does."""
+    selector, pipeline = runtime.selector, runtime.pipeline
+    reads = [(request(i), selector.features.user(request(i).user_id)) for i in range(n)]
+    items = [(r, (user, fallback, 0.0)) for r, (user, fallback) in reads]
+    cpu = time.process_time()
+    for lo in range(0, n, size):
+        state = selector.state
+        for (r, _), result in zip(items[lo : lo + size], selector.select_many(items[lo : lo + size], state=state),
+                                  strict=True):  # fmt: skip
+            pipeline._after(state, r, result, "select", True)
+    ms = (time.process_time() - cpu) * 1000 / n
+    print(
+        f"  batches of {size}: process CPU {ms:.3f} ms per request "
+        f"(one at a time: {alone_ms:.3f}; x{ms / alone_ms:.2f})"
+    )
+
+
+def recall(runtime, rows: dict, users: list[str], k: int = 200) -> None:
+    """Recall@k of the approximate index against exact search, over the bench users' vectors, with the
+    native format's eligible ads as the filter (as a request of the bench asks)."""
+    from serving.selection import _top_k
+
+    state = runtime.state
+    mask = state.catalog.format_masks["native"] & state.live(int(time.time() // 86_400))
+    found, t_index, t_exact = [], [], []
+    for user in users[:200]:
+        u = state.model.user_vector(rows[user])
+        clock = time.perf_counter()
+        got = state.index.search(u, mask, k)
+        t_index.append(time.perf_counter() - clock)
+        clock = time.perf_counter()
+        exact = _top_k(state.ad_matrix @ u, [mask], k)
+        t_exact.append(time.perf_counter() - clock)
+        found.append(len(np.intersect1d(got, exact)) / k)
+    print(f"\napproximate index over {len(state.catalog):,} ads ({int(mask.sum()):,} eligible), 200 users:")
+    print(f"  recall@{k} against exact: mean {np.mean(found):.4f}, min {np.min(found):.4f}")
+    print(
+        f"  search p50 {_ms(t_index, 50)} ms p99 {_ms(t_index, 99)} ms; "
+        f"exact p50 {_ms(t_exact, 50)} ms p99 {_ms(t_exact, 99)} ms"
+    )
 
 
 def profile(run, top: int) -> None:

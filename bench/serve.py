@@ -1,7 +1,7 @@
 """Open-loop load on the serving API, against a constant FastAPI endpoint and `feast serve` as baselines.
 
-    .venv/bin/python -m bench.serve [--rates 100,250,500] [--seconds 10] [--workers 1] [--connections 10]
-                                     [--targets ...]
+    .venv/bin/python -m bench.serve [--rates 100,250,400,500,700,900] [--seconds 10] [--workers 1]
+                                     [--connections 10] [--targets ...] [--large-ads 1000000]
 
 (Every bench runs as a module from the project root: `python -m bench.<name>`.)
 
@@ -16,7 +16,15 @@ What runs (all on 127.0.0.1, bounded in count and time):
   200 candidates are ranked;
 - a FastAPI endpoint returning a constant, under the same uvicorn settings;
 - `feast serve` (as many workers, no access log, no worker recycling) on the same registry and Redis db:
-  POST /get-online-features of 10 `user_activity` features for the same users at the same rates.
+  POST /get-online-features of 10 `user_activity` features for the same users at the same rates;
+- `select-1`: the same app scoring every request alone (`ADLOOP_SERVE_BATCH_MAX=1`), so that the CPU per
+  request of batched and unbatched scoring are printed side by side;
+- `select-large` (with `--large-ads N`, at 100/s only): the same app and model over a generated N-ad
+  catalog (the first 10,000 ads keep the features seeded in Redis; the others are ads no event has
+  touched), retrieval through the approximate index; its full ad-stats refresh is set to once an hour
+  (reading a million rows costs ~15 s of CPU; the changed-ads refresh still runs every second).
+
+Capacity = the highest offered rate with p99 under 20 ms and no errors, among the rates run.
 
 The three servers run side by side (idle while another is loaded); each rate loads them one after the
 other, so that other load on a shared machine drifts over all three alike. The client is open loop:
@@ -182,16 +190,21 @@ async def open_loop(port: int, path: str, bodies: list[bytes], rate: float, seco
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", default="100,250,500")
+    parser.add_argument("--rates", default="100,250,400,500,700,900")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--targets", default="select,constant,feast", help="a subset, e.g. to profile one server")
+    parser.add_argument(
+        "--targets", default="select,select-1,constant,feast", help="a subset, e.g. to profile one server"
+    )
+    parser.add_argument("--large-ads", type=int, default=0, help="also serve a catalog of this many ads (at 100/s)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes of every server (same for all)")
     parser.add_argument("--connections", type=int, default=10,
                         help="keep-alive connections the client rotates over; more open when all are busy")  # fmt: skip
     args = parser.parse_args()
     chosen = args.targets.split(",")
     rates = [float(r) for r in args.rates.split(",")]
-    assert args.seconds <= 30 and max(rates) <= 2000, "bounded benchmark"
+    assert args.seconds <= 30 and max(rates) <= 2000 and args.large_ads <= 2_000_000, "bounded benchmark"
+    if args.large_ads:
+        chosen.append("select-large")
 
     import redis
     from kafka.admin import KafkaAdminClient, NewTopic
@@ -214,6 +227,13 @@ def main() -> None:
     )
     ads = generate_catalog(10_000, seed=7)
     write_catalog(ads, settings.catalog_path)
+    if args.large_ads:  # the 10,000 ads first (their features are seeded), then ads no event has touched
+        large = generate_catalog(args.large_ads, seed=7)
+        large[: len(ads)] = ads
+        for row in large[len(ads) :]:
+            row["ad_id"] = "l" + row["ad_id"]
+        write_catalog(large, work / "ads-large.csv")
+        del large
     client = redis.Redis.from_url(settings.redis_url)
     client.flushdb()
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
@@ -225,6 +245,8 @@ def main() -> None:
         model_version = train_bench_model(ads, work / "models")
         targets = {
             "select": (select_bodies(users), "/v1/select"),
+            "select-1": (select_bodies(users), "/v1/select"),
+            "select-large": (select_bodies(users), "/v1/select"),
             "constant": (select_bodies(users), "/constant"),
             "feast": (feast_bodies(users), "/get-online-features"),
         }
@@ -246,18 +268,25 @@ def main() -> None:
         if args.workers > 1:  # as `adloop serve --workers N`: /metrics sums the workers' files
             (work / "prometheus").mkdir()
             select_env["PROMETHEUS_MULTIPROC_DIR"] = select_env["ADLOOP_METRICS_DIR"] = str(work / "prometheus")
+        large_env = {**select_env, "ADLOOP_CATALOG_PATH": str(work / "ads-large.csv"),
+                     "ADLOOP_AD_STATS_FULL_REFRESH_S": "3600"}  # fmt: skip
         servers = {
             "select": lambda: uvicorn_process("serving.app:create_app", select_env, args.workers),
+            "select-1": lambda: uvicorn_process(
+                "serving.app:create_app", {**select_env, "ADLOOP_SERVE_BATCH_MAX": "1"}, args.workers
+            ),
+            "select-large": lambda: uvicorn_process("serving.app:create_app", large_env, args.workers, timeout_s=900),
             "constant": lambda: uvicorn_process("bench.serve:constant_factory", env, args.workers),
             "feast": lambda: feast_process(settings, args.workers),
         }
         servers = {name: start for name, start in servers.items() if name in chosen}
         with contextlib.ExitStack() as running:  # all three up at once; each rate runs them back to back
             ports = {name: running.enter_context(server()) for name, server in servers.items()}
-            if "select" in ports:
-                check_app_reads_feast_layout(ports["select"], users[0], seeded)
-                served = json.loads(subprocess_get(ports["select"], "/readyz"))["checks"]["model"]
-                assert served["version"] == model_version and served["loaded"], f"the app serves {served}"
+            for name in ("select", "select-1", "select-large"):
+                if name in ports:
+                    check_app_reads_feast_layout(ports[name], users[0], seeded)
+                    served = json.loads(subprocess_get(ports[name], "/readyz"))["checks"]["model"]
+                    assert served["version"] == model_version and served["loaded"], f"the app serves {served}"
             if "feast" in ports:
                 check_feast_answers(ports["feast"], users[0], seeded)
             for name, port in ports.items():
@@ -267,6 +296,8 @@ def main() -> None:
             results = {name: {} for name in ports}
             for rate in rates:
                 for name, port in ports.items():
+                    if name == "select-large" and rate != 100:
+                        continue  # the issue's comparison: 1 M ads against 10 k at 100/s
                     bodies, path = targets[name]
                     cpu = tree_cpu_s(port_pid[port])
                     results[name][rate] = asyncio.run(
@@ -424,8 +455,8 @@ class feast_process:
 class uvicorn_process:
     """A uvicorn subprocess on a free loopback port, waited for and stopped (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, target: str, env: dict, workers: int = 1):
-        self.target, self.env, self.workers = target, env, workers
+    def __init__(self, target: str, env: dict, workers: int = 1, timeout_s: float = 300):
+        self.target, self.env, self.workers, self.timeout_s = target, env, workers, timeout_s
 
     def __enter__(self) -> int:
         self.port = free_port()
@@ -436,7 +467,7 @@ class uvicorn_process:
             env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
         path = "/healthz" if "create_app" in self.target else "/docs"
-        wait_until_answers(self.proc, self.port, path, "uvicorn")
+        wait_until_answers(self.proc, self.port, path, "uvicorn", self.timeout_s)
         port_pid[self.port] = self.proc.pid
         return self.port
 
@@ -450,7 +481,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_answers(proc: subprocess.Popen, port: int, path: str, what: str, timeout_s: float = 60) -> None:
+def wait_until_answers(proc: subprocess.Popen, port: int, path: str, what: str, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -524,20 +555,22 @@ def report(results: dict, rates: list[float], seconds: float, state: dict, worke
     print(f"\nopen-loop, {seconds:.0f} s per rate, loopback, {workers} server worker(s) each")
     print("latency from each request's due time (ms)")
     print(
-        f"{'target':<10}{'rate':>7}{'sent':>7}{'ok':>7}{'err':>5}{'p50':>9}{'p99':>9}{'achieved/s':>12}"
+        f"{'target':<13}{'rate':>7}{'sent':>7}{'ok':>7}{'err':>5}{'p50':>9}{'p99':>9}{'achieved/s':>12}"
         f"{'server CPU ms/req':>19}"
     )
     for name, by_rate in results.items():
         for rate in rates:
+            if rate not in by_rate:
+                continue
             r = by_rate[rate]
             print(
-                f"{name:<10}{rate:>7.0f}{r['sent']:>7}{r['ok']:>7}{r['errors']:>5}{_ms(r['p50']):>9}{_ms(r['p99']):>9}"
+                f"{name:<13}{rate:>7.0f}{r['sent']:>7}{r['ok']:>7}{r['errors']:>5}{_ms(r['p50']):>9}{_ms(r['p99']):>9}"
                 f"{r['achieved']:>12.1f}{r['cpu_ms']:>19.2f}"
             )
     for name, by_rate in results.items():
-        for rate in rates:
-            if by_rate[rate]["error_kinds"]:
-                print(f"errors {name} {rate:.0f}/s: {by_rate[rate]['error_kinds']}")
+        for rate, r in by_rate.items():
+            if r["error_kinds"]:
+                print(f"errors {name} {rate:.0f}/s: {r['error_kinds']}")
     if state:
         kafka = state["checks"]["kafka"]
         print(
@@ -545,25 +578,46 @@ def report(results: dict, rates: list[float], seconds: float, state: dict, worke
             f"kafka ok={kafka['ok']} buffered={kafka['buffered']}, ads={state['checks']['catalog']['ads']}"
         )
         print("  " + "\n  ".join(state["metrics"]))
-    if set(results) != {"select", "constant", "feast"}:
-        return  # a subset (profiling): no ratios
-    print("\nratios of p99 (of p50 in brackets):")
-    for rate in rates:
-        s, c, f = results["select"][rate], results["constant"][rate], results["feast"][rate]
+    caps = {name: capacity(by_rate) for name, by_rate in results.items()}
+    print("\ncapacity (highest offered rate with p99 < 20 ms and no errors, among the rates run):")
+    for name, cap in caps.items():
+        print(f"  {name:<13}{'-' if cap is None else f'{cap:.0f}/s'}")
+    if "select" in results and "select-1" in results:
+        near = min(rates, key=lambda r: abs(r - 400))
+        b, u = results["select"][near], results["select-1"][near]
         print(
-            f"  {rate:>5.0f}/s  select/constant x{_ratio(s['p99'], c['p99'])} (x{_ratio(s['p50'], c['p50'])})"
-            f"  select/feast x{_ratio(s['p99'], f['p99'])} (x{_ratio(s['p50'], f['p50'])})"
+            f"\nserver CPU per request at {near:.0f}/s: batched {b['cpu_ms']:.2f} ms, "
+            f"one at a time {u['cpu_ms']:.2f} ms"
         )
-    top = max(rates)
-    s, c, f = results["select"][top], results["constant"][top], results["feast"][top]
-    checks = {
-        "select p99 <= 2x constant p99": s["p99"] is not None and s["p99"] <= 2 * c["p99"],
-        "select p99 <= 0.3x feast serve p99": s["p99"] is not None and s["p99"] <= 0.3 * f["p99"],
-        f"select achieved >= {top:.0f}/s (within 1%), no errors": s["achieved"] >= 0.99 * top and not s["errors"],
-    }
-    print(f"\nissue targets at {top:.0f}/s:")
+    if not {"select", "constant", "feast"} <= set(results):
+        return  # a subset (profiling): no ratios
+    s250 = results["select"].get(250.0)
+    c250 = results["constant"].get(250.0)
+    checks = {}
+    if caps["select"] is not None and caps["feast"] is not None:
+        checks[f"select capacity {caps['select']:.0f}/s >= 2x feast serve's {caps['feast']:.0f}/s"] = (
+            caps["select"] >= 2 * caps["feast"]
+        )
+    if s250 and c250:
+        checks[f"select p99 at 250/s <= 3x constant's (x{_ratio(s250['p99'], c250['p99'])})"] = (
+            s250["p99"] is not None and s250["p99"] <= 3 * c250["p99"]
+        )
+    large = results.get("select-large", {}).get(100.0)
+    if large and 100.0 in results["select"]:
+        small = results["select"][100.0]
+        checks[f"p99 at 100/s with the large catalog <= 2x 10 k's (x{_ratio(large['p99'], small['p99'])})"] = (
+            large["p99"] is not None and not large["errors"] and large["p99"] <= 2 * small["p99"]
+        )
+    print("\nissue targets (#19):")
     for what, met in checks.items():
         print(f"  {'met    ' if met else 'NOT met'}  {what}")
+
+
+def capacity(by_rate: dict[float, dict]) -> float | None:
+    """The highest offered rate with p99 under 20 ms, no errors and the rate achieved (within 2%)."""
+    ok = [rate for rate, r in by_rate.items()
+          if r["p99"] is not None and r["p99"] < 20 and not r["errors"] and r["achieved"] >= 0.98 * rate]  # fmt: skip
+    return max(ok) if ok else None
 
 
 def _ms(value: float | None) -> str:

@@ -53,6 +53,12 @@ class ProjectionBundle:
         norm = float(np.linalg.norm(v))
         return (v / norm).astype(np.float32) if norm else np.zeros(self.dim, dtype=np.float32)
 
+    def user_vectors(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        return np.stack([self.user_vector(dict(r)) for r in rows]) if rows else np.zeros((0, self.dim), np.float32)
+
+    def predict_ctr_many(self, users, ad_frames, contexts, embedding_scores) -> list[np.ndarray]:
+        return [self.predict_ctr(*args) for args in zip(users, ad_frames, contexts, embedding_scores, strict=True)]
+
     def predict_ctr(self, user_features, ad_frame, context, embedding_scores) -> np.ndarray:
         ctr = np.asarray(ad_frame["ad_ctr_24h"], dtype=np.float64)
         z = 2.5 * embedding_scores + 0.5 * np.log(np.clip(ctr, 1e-4, 1.0)) - 4.5

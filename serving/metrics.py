@@ -27,6 +27,9 @@ REQUEST_SECONDS = Histogram("adloop_request_seconds", "Handler time per route.",
 STAGE_SECONDS = Histogram(
     "adloop_stage_seconds", "Time per selection stage.", ["stage"], buckets=LATENCY_BUCKETS
 )  # features, eligibility, rank, choose, total_select
+BATCH_SIZE = Histogram(
+    "adloop_select_batch_size", "Requests scored together per selection pass.", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
 FALLBACKS = Counter("adloop_fallback_total", "Requests answered with a fallback, by reason.", ["reason"])
 ERRORS = Counter("adloop_errors_total", "Errors caught while answering, by route and kind.", ["route", "kind"])
 ARMS = Counter("adloop_arm_total", "Selection requests by arm.", ["arm"])

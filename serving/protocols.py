@@ -53,6 +53,19 @@ class ModelBundle(Protocol):
     ) -> np.ndarray:  # (k,) float, calibrated click probabilities
         ...
 
+    # Batches (serving scores concurrent requests together): each output equals the one-request call's.
+    def user_vectors(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:  # (b, d) float32
+        ...
+
+    def predict_ctr_many(
+        self,
+        users: Sequence[Mapping[str, Any]],
+        ad_frames: Sequence[Mapping[str, np.ndarray]],
+        contexts: Sequence[Mapping[str, Any]],
+        embedding_scores: Sequence[np.ndarray],
+    ) -> list[np.ndarray]:  # one (k_i,) array per request
+        ...
+
 
 @runtime_checkable
 class ModelRegistry(Protocol):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import threadpoolctl
 import torch
 
 from adloop.settings import Settings
@@ -52,6 +53,10 @@ class Runtime:
         # Inference here is one user per request: torch's intra-op threads cannot help a batch of one,
         # and their spinning workers take CPU from the event loop and the Kafka sender.
         torch.set_num_threads(1)
+        # Likewise numpy's BLAS: a batch's (b, n) retrieval matmul is a GEMM, which OpenBLAS splits over
+        # threads whose spinning costs more CPU than they save (compare `OPENBLAS_NUM_THREADS=1` and not
+        # with `python -m bench.select_path --batch 16`).
+        threadpoolctl.threadpool_limits(1, user_api="blas")
         budget_s = settings.request_budget_ms / 1000
         self.redis = request_path_redis(settings.redis_url, timeout_s=budget_s)
         self.async_redis = AsyncRedis(settings.redis_url, timeout_s=budget_s)  # the routes' user reads
@@ -69,7 +74,7 @@ class Runtime:
         self._stop = threading.Event()
         self._catalog_mtime = 0.0
         catalog = self._load_catalog()
-        state = ServingState(catalog, self.follower.load_promoted(None))
+        state = ServingState(catalog, self.follower.load_promoted(None), index_min_ads=settings.serve_index_min_ads)
         self.pacer = Pacer(catalog, slack=settings.pacing_slack)
         self.ad_stats = AdStats(catalog)
         config = SelectionConfig(
@@ -88,7 +93,13 @@ class Runtime:
             window_s=settings.attribution_window_s,
         )
         last_impression = settings.attribution_model == "impression"
-        self.pipeline = RequestPipeline(self.selector, self.logger, touches=self.touches if last_impression else None)
+        self.pipeline = RequestPipeline(
+            self.selector,
+            self.logger,
+            touches=self.touches if last_impression else None,
+            batch_window_s=settings.serve_batch_window_ms / 1000,
+            max_batch=settings.serve_batch_max,
+        )
         self._publish(state)
 
     @property
@@ -150,7 +161,7 @@ class Runtime:
                 metrics.RELOADS.labels("failed").inc()
                 raise
             model = self.follower.load_promoted(old.model)
-            state = ServingState(catalog, model)
+            state = ServingState(catalog, model, index_min_ads=self.settings.serve_index_min_ads)
             self.pacer.rebase(catalog)
             self.ad_stats.reset(catalog)
             self.selector.state = state
@@ -180,7 +191,7 @@ class Runtime:
             return True
         with self._reload_lock:
             old = self.state
-            state = ServingState(old.catalog, model)
+            state = ServingState(old.catalog, model, index_min_ads=self.settings.serve_index_min_ads)
             self.selector.state = state
             self.follower.swapped(old.model, model)
             self._publish(state)

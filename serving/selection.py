@@ -23,10 +23,12 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from features.aggregates import CTR_PRIOR
 from models.ranker import AdColumns, ad_columns
@@ -34,9 +36,11 @@ from serving.catalog import IAB_CATEGORY, Catalog
 from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
 from serving.protocols import AD_STAT_COLUMNS, ModelBundle
+from serving.retrieval import AdIndex, top_k_indexed
 
 log = logging.getLogger(__name__)
 FALLBACK_VERSION = "fallback-ctr-x-bid"
+INDEX_MIN_ADS = 200_000  # catalogs from this size are searched through an approximate index (serving.retrieval)
 AD_COLUMNS = ("ad_id", "category", "campaign_id", "advertiser_id")  # what embed_ads gets of an unseen ad
 UserRead = tuple[dict[str, Any], str | None, float]  # (features, fallback reason or None, seconds it took)
 
@@ -104,13 +108,23 @@ class SelectionConfig:
 
 
 class ServingState:
-    """One catalog with one model (or none), aligned at load time; replaced whole on reload."""
+    """One catalog with one model (or none), aligned at load time; replaced whole on reload.
 
-    def __init__(self, catalog: Catalog, model: ModelBundle | None):
+    Retrieval: exact dot products (`ad_matrix`) below `index_min_ads` ads, an approximate index over the
+    same vectors (`serving.retrieval.AdIndex`) from there; with the model on CUDA the ad matrix is kept on
+    the device too and retrieval is exact there. Both are built here, so a reload builds them in the
+    reloading thread and the swap of the whole state replaces them at once."""
+
+    def __init__(self, catalog: Catalog, model: ModelBundle | None, *, index_min_ads: int = INDEX_MIN_ADS):
         self.catalog = catalog
         self.model = model
         self.model_version = model.version if model is not None else FALLBACK_VERSION
         self.ad_matrix = _align(catalog, model) if model is not None else None  # (n, d) float32
+        device = getattr(model, "device", None)
+        self.device = device if isinstance(device, torch.device) and device.type == "cuda" else None
+        self.device_matrix = None if self.device is None else torch.from_numpy(self.ad_matrix).to(self.device)
+        use_index = self.ad_matrix is not None and self.device is None and len(catalog) >= index_min_ads
+        self.index = AdIndex(self.ad_matrix) if use_index else None
         self.domain_code = {d: i for i, d in enumerate(catalog.advertiser_domains)}
         self.iab = [IAB_CATEGORY.get(c, c) for c in catalog.categories]
         self.text_columns = {  # (n,) object arrays of ids as text, for the ranker's ad_frame
@@ -209,40 +223,123 @@ class Selector:
         """Selection for known user features (tests call this directly)."""
         timings = {} if timings is None else timings
         now = time.time() if now is None else now
+        p = self._prepare(state, request, user, fallback, now, timings)
+        clock = time.perf_counter()
+        if p.arm == "control":
+            p.cands = np.flatnonzero(p.eligible)
+            p.pctr = p.ctr[p.cands]
+        else:
+            p.cands, p.pctr, reason = self._targeted(state, request, user, p.eligible, p.slot_masks, p.ctr, now)
+            p.fallback = p.fallback or reason
+            if reason is not None:
+                p.model_version = FALLBACK_VERSION
+        timings["rank"], _ = _lap(clock)
+        return self._finish(state, p)
+
+    def select_many(
+        self,
+        items: Sequence[tuple[SelectionRequest, UserRead | None]],
+        *,
+        state: ServingState | None = None,
+        now: float | None = None,
+    ) -> list[SelectionResult]:
+        """`select` of several requests scored together (`serving.pipeline` batches concurrent requests):
+        eligibility per request, then for the targeted ones one user-tower call, one retrieval matmul and one
+        ranker call over all their candidates, then each request's choice in order. Every result equals what
+        `select` gives the same request with the same random draws (tests/serving/test_batching.py); the
+        shared stages' time is split evenly over the requests that took part."""
+        state = state or self.state
+        now = time.time() if now is None else now
+        prepared = []
+        for request, user_read in items:
+            timings: dict[str, float] = {}
+            if user_read is None:
+                clock = time.perf_counter()
+                user, fallback = self.features.user(request.user_id)
+                timings["features"], _ = _lap(clock)
+            else:
+                user, fallback, timings["features"] = user_read
+            prepared.append(self._prepare(state, request, user, fallback, now, timings))
+        clock = time.perf_counter()
+        targeted = [p for p in prepared if p.arm == "targeted"]
+        for p, ranked in zip(targeted, self._targeted_many(state, targeted, now), strict=True):
+            p.cands, p.pctr, reason = ranked
+            p.fallback = p.fallback or reason
+            if reason is not None:
+                p.model_version = FALLBACK_VERSION
+        shared, clock = _lap(clock)
+        results = []
+        for p in prepared:
+            if p.arm == "control":
+                p.cands = np.flatnonzero(p.eligible)
+                p.pctr = p.ctr[p.cands]
+            p.timings["rank"] = shared / max(1, len(targeted)) if p.arm == "targeted" else 0.0
+            result = self._finish(state, p)
+            result.timings["total_select"] = sum(result.timings.values())
+            results.append(result)
+        return results
+
+    def _prepare(self, state, request, user, fallback, now, timings) -> _Prepared:
+        """The per-request steps before ranking: arm, eligibility, slot masks, the live CTR column."""
         catalog, clock = state.catalog, time.perf_counter()
         arm = arm_of(request.user_id, share=self.config.control_share, salt=self.config.control_salt)
         eligible = self._eligible(state, request, user, now)
         slot_masks = {s.slot_id: self._slot_mask(catalog, s, eligible) for s in request.slots}
-        timings["eligibility"], clock = _lap(clock)
+        timings["eligibility"], _ = _lap(clock)
         ctr = self.ad_stats.columns["ad_ctr_24h"] if self.ad_stats.catalog_version == catalog.version else None
         if ctr is None:
             ctr = np.full(len(catalog), CTR_PRIOR)
-        model_version = state.model_version
-        if arm == "control":
-            cands = np.flatnonzero(eligible)
-            pctr = ctr[cands]
-        else:
-            cands, pctr, reason = self._targeted(state, request, user, eligible, slot_masks, ctr, now)
-            fallback = fallback or reason
-            if reason is not None:
-                model_version = FALLBACK_VERSION
-        timings["rank"], clock = _lap(clock)
-        eps = 1.0 if arm == "control" else self.config.epsilon
-        if fallback == "no_model" and self.config.epsilon_no_model is not None:
+        return _Prepared(request, user, fallback, arm, eligible, slot_masks, ctr, timings, state.model_version)
+
+    def _finish(self, state: ServingState, p: _Prepared) -> SelectionResult:
+        """Choose per slot from the ranked candidates: the per-request step after ranking."""
+        clock = time.perf_counter()
+        eps = 1.0 if p.arm == "control" else self.config.epsilon
+        if p.fallback == "no_model" and self.config.epsilon_no_model is not None:
             eps = self.config.epsilon_no_model  # cold start: explore, so the first model learns from varied ads
-        slots = self._choose(catalog, request, eps, cands, pctr, slot_masks)
-        timings["choose"], clock = _lap(clock)
-        return SelectionResult(
-            request.request_id,
-            request.user_id,
-            arm,
-            model_version,
-            fallback,
-            slots,
-            int(eligible.sum()),
-            len(cands),
-            timings,
-        )
+        slots = self._choose(state.catalog, p.request, eps, p.cands, p.pctr, p.slot_masks)
+        p.timings["choose"], _ = _lap(clock)
+        return SelectionResult(p.request.request_id, p.request.user_id, p.arm, p.model_version, p.fallback, slots,
+                               int(p.eligible.sum()), len(p.cands), p.timings)  # fmt: skip
+
+    def _targeted_many(self, state: ServingState, batch: list[_Prepared], now: float) -> list[tuple]:
+        """`_targeted` of each request, the model's work done once for the batch."""
+        if not batch:
+            return []
+        if len(batch) == 1 and state.device is None:  # on the CPU the one-user forward is cheaper than a batch
+            p = batch[0]
+            return [self._targeted(state, p.request, p.user, p.eligible, p.slot_masks, p.ctr, now)]
+        catalog, k, model = state.catalog, self.config.top_k, state.model
+        if model is not None:
+            try:
+                vectors = model.user_vectors([p.user for p in batch])  # (b, d): one tower call
+                known = np.flatnonzero(np.any(vectors, axis=1))
+                retrieved = _retrieve(state, vectors, [batch[j].slot_masks for j in known], k)
+                row_of = {int(j): r for r, j in enumerate(known)}
+                columns = state.ad_columns(self.ad_stats)
+                cands_of, frames, scores = [], [], []
+                for j, p in enumerate(batch):
+                    if j in row_of:
+                        cands, score = retrieved[row_of[j]]
+                        scores.append(score)
+                    else:  # unknown user: retrieve by expected value, rank with the model (as `_targeted`)
+                        cands = _top_k(p.ctr * catalog.bid, p.slot_masks.values(), k)
+                        scores.append(np.zeros(len(cands), dtype=np.float32))
+                    cands_of.append(cands)
+                    frames.append(columns.take(cands))
+                contexts = [_ranker_context(p.request, now) for p in batch]
+                pctrs = model.predict_ctr_many([p.user for p in batch], frames, contexts, scores)  # one ranker call
+                return [(c, np.asarray(pc, float), None) for c, pc in zip(cands_of, pctrs, strict=True)]
+            except Exception:
+                log.exception("batched model scoring failed; falling back to CTR x bid")
+                reason = "model_error"
+        else:
+            reason = "no_model"
+        out = []
+        for p in batch:
+            cands = _top_k(p.ctr * catalog.bid, p.slot_masks.values(), k)
+            out.append((cands, p.ctr[cands], reason))
+        return out
 
     async def read_user(self, user_id: str) -> UserRead:
         """The user's features awaited without blocking the event loop (the API's routes)."""
@@ -316,20 +413,20 @@ class Selector:
     def _targeted(self, state, request, user, eligible, slot_masks, ctr, now):
         """(candidate rows, pCTR, fallback reason): model ranking, or CTR x bid without a model."""
         catalog, k = state.catalog, self.config.top_k
-        # The ranker's context: request time and the number of ads shown together.
-        context = {
-            **request.context,
-            "ts_ms": int(now * 1000),
-            "slate_size": sum(s.count for s in request.slots),
-        }
+        context = _ranker_context(request, now)
         if state.model is not None:
             try:
                 u = state.model.user_vector(user)  # (d,)
                 if np.any(u):
-                    sims = state.ad_matrix @ u  # (n,)
-                    cands = _top_k(sims, slot_masks.values(), k)
+                    if state.index is not None:
+                        cands = top_k_indexed(state.index, u, slot_masks.values(), k)
+                        scores = state.ad_matrix[cands] @ u
+                    else:
+                        sims = state.ad_matrix @ u  # (n,)
+                        cands = _top_k(sims, slot_masks.values(), k)
+                        scores = sims[cands]
                     frame = state.ad_columns(self.ad_stats).take(cands)  # AD_FRAME_COLUMNS and more
-                    pctr = np.asarray(state.model.predict_ctr(user, frame, context, sims[cands]), float)
+                    pctr = np.asarray(state.model.predict_ctr(user, frame, context, scores), float)
                     return cands, pctr, None
                 score = catalog.expected_value(slice(None), ctr)  # unknown user: retrieve by value, rank by model
                 cands = _top_k(score, slot_masks.values(), k)
@@ -394,6 +491,28 @@ class Selector:
 # --- helpers ------------------------------------------------------------------------------
 
 
+@dataclass
+class _Prepared:
+    """One request between its per-request steps (eligibility before, choice after) and the ranking."""
+
+    request: SelectionRequest
+    user: dict[str, Any]
+    fallback: str | None
+    arm: str
+    eligible: np.ndarray  # (n,) bool
+    slot_masks: dict[str, np.ndarray]
+    ctr: np.ndarray  # (n,) live ad CTR (the fallback ranking and the control arm's pCTR)
+    timings: dict[str, float]
+    model_version: str
+    cands: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    pctr: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+
+def _ranker_context(request: SelectionRequest, now: float) -> dict[str, Any]:
+    """The ranker's context: request time and the number of ads shown together."""
+    return {**request.context, "ts_ms": int(now * 1000), "slate_size": sum(s.count for s in request.slots)}
+
+
 def _align(catalog: Catalog, model: ModelBundle) -> np.ndarray:
     """The model's ad vectors in catalog row order; ads the model has not seen are embedded now."""
     model_rows = {a: i for i, a in enumerate(model.ad_ids)}
@@ -406,6 +525,51 @@ def _align(catalog: Catalog, model: ModelBundle) -> np.ndarray:
         rows = [catalog.describe(int(i)) for i in missing]
         matrix[missing] = model.embed_ads({name: [r[name] for r in rows] for name in AD_COLUMNS})  # columns
     return matrix
+
+
+def _retrieve(state: ServingState, vectors: np.ndarray, slot_masks: list[dict[str, np.ndarray]], k: int):
+    """(candidate rows, their embedding scores) of each known user of a batch (`vectors` rows with any
+    non-zero, in order): one (b, n) matmul on the CPU, per-request index searches for a large catalog, or
+    one masked top-k on the device when the model runs on CUDA."""
+    users = vectors[np.any(vectors, axis=1)]
+    if not len(users):
+        return []
+    if state.device_matrix is not None:
+        return _retrieve_on_device(state, users, slot_masks, k)
+    if state.index is not None:
+        out = []
+        for u, masks in zip(users, slot_masks, strict=True):
+            cands = top_k_indexed(state.index, u, masks.values(), k)
+            out.append((cands, state.ad_matrix[cands] @ u))
+        return out
+    sims = users @ state.ad_matrix.T  # (b, n): one retrieval call for the batch
+    out = []
+    for score, masks in zip(sims, slot_masks, strict=True):
+        cands = _top_k(score, masks.values(), k)
+        out.append((cands, score[cands]))
+    return out
+
+
+def _retrieve_on_device(state: ServingState, users: np.ndarray, slot_masks: list[dict[str, np.ndarray]], k: int):
+    """Exact retrieval on the GPU: one (b, n) matmul against the device-resident ad matrix, every (request,
+    slot) mask applied there and one top-k over all of them; only the k rows per mask come back."""
+    device, matrix = state.device, state.device_matrix
+    owner = [i for i, masks in enumerate(slot_masks) for _ in masks]  # request of each mask
+    stacked = np.stack([m for masks in slot_masks for m in masks.values()])  # (m, n) bool
+    with torch.inference_mode():
+        sims = torch.from_numpy(users).to(device, non_blocking=True) @ matrix.T  # (b, n)
+        masked = sims[torch.as_tensor(owner, device=device)]
+        masked.masked_fill_(~torch.from_numpy(stacked).to(device, non_blocking=True), -torch.inf)
+        values, rows = masked.topk(min(k, matrix.shape[0]), dim=1)
+        values, rows = values.cpu().numpy(), rows.cpu().numpy()  # the one wait for the device
+    picked: list[list[np.ndarray]] = [[] for _ in slot_masks]
+    for i, (v, r) in enumerate(zip(values, rows, strict=True)):
+        picked[owner[i]].append(r[np.isfinite(v)])
+    out = []
+    for u, rows_of in zip(users, picked, strict=True):
+        cands = np.unique(np.concatenate(rows_of)) if rows_of else np.empty(0, dtype=np.int64)
+        out.append((cands, state.ad_matrix[cands] @ u))
+    return out
 
 
 def _top_k(score: np.ndarray, masks, k: int) -> np.ndarray:

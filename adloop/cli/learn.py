@@ -252,6 +252,34 @@ def _print_gate(gate: dict[str, Any]) -> None:
     console.print(table)
 
 
+@models_app.command("export")
+def models_export(
+    version: str = typer.Argument(..., help="The version to export, e.g. v0003."),
+    fmt: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder to write; default .stack/exports/VERSION-onnx.")
+    ] = None,
+) -> None:
+    """Write the user tower as ONNX and the ad vectors as .npy, with a scorer that needs only onnxruntime
+    (docs/models.md, "Export for the edge")."""
+    from models.export import export_onnx
+    from models.registry import Registry, RegistryError
+
+    if fmt != "onnx":
+        console.print(f"[red]unknown format {fmt!r}:[/red] only onnx", highlight=False)
+        raise typer.Exit(2)
+    settings = get_settings()
+    out = out or settings.stack_dir / "exports" / f"{version}-onnx"
+    try:
+        bundle = Registry(settings.model_registry_path).load(version, compiled=False)
+        manifest = export_onnx(bundle, out)
+    except (RegistryError, FileExistsError) as error:
+        console.print(f"[red]not exported:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from error
+    console.print(f"exported {version} ({manifest['ads']} ad vectors, dim {manifest['dim']}) to {out}")
+    console.print(f'score a user there: python {out / "score_user.py"} {out} \'{{"recent_items": ["N1"]}}\'')
+
+
 @models_app.command("rollback")
 def models_rollback() -> None:
     """Promote the previously promoted version again."""

@@ -62,7 +62,8 @@ async def bid(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> R
     if not selection.slots:
         return _no_bid(started)
     natives = {imp.id: imp.native.request for imp in req.imp if imp.native is not None}
-    state, result = await runtime.pipeline.run(selection, route="openrtb", log_impressions=False)
+    left_s = None if budget_s is None else budget_s - (time.perf_counter() - started)
+    state, result = await runtime.pipeline.run(selection, route="openrtb", log_impressions=False, deadline_s=left_s)
     if budget_s is not None and time.perf_counter() - started > budget_s:
         metrics.ERRORS.labels("openrtb", "tmax_exceeded").inc()
         return _no_bid(started)
