@@ -7,39 +7,61 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
 
 from outcomes.estimators import wilson
 from outcomes.store import DIMENSIONS, Filters, OutcomeStore
 from serving.deps import RuntimeDep, SettingsDep
+from serving.http import JSONRoute
 
-router = APIRouter(prefix="/v1", tags=["outcomes"])
+router = APIRouter(prefix="/v1", tags=["outcomes"], route_class=JSONRoute)
+_DIMENSION = "|".join(sorted(DIMENSIONS, key=len, reverse=True))
+GROUP_BY = f"^({_DIMENSION})(,({_DIMENSION}))*$"  # the schema states the choices (a comma-separated list)
+# RFC 3339 only: pydantic would also take a number of seconds ("0.5") or a bare date.
+RFC3339 = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$"
+
+
+def _instant(value: str | None) -> datetime | None:
+    """An RFC 3339 query value as a datetime (the pattern has been checked; the calendar is checked here)."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError as error:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [
+                {
+                    "loc": ["query"],
+                    "msg": f"not a valid RFC 3339 date-time: {error}",
+                    "type": "datetime_from_date_parsing",
+                }
+            ],
+        ) from None
 
 
 @router.get("/outcomes")
 def outcomes(
     settings: SettingsDep,
-    from_: Annotated[datetime | None, Query(alias="from", description="Impressions at or after (RFC 3339).")] = None,
-    to: Annotated[datetime | None, Query(description="Impressions before (RFC 3339).")] = None,
+    from_: Annotated[
+        str | None, Query(alias="from", pattern=RFC3339, description="Impressions at or after (RFC 3339).")
+    ] = None,
+    to: Annotated[str | None, Query(pattern=RFC3339, description="Impressions before (RFC 3339).")] = None,
     ad_id: str | None = None,
     campaign_id: str | None = None,
-    arm: Annotated[str | None, Query(pattern="^(targeted|control)$")] = None,
+    arm: Literal["targeted", "control"] | None = None,
     model_version: str | None = None,
     group_by: Annotated[
-        str | None, Query(description=f"Comma-separated: {', '.join(DIMENSIONS)} (e.g. arm,minute).")
+        str | None,
+        Query(pattern=GROUP_BY, description=f"Comma-separated: {', '.join(DIMENSIONS)} (e.g. arm,minute)."),
     ] = None,
     confidence: Annotated[float, Query(gt=0.5, lt=1)] = 0.95,
 ) -> dict[str, Any]:
     """Outcomes per group (CTR with a Wilson interval) and the lift of targeted over control."""
-    dims = [g.strip() for g in group_by.split(",") if g.strip()] if group_by else []
-    unknown = [g for g in dims if g not in DIMENSIONS]
-    if unknown:
-        detail = [{"loc": ["query", "group_by"], "msg": f"unknown {unknown}; choose from {', '.join(DIMENSIONS)}",
-                   "type": "value_error"}]  # fmt: skip
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail)
-    filters = Filters(from_, to, ad_id, campaign_id, arm, model_version)
+    dims = list(dict.fromkeys(group_by.split(","))) if group_by else []
+    filters = Filters(_instant(from_), _instant(to), ad_id, campaign_id, arm, model_version)
     store = OutcomeStore(settings.outcomes_path)
     rows = [_with_interval(r, confidence) for r in store.outcomes(dims, filters)]
     result = store.lift(filters, confidence)

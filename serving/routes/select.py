@@ -10,10 +10,11 @@ from fastapi import APIRouter, HTTPException, Response, status
 
 from serving import metrics
 from serving.deps import RuntimeDep, SettingsDep
+from serving.http import JSONRoute
 from serving.schemas import SelectRequest, SelectResponse
 from serving.selection import SelectionRequest, Slot
 
-router = APIRouter(prefix="/v1", tags=["selection"])
+router = APIRouter(prefix="/v1", tags=["selection"], route_class=JSONRoute)
 
 
 @router.post("/select", response_model=SelectResponse)
@@ -25,7 +26,7 @@ async def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: Setting
         request_id=body.request_id or uuid.uuid4().hex,
         user_id=body.user_id,
         slots=[Slot(s.slot_id, s.format, s.count, s.position) for s in body.slots],
-        context=body.context.model_dump(exclude_none=True),
+        context={k: v for k, v in body.context.items() if v is not None},
         candidate_ad_ids=body.candidate_ad_ids,
         exclude_ad_ids=body.exclude_ad_ids,
     )

@@ -19,6 +19,7 @@ from serving.schemas import SelectResponse
 from tests.serving.conftest import MemoryReader, free_port
 
 SLOTS = [{"slot_id": "top", "format": "banner_728x90"}, {"slot_id": "feed", "format": "native", "count": 2}]
+ADMIN = {"Authorization": "Bearer secret"}  # conftest's admin token
 TECH = {"top_categories": ["tech"], "top_category_scores": [1.0]}
 
 
@@ -147,7 +148,7 @@ def test_redis_unreachable_falls_back_fast(make_app) -> None:
         bodies = [select(client).json() for _ in range(5)]
         elapsed = time.perf_counter() - started
         ready = client.get("/readyz")
-        user = client.get("/v1/users/u-1/features")
+        user = client.get("/v1/users/u-1/features", headers=ADMIN)
     assert all(b["fallback_reason"] == "redis_down" and b["slots"][1]["ads"] for b in bodies)
     assert elapsed < 2.0
     assert ready.status_code == 503 and ready.json()["checks"]["redis"]["ok"] is False
@@ -195,7 +196,7 @@ def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, ca
                 "candidate_ad_ids": [r["ad_id"] for r in natives],
             },
         ).json()
-        features = client.get("/v1/users/u-9/features").json()
+        features = client.get("/v1/users/u-9/features", headers=ADMIN).json()
     assert body["fallback"] is False
     served = {a["ad_id"] for a in body["slots"][0]["ads"]}
     assert capped["ad_id"] not in served and len(served) == 3
@@ -206,7 +207,7 @@ def test_admin_reload_needs_the_token(make_app) -> None:
     app, _ = make_app()
     with TestClient(app) as client:
         assert client.post("/v1/admin/reload").status_code == 401
-        assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 403
         ok = client.post("/v1/admin/reload", headers={"Authorization": "Bearer secret"})
     assert ok.status_code == 200 and ok.json()["ads"] == 300
     disabled, _ = make_app(admin_token=None)
