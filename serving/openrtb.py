@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.catalog import IAB_CATEGORY, KNOWN_FORMATS, Catalog
 from serving.notices import signed_query
+from serving.schemas import integral_floats
 from serving.selection import SelectionRequest, SelectionResult, Slot
 from streaming.events import MAX_ID
 
@@ -27,11 +28,14 @@ Text = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
 Short = Annotated[str, Field(max_length=MAX_ID)]
 Price = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]  # CPM
 Size = Annotated[int, Field(ge=0, le=100_000)]  # pixels
+Flag = Annotated[int, Field(ge=0, le=1)]  # OpenRTB's 0/1 (a JSON boolean is not one)
 
 
 class _Open(BaseModel):
     # Strict: `true` is not a number and "300" not an integer (the spec's types); no NaN or Infinity.
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    # 300.0 is a JSON Schema integer: the integer fields (w, h, test, at, ...) take it as 300.
+    _integers = field_validator("*", mode="before")(lambda value: integral_floats(value))
 
 
 class Format(_Open):
@@ -61,11 +65,20 @@ class Deal(_Open):
 
 
 class Pmp(_Open):
-    private_auction: Literal[0, 1] = 0
+    private_auction: Flag = 0
     deals: list[Deal] = Field(default_factory=list, max_length=100)
 
 
 class Imp(_Open):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": [media], "properties": {media: {"type": "object"}}}
+                for media in ("banner", "native", "video", "audio")
+            ]
+        }
+    )
+
     id: Text
     banner: Banner | None = None
     native: Native | None = None
@@ -78,7 +91,7 @@ class Imp(_Open):
 
     @model_validator(mode="after")
     def _has_media(self) -> Imp:
-        if not (self.banner or self.native or self.video or self.audio):
+        if all(media is None for media in (self.banner, self.native, self.video, self.audio)):
             raise ValueError("an imp needs one of banner, native, video, audio")
         return self
 
@@ -122,13 +135,22 @@ class User(_Open):
 class BidRequest(_Open):
     """The BidRequest fields the bidder reads (others, and `ext`, are accepted and ignored)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "required": ["site", "app"],
+                "properties": {"site": {"type": "object"}, "app": {"type": "object"}},
+            }
+        }
+    )
+
     id: Text  # also the selection's request id (an impression field)
-    imp: list[Imp] = Field(min_length=1, max_length=20, description="imp.id values must be unique.")
+    imp: list[Imp] = Field(min_length=1, max_length=20, description="A repeated imp id: only its first imp gets a bid.")
     site: Site | None = None
     app: App | None = None
     device: Device | None = None
     user: User | None = None
-    test: Literal[0, 1] = 0
+    test: Flag = 0
     at: int = 2
     tmax: int | None = Field(default=None, gt=0, le=60_000, description="Milliseconds the exchange waits for the bid.")
     cur: list[str] | None = Field(default=None, max_length=100)
@@ -139,9 +161,6 @@ class BidRequest(_Open):
     def _site_or_app(self) -> BidRequest:
         if self.site is not None and self.app is not None:
             raise ValueError("site and app are mutually exclusive")
-        ids = [i.id for i in self.imp]
-        if len(set(ids)) != len(ids):
-            raise ValueError("imp: imp.id values must be unique")
         return self
 
 
@@ -180,7 +199,7 @@ def to_selection(req: BidRequest) -> tuple[SelectionRequest, dict[str, tuple[str
         return _request(req, []), {}
     for imp in req.imp:
         shape = _shape(imp)
-        if shape is None or imp.bidfloorcur != "USD":
+        if shape is None or imp.bidfloorcur != "USD" or imp.id in shapes:  # a repeated imp id: its first imp
             continue
         deals = [d for d in (imp.pmp.deals if imp.pmp else []) if d.bidfloorcur == "USD"]
         private = bool(imp.pmp and imp.pmp.private_auction)

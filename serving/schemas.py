@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator
 
 from serving.catalog import KNOWN_FORMATS
 
@@ -21,6 +21,12 @@ MAX_CANDIDATE_IDS = 1000
 MAX_CONTEXT_KEYS = 20
 MAX_CONTEXT_KEY = 64  # characters
 MAX_CONTEXT_TEXT = 256  # characters of a string value
+
+
+def integral_floats(value: object) -> object:
+    """JSON Schema's integer includes 2.0: take it as 2 (strict ints refuse it; true, "2" and 2.5 stay refused)."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 else value
+
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Format = Literal[KNOWN_FORMATS]  # type: ignore[valid-type]
@@ -44,8 +50,10 @@ class SlotIn(BaseModel):
 
     slot_id: Id
     format: Format = Field(description=f"One of {', '.join(KNOWN_FORMATS)}.")
-    position: StrictInt | None = Field(default=None, ge=0, le=10_000, description="Where the slot sits on the page.")
-    count: StrictInt = Field(default=1, ge=1, le=MAX_COUNT_PER_SLOT, description="How many ads this slot shows.")
+    position: int | None = Field(default=None, ge=0, le=10_000, description="Where the slot sits on the page.")
+    count: int = Field(default=1, ge=1, le=MAX_COUNT_PER_SLOT, description="How many ads this slot shows.")
+
+    _integers = field_validator("position", "count", mode="before")(integral_floats)
 
 
 class SelectRequest(BaseModel):
@@ -70,19 +78,16 @@ class SelectRequest(BaseModel):
 
     request_id: Id | None = Field(default=None, description="Joins impressions and clicks; generated if absent.")
     user_id: Id
-    slots: list[SlotIn] = Field(min_length=1, max_length=MAX_SLOTS, description="Slot ids must be unique.")
+    slots: list[SlotIn] = Field(
+        min_length=1,
+        max_length=MAX_SLOTS,
+        description="A slot id repeated in one request is served once: its later slots get no ads.",
+    )
     context: Context = Field(default_factory=dict)
     candidate_ad_ids: list[Id] | None = Field(
         default=None, max_length=MAX_CANDIDATE_IDS, description="Serve only from these ads."
     )
     exclude_ad_ids: list[Id] = Field(default_factory=list, max_length=MAX_CANDIDATE_IDS)
-
-    @model_validator(mode="after")
-    def _unique_slots(self) -> SelectRequest:
-        ids = [s.slot_id for s in self.slots]
-        if len(set(ids)) != len(ids):
-            raise ValueError("slots: slot_id values must be unique")
-        return self
 
 
 class Creative(BaseModel):

@@ -25,38 +25,37 @@ async def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: Setting
     request = SelectionRequest(
         request_id=body.request_id or uuid.uuid4().hex,
         user_id=body.user_id,
-        slots=[Slot(s.slot_id, s.format, s.count, s.position) for s in body.slots],
+        slots=_unique_slots(body),
         context={k: v for k, v in body.context.items() if v is not None},
         candidate_ad_ids=body.candidate_ad_ids,
         exclude_ad_ids=body.exclude_ad_ids,
     )
     state, result = await runtime.pipeline.run(request)
-    body = response_body(result, request, state.catalog)
+    answer = response_body(result, body, state.catalog)
     metrics.child(metrics.REQUEST_SECONDS, "select").observe(time.perf_counter() - started)
-    return Response(orjson.dumps(body), media_type="application/json")
+    return Response(orjson.dumps(answer), media_type="application/json")
 
 
-def response_body(result, request: SelectionRequest, catalog) -> dict:
-    """The `SelectResponse` as plain data (serialised once, without re-validating what we built)."""
-    slots = [
-        {
-            "slot_id": s.slot_id,
-            "format": s.format,
-            "ads": [
-                {
-                    "ad_id": c.ad_id,
-                    "campaign_id": c.campaign_id,
-                    "rank": c.rank,
-                    "creative": catalog.creatives[c.row],
-                    "pctr": c.pctr,
-                    "price": c.price,
-                    "propensity": c.propensity,
-                }
-                for c in result.slots.get(s.slot_id, [])
-            ],
-        }
-        for s in request.slots
-    ]
+def response_body(result, body: SelectRequest, catalog) -> dict:
+    """The `SelectResponse` as plain data (serialised once, without re-validating what we built): one entry per
+    requested slot, in request order; a repeated slot id's later slots are empty."""
+    slots, answered = [], set()
+    for s in body.slots:
+        picks = [] if s.slot_id in answered else result.slots.get(s.slot_id, [])
+        answered.add(s.slot_id)
+        ads = [
+            {
+                "ad_id": c.ad_id,
+                "campaign_id": c.campaign_id,
+                "rank": c.rank,
+                "creative": catalog.creatives[c.row],
+                "pctr": c.pctr,
+                "price": c.price,
+                "propensity": c.propensity,
+            }
+            for c in picks
+        ]
+        slots.append({"slot_id": s.slot_id, "format": s.format, "ads": ads})
     return {
         "request_id": result.request_id,
         "user_id": result.user_id,
@@ -66,6 +65,14 @@ def response_body(result, request: SelectionRequest, catalog) -> dict:
         "fallback_reason": result.fallback,
         "slots": slots,
     }
+
+
+def _unique_slots(body: SelectRequest) -> list[Slot]:
+    """The slots to serve: a repeated slot id is served once, as its first slot (ads are chosen and logged per id)."""
+    first: dict[str, Slot] = {}
+    for s in body.slots:
+        first.setdefault(s.slot_id, Slot(s.slot_id, s.format, s.count, s.position))
+    return list(first.values())
 
 
 def _check_limits(body: SelectRequest, settings) -> None:

@@ -92,7 +92,7 @@ def test_a_422_echoes_a_bounded_part_of_the_input(make_app) -> None:
         ({"slots": [{"slot_id": "a", "format": "native", "position": False}]}, "position"),
         ({"slots": [{"slot_id": "a", "format": "native", "count": True}]}, "count"),
         ({"slots": [{"slot_id": "a", "format": "native", "count": "2"}]}, "count"),
-        ({"slots": [{"slot_id": "a", "format": "native", "count": 1.0}]}, "count"),
+        ({"slots": [{"slot_id": "a", "format": "native", "count": 1.5}]}, "count"),
         ({"slots": [{"slot_id": f"s{i}", "format": "native"} for i in range(11)]}, "slots"),
         ({"slots": SLOTS, "context": {f"k{i}": i for i in range(MAX_CONTEXT_KEYS + 1)}}, "context"),
         ({"slots": SLOTS, "context": {"k" * 65: 1}}, "context"),
