@@ -49,6 +49,8 @@ class _Replies(asyncio.Protocol):
             future = self.waiting.popleft()
             if not future.done():  # done: timed out, its reply is dropped
                 if isinstance(reply, redis.ResponseError):
+                    if str(reply).startswith(("NOAUTH", "WRONGPASS")):  # credentials missing: a connection problem
+                        reply = redis.AuthenticationError(str(reply))
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
@@ -128,7 +130,7 @@ class AsyncRedis:
                 await self._send(replies, ("AUTH", *auth))
             if self.db:
                 await self._send(replies, ("SELECT", self.db))
-        except redis.ResponseError as error:  # e.g. WRONGPASS, NOAUTH: a connection failure to callers
+        except (redis.ResponseError, redis.AuthenticationError) as error:  # WRONGPASS, NOAUTH: a connection failure
             replies.transport.close()  # type: ignore[union-attr]
             raise redis.AuthenticationError(f"Redis at {self.host}:{self.port} refused: {error}") from None
         self._replies = replies
