@@ -74,5 +74,6 @@ def test_schemathesis_finds_nothing(served_api) -> None:
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=server_log.parent,  # schemathesis keeps its cache (.schemathesis/) in the working directory
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:] + server_log.read_text()[-3000:]
