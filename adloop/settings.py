@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     api_port: int = 8000  # port of `adloop serve`
     public_url: str = "http://127.0.0.1:8000"  # base of the OpenRTB billing notice URL (burl)
     url_signing_secret: SecretStr | None = None  # HMAC key of billing/click/conversion URLs (shared by replicas)
-    admin_token: str | None = None  # bearer token of POST /v1/admin/reload; unset = admin disabled
+    admin_token: SecretStr | None = None  # bearer token of the admin routes (reload, erasure); unset = disabled
+    users_token: SecretStr | None = None  # bearer token of GET /v1/users/{id}/features (unset: the admin token)
+    max_body_bytes: int = 256 * 1024  # larger request bodies get 413 before they are read
 
     # Serving (ad selection)
     catalog_path: Path = PROJECT_ROOT / "data" / "catalog" / "ads.csv"  # the ads (CSV)

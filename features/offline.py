@@ -17,6 +17,7 @@ import pandas as pd
 from dask.tokenize import normalize_token
 
 from adloop.settings import Settings
+from features import tombstones
 from features.sink import arrow_schema, compact
 from features.store import AD_VIEW, JOIN_KEYS, USER_VIEW, open_store
 
@@ -24,9 +25,15 @@ from features.store import AD_VIEW, JOIN_KEYS, USER_VIEW, open_store
 def point_in_time(
     settings: Settings, rows: pd.DataFrame, *, views: tuple[str, ...] = (USER_VIEW, AD_VIEW)
 ) -> pd.DataFrame:
-    """`rows` joined with the features of `views` as of 1 ms before each row's event_timestamp."""
+    """`rows` joined with the features of `views` as of 1 ms before each row's event_timestamp; rows of
+    users erased since (features.tombstones) are left out."""
     store = open_store(settings)
     decided_at = pd.to_datetime(rows["event_timestamp"], utc=True)
+    if "user_id" in rows:
+        keep = tombstones.keep_mask(
+            rows["user_id"], decided_at.astype("int64") // 1_000_000, tombstones.erased(settings)
+        )
+        rows, decided_at = rows[keep], decided_at[keep]
     # Strictly before the decision: a state written at the decision's own millisecond (e.g. by
     # the impression being labelled) must not leak into its row.
     joined = rows.assign(event_timestamp=decided_at - pd.Timedelta(milliseconds=1)).reset_index(drop=True)

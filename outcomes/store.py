@@ -8,6 +8,8 @@ conversion's `value` is revenue; an event's `cost` is what was charged for it (a
 click), so spend = the impression's cost + its click's. Unattributed conversions (no request) are
 counted apart (`unattributed`).
 Writes are `INSERT OR IGNORE` on the primary key `event_id`: an event landed twice counts once.
+An erased user's events (`forget`) are deleted, and a tombstone keeps any of their events dated at or
+before the erasure from landing again (a replay, a late batch).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     topic VARCHAR, "partition" INTEGER, "offset" BIGINT, reason VARCHAR, landed_at TIMESTAMPTZ,
     PRIMARY KEY (topic, "partition", "offset")
 );
+CREATE TABLE IF NOT EXISTS tombstones (user_id VARCHAR PRIMARY KEY, erased_at TIMESTAMPTZ NOT NULL);
 """
 COLUMNS = ("event_id", "event_type", "ts", "user_id", "request_id", "ad_id", "campaign_id", "slot_id", "position",
            "model_version", "arm", "propensity", "device", "country", "source", "context", "value", "currency",
@@ -109,13 +112,28 @@ class OutcomeStore:
             before = db.execute("SELECT count(*) FROM events").fetchall()[0][0]
             if events:  # one columnar insert (executemany runs a statement per row: ~1 ms each)
                 db.register("batch", _table(events))
-                db.execute("INSERT OR IGNORE INTO events SELECT * FROM batch")
+                db.execute(
+                    "INSERT OR IGNORE INTO events SELECT b.* FROM batch b LEFT JOIN tombstones t USING (user_id) "
+                    "WHERE t.user_id IS NULL OR b.ts > t.erased_at"
+                )
                 db.unregister("batch")
             if dead_letters:
                 db.executemany(
                     "INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?, ?, now())", [list(d) for d in dead_letters]
                 )
             return db.execute("SELECT count(*) FROM events").fetchall()[0][0] - before
+
+    def forget(self, user_id: str, erased_at: datetime) -> int:
+        """Delete `user_id`'s events dated at or before `erased_at` and keep them out from now on; returns
+        how many were deleted."""
+        self.setup()
+        with self._connect() as db:
+            deleted = db.execute(
+                "SELECT count(*) FROM events WHERE user_id = ? AND ts <= ?", [user_id, erased_at]
+            ).fetchall()[0][0]
+            db.execute("DELETE FROM events WHERE user_id = ? AND ts <= ?", [user_id, erased_at])
+            db.execute("INSERT OR REPLACE INTO tombstones VALUES (?, ?)", [user_id, erased_at])
+        return deleted
 
     def outcomes(self, group_by: Sequence[str] = (), filters: Filters | None = None) -> list[dict[str, Any]]:
         """Impressions, clicks, CTR, conversions (and impressions with one: `converted`), conversion rate,

@@ -7,9 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 
 from adloop.settings import Settings, get_settings
-from serving import metrics
+from serving import metrics, signing
+from serving.http import validation_error
+from serving.notices import NoticeLedger
+from serving.openapi import truthful_openapi
 from serving.routes import admin, catalog, conversions, dashboard, ops, outcomes, rtb, select, track, users
 from serving.runtime import Runtime, freeze_heap
 
@@ -25,6 +29,7 @@ def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
         freeze_heap()
         metrics.watch_gc()  # after the start-up collection: pauses while serving (a reload's included)
         app.state.runtime = runtime
+        app.state.notices = NoticeLedger(runtime.redis)
         yield
         runtime.stop()
 
@@ -33,8 +38,12 @@ def create_app(settings: Settings | None = None, **overrides) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         description="Ad selection (JSON and OpenRTB 2.6), catalog, features, outcomes and dashboard, operations.",
+        max_body_size=settings.max_body_bytes,  # 413 before parsing (Content-Length first), every route
+        exception_handlers={RequestValidationError: validation_error},
     )
     app.state.settings = settings
+    app.state.signing_secret = signing.secret_of(settings)
     for module in (select, track, conversions, rtb, catalog, users, admin, ops, outcomes, dashboard):
         app.include_router(module.router)
+    app.openapi = lambda: truthful_openapi(app)  # type: ignore[method-assign]
     return app

@@ -12,30 +12,41 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.catalog import IAB_CATEGORY, KNOWN_FORMATS, Catalog
+from serving.notices import signed_query
+from serving.schemas import integral_floats
 from serving.selection import SelectionRequest, SelectionResult, Slot
+from streaming.events import MAX_ID
 
-Text = Annotated[str, Field(min_length=1, max_length=512)]
+# Ids and the texts kept in the impression's context are bounded as the event contract's ids are.
+Text = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
+Short = Annotated[str, Field(max_length=MAX_ID)]
+Price = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]  # CPM
+Size = Annotated[int, Field(ge=0, le=100_000)]  # pixels
+Flag = Annotated[int, Field(ge=0, le=1)]  # OpenRTB's 0/1 (a JSON boolean is not one)
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Strict: `true` is not a number and "300" not an integer (the spec's types); no NaN or Infinity.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    # 300.0 is a JSON Schema integer: the integer fields (w, h, test, at, ...) take it as 300.
+    _integers = field_validator("*", mode="before")(lambda value: integral_floats(value))
 
 
 class Format(_Open):
-    w: int | None = Field(default=None, ge=0)
-    h: int | None = Field(default=None, ge=0)
+    w: Size | None = None
+    h: Size | None = None
 
 
 class Banner(_Open):
-    w: int | None = Field(default=None, ge=0)
-    h: int | None = Field(default=None, ge=0)
-    format: list[Format] | None = None
+    w: Size | None = None
+    h: Size | None = None
+    format: list[Format] | None = Field(default=None, max_length=100)
 
     def sizes(self) -> list[tuple[int, int]]:
         out = [(f.w, f.h) for f in self.format or [] if f.w and f.h]
@@ -43,22 +54,31 @@ class Banner(_Open):
 
 
 class Native(_Open):
-    request: str = Field(description="The Native Ad request, a JSON string.")
+    request: str = Field(max_length=16 * 1024, description="The Native Ad request, a JSON string.")
     ver: str | None = None
 
 
 class Deal(_Open):
     id: Text
-    bidfloor: float = Field(default=0.0, ge=0)
+    bidfloor: Price = 0.0
     bidfloorcur: str = "USD"
 
 
 class Pmp(_Open):
-    private_auction: Literal[0, 1] = 0
-    deals: list[Deal] = Field(default_factory=list)
+    private_auction: Flag = 0
+    deals: list[Deal] = Field(default_factory=list, max_length=100)
 
 
 class Imp(_Open):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": [media], "properties": {media: {"type": "object"}}}
+                for media in ("banner", "native", "video", "audio")
+            ]
+        }
+    )
+
     id: Text
     banner: Banner | None = None
     native: Native | None = None
@@ -66,12 +86,12 @@ class Imp(_Open):
     audio: dict[str, Any] | None = None
     pmp: Pmp | None = None
     tagid: str | None = None
-    bidfloor: float = Field(default=0.0, ge=0)
+    bidfloor: Price = 0.0
     bidfloorcur: str = "USD"
 
     @model_validator(mode="after")
     def _has_media(self) -> Imp:
-        if not (self.banner or self.native or self.video or self.audio):
+        if all(media is None for media in (self.banner, self.native, self.video, self.audio)):
             raise ValueError("an imp needs one of banner, native, video, audio")
         return self
 
@@ -82,7 +102,7 @@ class Publisher(_Open):
 
 class Site(_Open):
     id: str | None = None
-    domain: str | None = None
+    domain: Short | None = None
     page: str | None = None
     cat: list[str] | None = None
     publisher: Publisher | None = None
@@ -90,39 +110,50 @@ class Site(_Open):
 
 class App(_Open):
     id: str | None = None
-    bundle: str | None = None
+    bundle: Short | None = None
     cat: list[str] | None = None
     publisher: Publisher | None = None
 
 
 class Geo(_Open):
-    country: str | None = None
+    country: Short | None = None
 
 
 class Device(_Open):
     ua: str | None = None
-    ifa: str | None = None
-    devicetype: int | None = None
-    os: str | None = None
+    ifa: Text | None = None
+    devicetype: Annotated[int, Field(ge=0, le=1000)] | None = None
+    os: Short | None = None
     geo: Geo | None = None
 
 
 class User(_Open):
-    id: str | None = None
-    buyeruid: str | None = None
+    id: Text | None = None
+    buyeruid: Text | None = None
 
 
 class BidRequest(_Open):
-    id: Text
-    imp: list[Imp] = Field(min_length=1, max_length=20)
+    """The BidRequest fields the bidder reads (others, and `ext`, are accepted and ignored)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "required": ["site", "app"],
+                "properties": {"site": {"type": "object"}, "app": {"type": "object"}},
+            }
+        }
+    )
+
+    id: Text  # also the selection's request id (an impression field)
+    imp: list[Imp] = Field(min_length=1, max_length=20, description="A repeated imp id: only its first imp gets a bid.")
     site: Site | None = None
     app: App | None = None
     device: Device | None = None
     user: User | None = None
-    test: Literal[0, 1] = 0
+    test: Flag = 0
     at: int = 2
-    tmax: int | None = Field(default=None, gt=0, description="Milliseconds the exchange waits for the bid.")
-    cur: list[str] | None = None
+    tmax: int | None = Field(default=None, gt=0, le=60_000, description="Milliseconds the exchange waits for the bid.")
+    cur: list[str] | None = Field(default=None, max_length=100)
     bcat: list[str] = Field(default_factory=list, max_length=1000)
     badv: list[str] = Field(default_factory=list, max_length=1000)
 
@@ -130,9 +161,6 @@ class BidRequest(_Open):
     def _site_or_app(self) -> BidRequest:
         if self.site is not None and self.app is not None:
             raise ValueError("site and app are mutually exclusive")
-        ids = [i.id for i in self.imp]
-        if len(set(ids)) != len(ids):
-            raise ValueError("imp: imp.id values must be unique")
         return self
 
 
@@ -171,7 +199,7 @@ def to_selection(req: BidRequest) -> tuple[SelectionRequest, dict[str, tuple[str
         return _request(req, []), {}
     for imp in req.imp:
         shape = _shape(imp)
-        if shape is None or imp.bidfloorcur != "USD":
+        if shape is None or imp.bidfloorcur != "USD" or imp.id in shapes:  # a repeated imp id: its first imp
             continue
         deals = [d for d in (imp.pmp.deals if imp.pmp else []) if d.bidfloorcur == "USD"]
         private = bool(imp.pmp and imp.pmp.private_auction)
@@ -199,6 +227,7 @@ def to_response(
     *,
     notice_url: str,
     natives: dict[str, str],
+    secret: bytes,
 ) -> BidResponse | None:
     """The BidResponse of a selection, or None (no bid -> HTTP 204)."""
     bids = []
@@ -233,7 +262,7 @@ def to_response(
                     adomain=[domain],
                     cat=[IAB_CATEGORY.get(catalog.categories[catalog.category_code[row]], "IAB24")],
                     adm=adm,
-                    burl=f"{notice_url}?{urlencode(query)}&price=${{AUCTION_PRICE}}",
+                    burl=f"{notice_url}?{urlencode(signed_query(query, secret))}&price=${{AUCTION_PRICE}}",
                     dealid=choice.deal_id,
                     w=w,
                     h=h,

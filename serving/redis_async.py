@@ -6,6 +6,10 @@ the read itself. This is the least that does the job: an `asyncio.Protocol` that
 by hiredis and parses replies with hiredis' reader, answering futures in order (Redis replies in the
 order it received the commands, so concurrent requests share the connection, pipelined).
 
+Credentials come from the URL as for redis-py: `redis://user:password@host:port/db` sends AUTH, and
+`rediss://` connects over TLS (query options as redis-py's: `ssl_ca_certs=<CA file>`,
+`ssl_cert_reqs=none` to skip verification, e.g. a self-signed local Redis).
+
 Errors are redis-py's types, so callers treat both clients alike: `redis.TimeoutError` when a reply
 takes longer than `timeout_s` (the reply still arrives later and is dropped, the connection stays in
 step), `redis.ConnectionError` when Redis cannot be reached or the connection drops.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from typing import Any
 
@@ -44,6 +49,8 @@ class _Replies(asyncio.Protocol):
             future = self.waiting.popleft()
             if not future.done():  # done: timed out, its reply is dropped
                 if isinstance(reply, redis.ResponseError):
+                    if str(reply).startswith(("NOAUTH", "WRONGPASS")):  # credentials missing: a connection problem
+                        reply = redis.AuthenticationError(str(reply))
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
@@ -66,6 +73,7 @@ class AsyncRedis:
         self.port = int(options.get("port", 6379))
         self.db = int(options.get("db", 0))
         self.username, self.password = options.get("username"), options.get("password")
+        self.tls = tls_context(options)
         self.timeout_s = timeout_s
         self._replies: _Replies | None = None
         self._connecting: asyncio.Task | None = None
@@ -110,18 +118,34 @@ class AsyncRedis:
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _Replies:
         self.close()
         try:
+            tls = {"ssl": self.tls, "server_hostname": self.host} if self.tls is not None else {}
             _, replies = await asyncio.wait_for(
-                loop.create_connection(_Replies, self.host, self.port), timeout=self.timeout_s
+                loop.create_connection(_Replies, self.host, self.port, **tls), timeout=self.timeout_s
             )
-        except OSError as error:  # TimeoutError included
+        except OSError as error:  # TimeoutError and ssl.SSLError included
             raise redis.ConnectionError(f"cannot reach Redis at {self.host}:{self.port}: {error!r}") from error
-        if self.password:
-            auth = (self.username, self.password) if self.username else (self.password,)
-            await self._send(replies, ("AUTH", *auth))
-        if self.db:
-            await self._send(replies, ("SELECT", self.db))
+        try:
+            if self.password:
+                auth = (self.username, self.password) if self.username else (self.password,)
+                await self._send(replies, ("AUTH", *auth))
+            if self.db:
+                await self._send(replies, ("SELECT", self.db))
+        except (redis.ResponseError, redis.AuthenticationError) as error:  # WRONGPASS, NOAUTH: a connection failure
+            replies.transport.close()  # type: ignore[union-attr]
+            raise redis.AuthenticationError(f"Redis at {self.host}:{self.port} refused: {error}") from None
         self._replies = replies
         return replies
+
+
+def tls_context(options: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context of a `rediss://` URL's options (redis.connection.parse_url), None for plain TCP."""
+    if options.get("connection_class") is not redis.SSLConnection:
+        return None
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if str(options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _expire(future: asyncio.Future, timeout_s: float, recheck: bool = True) -> None:

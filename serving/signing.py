@@ -44,4 +44,5 @@ def sign(params: Mapping[str, str], secret: bytes) -> str:
 def verify(params: Mapping[str, str], secret: bytes) -> bool:
     """Whether `params` carry a valid `sig` over the others (constant-time comparison)."""
     given = params.get(SIGNATURE_PARAM)
-    return given is not None and hmac.compare_digest(given, sign(params, secret))
+    # As bytes: compare_digest refuses non-ASCII text (a forged `sig` may be anything).
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"), sign(params, secret).encode())

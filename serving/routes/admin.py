@@ -5,12 +5,19 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 
 from serving.catalog import CatalogError
-from serving.deps import AdminDep, RuntimeDep
+from serving.deps import TOKEN_RESPONSES, AdminDep, RuntimeDep
+from serving.http import JSONRoute
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[AdminDep],
+    route_class=JSONRoute,
+    responses=TOKEN_RESPONSES,
+)
 
 
-@router.post("/reload")
+@router.post("/reload", responses={422: {"description": "The catalog or model failed to load; the old ones serve."}})
 def reload(runtime: RuntimeDep) -> dict:
     """Swap in the current catalog file and promoted model; requests in flight finish on the old ones. Every
     other worker and replica following the same registry reloads on its next poll (ADLOOP_MODEL_POLL_S)."""

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from serving.deps import RuntimeDep
+from serving.http import JSONRoute
 
-router = APIRouter(prefix="/v1", tags=["catalog"])
+router = APIRouter(prefix="/v1", tags=["catalog"], route_class=JSONRoute)
 
 
 @router.get("/ads")

@@ -21,11 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serving import metrics, signing
 from serving.deps import RuntimeDep, SettingsDep
+from serving.http import JSONRoute
 from serving.runtime import Runtime
 from serving.tracking import Touch, conversion_id
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/conversions", tags=["conversions"])
+router = APIRouter(prefix="/v1/conversions", tags=["conversions"], route_class=JSONRoute)
 Id = Annotated[str, Field(min_length=1, max_length=256)]
 MAX_BODY = 16 * 1024
 # The smallest transparent GIF: what a pixel answers.

@@ -14,8 +14,9 @@ from prometheus_client import REGISTRY
 
 from outcomes.store import OutcomeStore
 from serving.deps import SettingsDep
+from serving.http import JSONRoute
 
-router = APIRouter(tags=["dashboard"])
+router = APIRouter(tags=["dashboard"], route_class=JSONRoute)
 PAGE = (Path(__file__).resolve().parent.parent / "dashboard.html").read_text(encoding="utf-8")
 QUANTILES = (0.5, 0.9, 0.99)
 

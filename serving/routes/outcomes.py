@@ -4,43 +4,74 @@ consumer's ad counters in Redis (seconds old)."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
 
 from outcomes.estimators import wilson
 from outcomes.store import DIMENSIONS, Filters, OutcomeStore
 from serving.deps import RuntimeDep, SettingsDep
+from serving.http import JSONRoute
 
-router = APIRouter(prefix="/v1", tags=["outcomes"])
+router = APIRouter(prefix="/v1", tags=["outcomes"], route_class=JSONRoute)
+_DIMENSION = "|".join(sorted(DIMENSIONS, key=len, reverse=True))
+GROUP_BY = f"^({_DIMENSION})(,({_DIMENSION}))*$"  # the schema states the choices (a comma-separated list)
+# RFC 3339 date-times only: pydantic's datetime would also take a number of seconds ("0.5") or a bare date.
+RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:[Zz]|([+-])(\d{2}):(\d{2}))", re.ASCII
+)
+DATE_TIME = {"format": "date-time"}
+
+
+def _instant(value: str | None, name: str) -> datetime | None:
+    """An RFC 3339 query value as a UTC datetime. Year 0 and leap second 60, valid in RFC 3339 but not in
+    Python, are read as year 1 and second 59; bounds beyond Python's range are clamped to it."""
+    if value is None:
+        return None
+    match = RFC3339.fullmatch(value)
+    try:
+        if match is None:
+            raise ValueError("expected e.g. 2026-12-02T10:00:00Z")
+        year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+        micros = int(((match[7] or ".0")[1:] + "000000")[:6])
+        offset = timedelta(hours=int(match[9] or 0), minutes=int(match[10] or 0)) * (-1 if match[8] == "-" else 1)
+        if offset >= timedelta(days=1) or hour > 23 or minute > 59 or second > 60:
+            raise ValueError("time out of range")
+        local = datetime(max(year, 1), month, day, hour, minute, min(second, 59), micros)
+    except ValueError as error:
+        detail = [{"loc": ["query", name], "msg": f"not an RFC 3339 date-time: {error}", "type": "datetime_parsing"}]
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from None
+    try:
+        return (local - offset).replace(tzinfo=UTC)
+    except OverflowError:
+        return (datetime.min if offset > timedelta(0) else datetime.max).replace(tzinfo=UTC)
 
 
 @router.get("/outcomes")
 def outcomes(
     settings: SettingsDep,
-    from_: Annotated[datetime | None, Query(alias="from", description="Impressions at or after (RFC 3339).")] = None,
-    to: Annotated[datetime | None, Query(description="Impressions before (RFC 3339).")] = None,
+    from_: Annotated[
+        str | None, Query(alias="from", json_schema_extra=DATE_TIME, description="Impressions at or after (RFC 3339).")
+    ] = None,
+    to: Annotated[str | None, Query(json_schema_extra=DATE_TIME, description="Impressions before (RFC 3339).")] = None,
     ad_id: str | None = None,
     campaign_id: str | None = None,
-    arm: Annotated[str | None, Query(pattern="^(targeted|control)$")] = None,
+    arm: Literal["targeted", "control"] | None = None,
     model_version: str | None = None,
     group_by: Annotated[
-        str | None, Query(description=f"Comma-separated: {', '.join(DIMENSIONS)} (e.g. arm,minute).")
+        str | None,
+        Query(pattern=GROUP_BY, description=f"Comma-separated: {', '.join(DIMENSIONS)} (e.g. arm,minute)."),
     ] = None,
     confidence: Annotated[float, Query(gt=0.5, lt=1)] = 0.95,
 ) -> dict[str, Any]:
     """Outcomes per group (CTR and conversion rate with Wilson intervals, revenue, spend, CPA, ROAS), the lift of
     targeted over control in CTR, conversion rate and revenue per impression, and unattributed conversions."""
-    dims = [g.strip() for g in group_by.split(",") if g.strip()] if group_by else []
-    unknown = [g for g in dims if g not in DIMENSIONS]
-    if unknown:
-        detail = [{"loc": ["query", "group_by"], "msg": f"unknown {unknown}; choose from {', '.join(DIMENSIONS)}",
-                   "type": "value_error"}]  # fmt: skip
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail)
-    filters = Filters(from_, to, ad_id, campaign_id, arm, model_version)
+    dims = list(dict.fromkeys(group_by.split(","))) if group_by else []
+    filters = Filters(_instant(from_, "from"), _instant(to, "to"), ad_id, campaign_id, arm, model_version)
     store = OutcomeStore(settings.outcomes_path)
     rows = [_with_interval(r, confidence) for r in store.outcomes(dims, filters)]
     result = store.lift(filters, confidence)

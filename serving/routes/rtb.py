@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response, status
@@ -11,11 +12,13 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from serving import metrics
-from serving.deps import RuntimeDep, SettingsDep
+from serving.deps import NoticesDep, RuntimeDep, SettingsDep, SigningSecretDep
+from serving.http import JSONRoute, Problem, bounded_errors
+from serving.notices import notice_event_id, verify_notice
+from serving.openapi import BID_REQUEST_REF
 from serving.openrtb import BidRequest, BidResponse, to_response, to_selection
 
-router = APIRouter(prefix="/openrtb/2.6", tags=["openrtb"])
-MAX_BODY = 256 * 1024
+router = APIRouter(prefix="/openrtb/2.6", tags=["openrtb"], route_class=JSONRoute)
 
 
 EXAMPLE = {
@@ -33,7 +36,7 @@ OPENAPI_BODY = {
     "requestBody": {
         "required": True,
         "description": "An OpenRTB 2.6 BidRequest (JSON); validated by serving.openrtb.BidRequest.",
-        "content": {"application/json": {"schema": {"type": "object"}, "example": EXAMPLE}},
+        "content": {"application/json": {"schema": {"$ref": BID_REQUEST_REF}, "example": EXAMPLE}},
     }
 }
 
@@ -42,19 +45,21 @@ OPENAPI_BODY = {
     "/bid",
     response_model=BidResponse,
     openapi_extra=OPENAPI_BODY,
-    responses={204: {"description": "No bid."}, 400: {"description": "Invalid BidRequest: detail names the field."}},
+    responses={
+        204: {"description": "No bid."},
+        400: {"description": "Invalid BidRequest: detail names the field.", "model": Problem},
+    },
 )
-async def bid(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> Response:
+async def bid(request: Request, runtime: RuntimeDep, settings: SettingsDep, secret: SigningSecretDep) -> Response:
     """Bid on each imp we can fill above its floor within tmax; 204 when there is nothing to bid."""
     started = time.perf_counter()
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        return JSONResponse({"detail": f"body over {MAX_BODY} bytes"}, status.HTTP_413_CONTENT_TOO_LARGE)
-    try:
-        req = BidRequest.model_validate_json(raw)
-    except ValidationError as error:
-        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+    try:  # JSONRoute's request parses with orjson (no NaN, lone surrogates, non-UTF-8); 413 past the body cap
+        req = BidRequest.model_validate(await request.json())
+    except json.JSONDecodeError as error:
+        detail = [{"loc": ["body", error.pos], "msg": f"JSON decode error: {error.msg}", "type": "json_invalid"}]
         return JSONResponse({"detail": detail}, status.HTTP_400_BAD_REQUEST)
+    except ValidationError as error:
+        return JSONResponse({"detail": bounded_errors(error.errors())}, status.HTTP_400_BAD_REQUEST)
     budget_s = (req.tmax - settings.openrtb_tmax_margin_ms) / 1000 if req.tmax else None
     if budget_s is not None and budget_s <= 0:
         return _no_bid(started)
@@ -74,6 +79,7 @@ async def bid(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> R
         state.catalog,
         natives=natives,
         notice_url=f"{settings.public_url.rstrip('/')}/openrtb/2.6/billing",
+        secret=secret,
     )
     if response is None:
         return _no_bid(started)
@@ -81,25 +87,47 @@ async def bid(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> R
     return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
 
 
-@router.get("/billing", status_code=status.HTTP_204_NO_CONTENT)
+@router.get(
+    "/billing",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={
+        403: {"description": "The signature does not match the notice's parameters: nothing logged or charged."},
+        404: {"description": "The ad is not in the loaded catalog."},
+    },
+)
 def billing(
+    request: Request,
     runtime: RuntimeDep,
-    r: Annotated[str, Query(max_length=256)],
-    i: Annotated[str, Query(max_length=256)],
-    a: Annotated[str, Query(max_length=256)],
-    u: Annotated[str, Query(max_length=256)],
-    v: Annotated[str, Query(max_length=256)],
-    arm: Annotated[str, Query(pattern="^(targeted|control)$")],
-    p: Annotated[float, Query(gt=0, le=1)],
-    price: Annotated[float | None, Query(ge=0)] = None,
+    notices: NoticesDep,
+    secret: SigningSecretDep,
+    r: Annotated[str, Query(min_length=1, max_length=256, description="Request id.")],
+    i: Annotated[str, Query(min_length=1, max_length=256, description="Imp id.")],
+    a: Annotated[str, Query(min_length=1, max_length=256, description="Ad id.")],
+    u: Annotated[str, Query(min_length=1, max_length=256, description="User id.")],
+    v: Annotated[str, Query(min_length=1, max_length=256, description="Model version.")],
+    arm: Annotated[Literal["targeted", "control"], Query()],
+    p: Annotated[float, Query(gt=0, le=1, allow_inf_nan=False, description="Propensity.")],
+    sig: Annotated[str, Query(max_length=64, description="HMAC of the other parameters but price.")],
+    price: Annotated[
+        float | None, Query(ge=0, le=1_000_000, allow_inf_nan=False, description="Clearing price, CPM.")
+    ] = None,
 ) -> Response:
-    """Billing notice (`burl`): the exchange confirms the impression; it is logged and its price charged."""
+    """Billing notice (`burl`): the exchange confirms the impression; it is logged and its price charged once.
+    The signature is checked first (403: nothing happens); a retried notice is answered 204 and changes nothing."""
+    if not verify_notice(dict(request.query_params), secret):
+        metrics.ERRORS.labels("openrtb_billing", "bad_signature").inc()
+        return JSONResponse({"detail": "invalid notice signature"}, status.HTTP_403_FORBIDDEN)
     catalog = runtime.state.catalog
     row = catalog.index.get(a)
     if row is None:
-        return Response(status_code=status.HTTP_404_NOT_FOUND)
+        return JSONResponse({"detail": "unknown ad"}, status.HTTP_404_NOT_FOUND)
+    event_id = notice_event_id(r, i, a)
+    if not notices.first(event_id):
+        metrics.ERRORS.labels("openrtb_billing", "retried_notice").inc()
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
     campaign = catalog.campaign_ids[catalog.campaign_code[row]]
     record = {
+        "event_id": event_id,
         "user_id": u,
         "ad_id": a,
         "campaign_id": campaign,

@@ -11,11 +11,12 @@ from fastapi import APIRouter, HTTPException, Response, status
 
 from serving import metrics
 from serving.deps import RuntimeDep, SettingsDep
+from serving.http import JSONRoute
 from serving.schemas import SelectRequest, SelectResponse
 from serving.selection import SelectionRequest, Slot
 from serving.tracking import Touch
 
-router = APIRouter(prefix="/v1", tags=["selection"])
+router = APIRouter(prefix="/v1", tags=["selection"], route_class=JSONRoute)
 
 
 @router.post("/select", response_model=SelectResponse)
@@ -26,46 +27,45 @@ async def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: Setting
     request = SelectionRequest(
         request_id=body.request_id or uuid.uuid4().hex,
         user_id=body.user_id,
-        slots=[Slot(s.slot_id, s.format, s.count, s.position) for s in body.slots],
-        context=body.context.model_dump(exclude_none=True),
+        slots=_unique_slots(body),
+        context={k: v for k, v in body.context.items() if v is not None},
         candidate_ad_ids=body.candidate_ad_ids,
         exclude_ad_ids=body.exclude_ad_ids,
     )
     state, result = await runtime.pipeline.run(request)
-    body = response_body(result, request, state.catalog, click_url=runtime.click_url)
+    answer = response_body(result, body, state.catalog, click_url=runtime.click_url)
     metrics.child(metrics.REQUEST_SECONDS, "select").observe(time.perf_counter() - started)
-    return Response(orjson.dumps(body), media_type="application/json")
+    return Response(orjson.dumps(answer), media_type="application/json")
 
 
-def response_body(result, request: SelectionRequest, catalog, *, click_url: Callable[[Touch], str]) -> dict:
-    """The `SelectResponse` as plain data (serialised once, without re-validating what we built); each ad carries
-    its signed click-tracking URL."""
+def response_body(result, body: SelectRequest, catalog, *, click_url: Callable[[Touch], str]) -> dict:
+    """The `SelectResponse` as plain data (serialised once, without re-validating what we built): one entry per
+    requested slot, in request order; a repeated slot id's later slots are empty. Each ad carries its signed
+    click-tracking URL."""
     now_ms = int(time.time() * 1000)
 
     def touch(c, slot_id: str) -> Touch:
         return Touch(result.request_id, c.ad_id, c.campaign_id, result.arm, result.model_version, c.propensity,
                      result.user_id, slot_id, now_ms)  # fmt: skip
 
-    slots = [
-        {
-            "slot_id": s.slot_id,
-            "format": s.format,
-            "ads": [
-                {
-                    "ad_id": c.ad_id,
-                    "campaign_id": c.campaign_id,
-                    "rank": c.rank,
-                    "creative": catalog.creatives[c.row],
-                    "pctr": c.pctr,
-                    "price": c.price,
-                    "propensity": c.propensity,
-                    "click_url": click_url(touch(c, s.slot_id)),
-                }
-                for c in result.slots.get(s.slot_id, [])
-            ],
-        }
-        for s in request.slots
-    ]
+    slots, answered = [], set()
+    for s in body.slots:
+        picks = [] if s.slot_id in answered else result.slots.get(s.slot_id, [])
+        answered.add(s.slot_id)
+        ads = [
+            {
+                "ad_id": c.ad_id,
+                "campaign_id": c.campaign_id,
+                "rank": c.rank,
+                "creative": catalog.creatives[c.row],
+                "pctr": c.pctr,
+                "price": round(c.price, 6),
+                "propensity": c.propensity,
+                "click_url": click_url(touch(c, s.slot_id)),
+            }
+            for c in picks
+        ]
+        slots.append({"slot_id": s.slot_id, "format": s.format, "ads": ads})
     return {
         "request_id": result.request_id,
         "user_id": result.user_id,
@@ -75,6 +75,14 @@ def response_body(result, request: SelectionRequest, catalog, *, click_url: Call
         "fallback_reason": result.fallback,
         "slots": slots,
     }
+
+
+def _unique_slots(body: SelectRequest) -> list[Slot]:
+    """The slots to serve: a repeated slot id is served once, as its first slot (ads are chosen and logged per id)."""
+    first: dict[str, Slot] = {}
+    for s in body.slots:
+        first.setdefault(s.slot_id, Slot(s.slot_id, s.format, s.count, s.position))
+    return list(first.values())
 
 
 def _check_limits(body: SelectRequest, settings) -> None:

@@ -12,10 +12,11 @@ from fastapi.responses import RedirectResponse
 
 from serving import metrics
 from serving.deps import RuntimeDep
+from serving.http import JSONRoute
 from serving.tracking import InvalidToken, decode_token
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["tracking"])
+router = APIRouter(tags=["tracking"], route_class=JSONRoute)
 
 
 @router.get(

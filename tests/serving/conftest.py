@@ -40,6 +40,7 @@ def make_app(catalog_file: Path, bundle) -> Callable[..., Any]:
         values = {
             "catalog_path": catalog_file,
             "admin_token": "secret",
+            "url_signing_secret": "test-signing-secret",
             "catalog_poll_s": 0,
             "ad_stats_refresh_s": 3600,
             "events_topic": "adloop.test.unused",

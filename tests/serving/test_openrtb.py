@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -223,8 +224,8 @@ def test_not_json_is_400(app) -> None:
 def test_billing_notice_logs_the_impression(make_app, catalog_rows, catalog_file, pricing: str) -> None:
     write_catalog([dict(r, pricing=pricing) for r in catalog_rows], catalog_file)
     app, _ = make_app()
-    with TestClient(app) as client:
-        b = bid(client, SIMPLE_BANNER).json()["seatbid"][0]["bid"][0]
+    with TestClient(app) as client:  # a request id of its own: notices count once per request, imp and ad
+        b = bid(client, {**SIMPLE_BANNER, "id": uuid.uuid4().hex}).json()["seatbid"][0]["bid"][0]
         logger = app.state.runtime.logger
         before = logger.counts["enqueued"]
         url = urlparse(b["burl"].replace("${AUCTION_PRICE}", "1.25"))
