@@ -22,7 +22,7 @@ from serving.app import create_app
 from serving.catalog import generate_catalog, write_catalog
 from serving.pacing import LIFETIME_KEY
 from serving.routes.conversions import sign_postback
-from tests.serving.conftest import MemoryReader
+from tests.support.serving import MemoryReader
 
 pytestmark = pytest.mark.integration
 SLOTS = [{"slot_id": "feed", "format": "native", "count": 2}]
@@ -51,7 +51,8 @@ def _app(settings: Settings, tmp_path: Path, **overrides):
 
 def _convert(client: TestClient, secret: bytes, **fields) -> dict:
     body = orjson.dumps(fields)
-    answer = client.post("/v1/conversions", content=body, headers={"X-Adloop-Signature": sign_postback(body, secret)})
+    headers = {"X-Adloop-Signature": sign_postback(body, secret), "Content-Type": "application/json"}
+    answer = client.post("/v1/conversions", content=body, headers=headers)
     assert answer.status_code == 200, answer.text
     return answer.json()
 

@@ -16,7 +16,7 @@ from adloop.settings import Settings
 from models.testing import ProjectionBundle, StaticRegistry
 from serving.app import create_app
 from serving.catalog import generate_catalog, write_catalog
-from tests.serving.conftest import MemoryReader
+from tests.support.serving import MemoryReader
 
 ADMIN_TOKEN = "fuzz-admin"
 

@@ -19,7 +19,7 @@ import pytest
 from adloop.settings import PROJECT_ROOT, Settings
 from serving.catalog import build_catalog, generate_catalog, write_catalog
 from serving.pacing import Pacer
-from tests.serving.conftest import free_port
+from tests.support.serving import free_port
 
 pytestmark = pytest.mark.integration
 BUDGET = 3.0  # USD over the campaign's life: three impressions at a $1,000 CPM

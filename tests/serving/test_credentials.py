@@ -15,7 +15,7 @@ from features.store import feast_environment
 from serving.features_access import request_path_redis
 from serving.redis_async import AsyncRedis, tls_context
 from streaming import kafka_clients
-from tests.serving.conftest import free_port
+from tests.support.serving import free_port
 
 PASSWORD = "s3cret-p@ss"
 

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from serving.http import JSONRoute
 from serving.schemas import MAX_CONTEXT_KEYS
-from tests.serving.conftest import MemoryReader
+from tests.support.serving import MemoryReader
 
 SLOTS = [{"slot_id": "top", "format": "banner_728x90"}]
 JSON = {"content-type": "application/json"}

@@ -19,9 +19,9 @@ import httpx
 import pytest
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from tests.conftest import TEST_REDIS_DB
-from tests.serving.conftest import free_port
 from tests.serving.fuzz_app import ADMIN_TOKEN
+from tests.support.serving import free_port
+from tests.support.stack import TEST_REDIS_DB
 
 BIN = Path(sys.executable).parent
 EXAMPLES = 6  # per operation and phase (10: ~110 s, no finding, on a loaded 2-core machine)

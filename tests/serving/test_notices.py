@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from adloop.settings import Settings
 from serving import signing
+from serving.catalog import write_catalog
 from serving.notices import NoticeLedger, notice_event_id, verify_notice
 from tests.serving.test_openrtb import SIMPLE_BANNER
 
@@ -57,7 +58,8 @@ def test_the_ledger_counts_a_notice_once_with_or_without_redis() -> None:
 
 
 @pytest.fixture
-def served(make_app):
+def served(make_app, catalog_rows, catalog_file):
+    write_catalog([dict(r, pricing="cpm") for r in catalog_rows], catalog_file)  # CPM: the notice is charged
     app, _ = make_app()
     with TestClient(app) as client:
         # A request id of its own: the ledger (Redis, when reachable) remembers notices across tests.

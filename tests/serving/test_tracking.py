@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from serving import signing
 from serving.routes.conversions import sign_postback
 from serving.tracking import InvalidToken, Touch, click_id, decode_token, encode_token
-from tests.serving.conftest import MemoryReader
+from tests.support.serving import MemoryReader
 
 SECRET = b"test-secret"
 TOUCH = Touch("req-1", "ad-00001", "cmp-0001", "control", "v0003", 0.25, "u-7", "feed", 1_790_000_000_000)
@@ -48,9 +48,10 @@ def test_forged_clicks_and_conversions_are_refused_and_log_nothing(make_app) -> 
         tampered = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB")
         assert client.get(f"/c/{tampered}.{sig}", follow_redirects=False).status_code == 403
         body = orjson.dumps({"idempotency_key": "k", "user_id": "u-1", "value": 5.0})
-        assert client.post("/v1/conversions", content=body).status_code == 403  # unsigned
-        wrong = sign_postback(body + b" ", runtime.secret)
-        assert client.post("/v1/conversions", content=body, headers={"X-Adloop-Signature": wrong}).status_code == 403
+        json_type = {"Content-Type": "application/json"}
+        assert client.post("/v1/conversions", content=body, headers=json_type).status_code == 403  # unsigned
+        wrong = {**json_type, "X-Adloop-Signature": sign_postback(body + b" ", runtime.secret)}
+        assert client.post("/v1/conversions", content=body, headers=wrong).status_code == 403
         params = {"k": "k", "u": "u-1", "value": "5"}
         params["sig"] = signing.sign(params, runtime.secret)
         params["value"] = "500"  # edited after signing
@@ -58,9 +59,9 @@ def test_forged_clicks_and_conversions_are_refused_and_log_nothing(make_app) -> 
         assert runtime.logger.buffered == before  # nothing logged
         good = sign_postback(body, runtime.secret)
         missing = orjson.dumps({"idempotency_key": "k2", "value": 1.0})
-        headers = {"X-Adloop-Signature": sign_postback(missing, runtime.secret)}
+        headers = {**json_type, "X-Adloop-Signature": sign_postback(missing, runtime.secret)}
         assert client.post("/v1/conversions", content=missing, headers=headers).status_code == 422  # no one named
         euros = orjson.dumps({"idempotency_key": "k3", "user_id": "u-1", "value": 1.0, "currency": "EUR"})
-        headers = {"X-Adloop-Signature": sign_postback(euros, runtime.secret)}
+        headers = {**json_type, "X-Adloop-Signature": sign_postback(euros, runtime.secret)}
         assert client.post("/v1/conversions", content=euros, headers=headers).status_code == 422
         assert good  # a correct signature is accepted: tests/outcomes/test_money.py
