@@ -32,7 +32,7 @@ from typing import Any
 import redis
 from kafka import OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError
+from kafka.errors import KafkaError
 
 from adloop.settings import Settings
 from features.aggregates import (
@@ -220,8 +220,8 @@ class FeatureConsumer:
             self.consumer.commit(
                 {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1) for p, o in last_offsets.items()}
             )
-        except CommitFailedError as error:  # the group moved on; Redis holds the offsets that count
-            log.warning("Kafka offset commit refused after the batch was stored (%s); the group rebalances", error)
+        except KafkaError as error:  # the group moved on, or the broker is away: Redis holds the offsets that count
+            log.warning("Kafka offset commit failed after the batch was stored (%s); the stored offsets hold", error)
 
         report.applied = len(events)
         metrics.record_batch(report.applied, report.duplicates, report.dead_lettered, time.perf_counter() - started)
