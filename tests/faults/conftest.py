@@ -43,6 +43,7 @@ def fault_stack(local_stack: Settings, tmp_path_factory: pytest.TempPathFactory)
             "model_registry_path": folder / "models",
             "outcomes_path": folder / "outcomes.duckdb",
             "report_dir": folder / "report",
+            "stack_start_timeout": 180.0,  # a broker start takes 15-50 s here; more on a loaded machine
         }
     )
     try:

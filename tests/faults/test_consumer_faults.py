@@ -113,7 +113,8 @@ def test_a_frozen_consumer_resumed_after_its_partitions_moved_regresses_nothing(
     successor = None
     try:
         producer.start()
-        _wait_for(lambda: _applied(fault_settings) >= 1000, 60, "the first consumer's first batches")
+        _wait_for(lambda: _applied(fault_settings) >= 1000 or frozen.poll() is not None, 90, "the first batches")
+        assert frozen.poll() is None, frozen.stdout.read()
         frozen.send_signal(signal.SIGSTOP)  # e.g. a long GC pause or a paused VM, mid-batch or between batches
         at_freeze = _applied(fault_settings)
         successor = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
