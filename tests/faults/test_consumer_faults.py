@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from adloop.runs.isolated import isolated_settings
 from adloop.settings import Settings
 from streaming.consumer import FeatureConsumer
-from tests.conftest import adloop_env, isolated_settings, produce
+from tests.conftest import adloop_env, produce
 from tests.faults.conftest import start, stop, wait_redis
 from tests.streaming.test_aggregates import synthetic_events
 from tests.streaming.test_consumer import assert_online_equals_batch
@@ -33,7 +34,10 @@ OUTAGE_S = 5.0  # the issue suggests 15 s; 5 s is as real an outage to the clien
 
 @pytest.fixture
 def fault_settings(fault_stack: Settings, tmp_path: Path) -> Iterator[Settings]:
-    yield from isolated_settings(fault_stack, tmp_path, redis_db=1, consumer_batch_size=100)
+    with isolated_settings(
+        fault_stack, tmp_path, redis_db=1, prefix="adloop.test.events", consumer_batch_size=100
+    ) as settings:
+        yield settings
 
 
 def _applied(settings: Settings, group: str = "adloop-features") -> int:
