@@ -51,12 +51,12 @@ def test_a_dead_letter_the_broker_refuses_holds_the_batch_until_it_is_delivered(
     thread = threading.Thread(target=lambda: consumer.run(stop=lambda: consumer.total.handled >= 11 or done.is_set()))
     thread.start()
     try:
-        _wait(lambda: (REGISTRY.get_sample_value(failures) or 0) >= before + 6, 30, "two refused batches")
+        _wait(lambda: (REGISTRY.get_sample_value(failures) or 0) >= before + 6, 90, "two refused batches")
         assert consumer.state.applied_offsets() == {}  # nothing of the batch is stored while its dead letter fails
         assert consumer.total.handled == 0
         _topic_config(feature_settings, feature_settings.dlq_topic, **{"max.message.bytes": "1048588"})
-        thread.join(timeout=30)
-        assert not thread.is_alive()
+        thread.join(timeout=90)
+        assert not thread.is_alive(), "the batch was not applied once its dead letter could be delivered"
     finally:
         done.set()
         thread.join(timeout=30)
