@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,7 @@ from adloop import stack
 from adloop.settings import Settings
 from adloop.stack.processes import _read_pid_file
 from features import store
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.support.serving import free_port
 
 
 @pytest.fixture(scope="session")

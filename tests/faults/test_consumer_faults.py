@@ -23,10 +23,10 @@ import redis
 from adloop.runs.isolated import isolated_settings
 from adloop.settings import Settings
 from streaming.consumer import FeatureConsumer
-from tests.conftest import adloop_env, produce
 from tests.faults.conftest import start, stop, wait_redis
-from tests.streaming.test_aggregates import synthetic_events
 from tests.streaming.test_consumer import assert_online_equals_batch
+from tests.support.events import synthetic_events
+from tests.support.stack import adloop_env, produce
 
 pytestmark = pytest.mark.integration
 OUTAGE_S = 5.0  # the issue suggests 15 s; 5 s is as real an outage to the clients and keeps the suite short

@@ -18,8 +18,8 @@ from prometheus_client import REGISTRY
 from adloop.settings import Settings
 from streaming.consumer import GROUP, FeatureConsumer, OffsetsAheadOfTopic
 from streaming.dead_letters import describe
-from tests.conftest import adloop_env, produce
-from tests.streaming.test_aggregates import synthetic_events
+from tests.support.events import synthetic_events
+from tests.support.stack import adloop_env, produce
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import pytest
 from adloop.settings import Settings
 from streaming.producer import build_producer, produce_events
 from streaming.replay import read
-from tests.conftest import consume_all
+from tests.support.stack import consume_all
 
 pytestmark = pytest.mark.integration
 
