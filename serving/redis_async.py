@@ -8,7 +8,9 @@ order it received the commands, so concurrent requests share the connection, pip
 
 Errors are redis-py's types, so callers treat both clients alike: `redis.TimeoutError` when a reply
 takes longer than `timeout_s` (the reply still arrives later and is dropped, the connection stays in
-step), `redis.ConnectionError` when Redis cannot be reached or the connection drops.
+step), `redis.ConnectionError` when Redis cannot be reached or the connection drops, and its subclass
+`redis.BusyLoadingError` for a `LOADING` reply (a restarted Redis still reading its data: down, as
+redis-py's own client says).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class _Replies(asyncio.Protocol):
             future = self.waiting.popleft()
             if not future.done():  # done: timed out, its reply is dropped
                 if isinstance(reply, redis.ResponseError):
-                    future.set_exception(reply)
+                    loading = str(reply).startswith("LOADING")
+                    future.set_exception(redis.BusyLoadingError(str(reply)) if loading else reply)
                 else:
                     future.set_result(reply)
 

@@ -55,6 +55,7 @@ class Runtime:
         self.registry = registry or default_registry(settings)
         self.logger = ImpressionLogger(
             topic=settings.events_topic,
+            dlq_topic=settings.dlq_topic,
             buffer_size=settings.impression_buffer,
             producer_factory=producer_factory or (lambda: kafka_producer(settings)),
         )
