@@ -104,3 +104,6 @@ def _exists(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+from tests.serving.conftest import bundle, catalog_file, catalog_rows, make_app  # noqa: E402, F401  (serving fixtures)
