@@ -124,13 +124,19 @@ def test_a_frozen_consumer_resumed_after_its_partitions_moved_regresses_nothing(
     successor = None
     try:
         producer.start()
-        _wait_for(lambda: _applied(fault_settings) >= 1000 or frozen.poll() is not None, 90, "the first batches")
+        try:
+            _wait_for(lambda: _applied(fault_settings) >= 1000 or frozen.poll() is not None, 120, "the first batches")
+        except AssertionError:
+            frozen.kill()
+            raise AssertionError(
+                f"the first consumer applied {_applied(fault_settings)}: {frozen.stdout.read()}"
+            ) from None
         assert frozen.poll() is None, frozen.stdout.read()
         frozen.send_signal(signal.SIGSTOP)  # e.g. a long GC pause or a paused VM, mid-batch or between batches
         at_freeze = _applied(fault_settings)
         successor = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         # the group expels the frozen member after its session timeout (10 s); its partitions move on
-        _wait_for(lambda: _applied(fault_settings) >= at_freeze + 1500, 60, "the successor to take over")
+        _wait_for(lambda: _applied(fault_settings) >= at_freeze + 1500, 150, "the successor to take over")
         frozen.send_signal(signal.SIGCONT)
         producer.join(timeout=60)
         _wait_for(lambda: _applied(fault_settings) == len(events), 90, "every event applied")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from kafka.errors import KafkaError
 
@@ -25,7 +26,6 @@ from adloop.runs.isolated import isolated_settings
 from adloop.settings import Settings
 from serving.impressions import STALL_S, ImpressionLogger, kafka_producer
 from tests.faults.conftest import freeze, resume, start, stop
-from tests.support.stack import read_back
 
 pytestmark = pytest.mark.integration
 INTERVAL_S = 0.02  # 50 requests/s
@@ -97,10 +97,25 @@ def _outage(client: TestClient, settings: Settings, outage: str) -> None:
     time.sleep(3)  # requests after the outage: their impressions must go out by themselves
 
 
-def _impressions_by_request(settings: Settings, n: int) -> set[str]:
+def _delivered(settings: Settings, wanted: set[str], timeout_s: float = 60) -> set[str]:
+    """Request ids of the impressions on the events topic: read until every wanted one is seen (a retried
+    delivery may have been written twice) or nothing new arrives for a few seconds."""
+    from streaming import kafka_clients
     from streaming.events import parse_event
 
-    return {parse_event(m.value).request_id for m in read_back(settings, settings.events_topic, n, timeout_s=60)}
+    consumer = kafka_clients.consumer(settings, settings.events_topic, auto_offset_reset="earliest",
+                                      consumer_timeout_ms=3000)  # fmt: skip
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not wanted <= seen and time.monotonic() < deadline:
+            batch = {parse_event(m.value).request_id for m in consumer}
+            if not batch:
+                break
+            seen |= batch
+    finally:
+        consumer.close()
+    return seen
 
 
 def _dropped_request_ids(caplog, logger: ImpressionLogger, by_event: dict[str, str]) -> set[str]:
@@ -134,7 +149,7 @@ def test_every_impression_is_delivered_or_named_as_dropped_and_delivery_resumes(
     answers = traffic.answers
     assert answers and all(status == 200 for _, status, _, _ in answers)
     served = traffic.served_ids()
-    delivered = _impressions_by_request(settings, len(served))
+    delivered = _delivered(settings, served)
     by_event = {r["event_id"]: r["request_id"] for r in given}
     dropped = _dropped_request_ids(caplog, logger, by_event) if logger.counts["dropped_buffer_full"] else set()
     assert served == delivered | dropped  # each 200 answer's impression: delivered, or dropped and named
@@ -145,3 +160,40 @@ def test_every_impression_is_delivered_or_named_as_dropped_and_delivery_resumes(
         last = max(t for t, *_ in answers)
         late = {b["request_id"] for t, s, _, b in answers if s == 200 and t > last - 2 and b["slots"][0]["ads"]}
         assert late and late <= delivered  # delivery resumed by itself
+
+
+def test_redis_cut_off_frozen_and_restarted_while_serving_gives_flagged_fallbacks_only(
+    make_app, fault_settings: Settings
+) -> None:
+    app, _ = make_app(reader=None, redis_url=fault_settings.redis_url, feast_data_dir=fault_settings.feast_data_dir,
+                      events_topic=fault_settings.events_topic)  # fmt: skip
+    admin = redis.Redis.from_url(fault_settings.redis_url)
+    ended: dict[str, float] = {}
+    with TestClient(app) as client, Traffic(client) as traffic:
+        time.sleep(2)
+        began = {"killed": time.monotonic()}
+        admin.client_kill_filter(_type="normal", skipme=True)  # every connection serving holds
+        ended["killed"] = time.monotonic()
+        time.sleep(3)
+        began["frozen"] = time.monotonic()
+        freeze(fault_settings, "redis")
+        time.sleep(3)
+        resume(fault_settings, "redis")
+        ended["frozen"] = time.monotonic()
+        time.sleep(3)
+        began["restarted"] = time.monotonic()
+        stop(fault_settings, "redis")
+        time.sleep(2)
+        start(fault_settings, "redis")
+        ended["restarted"] = time.monotonic()
+        time.sleep(4)
+    answers = traffic.answers
+    assert answers and all(status == 200 for _, status, _, _ in answers)  # always an answer
+    reasons = {reason for _, _, reason, _ in answers}
+    assert reasons <= {None, "redis_down", "redis_slow"}  # flagged fallbacks, never an error
+    for fault in ("frozen", "restarted"):
+        during = [r for t, _, r, _ in answers if began[fault] + 0.5 < t < ended[fault]]
+        assert during and all(r in ("redis_down", "redis_slow") for r in during), fault
+    for fault, end in ended.items():  # normal again within 2 s of the fault's end
+        after = [r for t, _, r, _ in answers if end + 2 < t < end + 3]
+        assert after and all(r is None for r in after), (fault, after)
