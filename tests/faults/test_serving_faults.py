@@ -165,8 +165,9 @@ def test_every_impression_is_delivered_or_named_as_dropped_and_delivery_resumes(
 def test_redis_cut_off_frozen_and_restarted_while_serving_gives_flagged_fallbacks_only(
     make_app, fault_settings: Settings
 ) -> None:
+    # a 250 ms budget: on a loaded test machine a 20 ms one times out now and then without any fault
     app, _ = make_app(reader=None, redis_url=fault_settings.redis_url, feast_data_dir=fault_settings.feast_data_dir,
-                      events_topic=fault_settings.events_topic)  # fmt: skip
+                      events_topic=fault_settings.events_topic, request_budget_ms=250)  # fmt: skip
     admin = redis.Redis.from_url(fault_settings.redis_url)
     ended: dict[str, float] = {}
     with TestClient(app) as client, Traffic(client) as traffic:
@@ -196,4 +197,4 @@ def test_redis_cut_off_frozen_and_restarted_while_serving_gives_flagged_fallback
         assert during and all(r in ("redis_down", "redis_slow") for r in during), fault
     for fault, end in ended.items():  # normal again within 2 s of the fault's end
         after = [r for t, _, r, _ in answers if end + 2 < t < end + 3]
-        assert after and all(r is None for r in after), (fault, after)
+        assert after and all(r is None for r in after), (fault, [r for r in after if r])
