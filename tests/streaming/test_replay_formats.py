@@ -12,6 +12,7 @@ import pytest
 
 from streaming.events import Event, parse_event
 from streaming.replay import ReplayFormatError, read
+from streaming.replay.globo import HEADER as GLOBO_HEADER
 from tests.support.stack import shared_data
 
 
@@ -216,11 +217,16 @@ def _jsonl_lines(n: int) -> list[str]:
                         "ts": 1_700_000_000_000 + i}) for i in range(n)]  # fmt: skip
 
 
+def _globo_lines(n: int) -> list[str]:
+    return [f"u{i % 5},s{i % 9},1507000000000,2,{100 + i},{1507000000000 + i * 1000},4,1,17,1,25,2" for i in range(n)]
+
+
 FILES = {  # format -> (file name under a folder, header line or None, n lines -> data lines)
     "taobao": ("ub.csv", None, _taobao_lines),
     "mind": ("behaviors.tsv", None, _mind_lines),
     "obd": ("men.csv", OBD_HEADER.rstrip("\n"), _obd_lines),
     "jsonl": ("events.jsonl", None, _jsonl_lines),
+    "globo": ("clicks.csv", ",".join(GLOBO_HEADER), _globo_lines),
 }
 
 
