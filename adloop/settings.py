@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     ad_stats_refresh_s: float = 1.0  # how often serving re-reads the ads whose online rows changed (freshness)
     ad_stats_full_refresh_s: float = 30.0  # how often it re-reads every ad's row (a safety net)
     impression_buffer: int = 10_000  # impressions held while Kafka is down (drop-oldest beyond)
+    impression_delivery_timeout_ms: int = 30_000  # an impression unacknowledged this long goes back to the buffer
     gil_switch_interval_ms: float = 0.5  # longest wait of a request behind a background thread (Python: 5)
     max_slots: int = 10  # per request
     max_count_per_slot: int = 10  # ads per slot

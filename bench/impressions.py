@@ -58,7 +58,7 @@ class MainLogger(Timed, ImpressionLogger):
             try:
                 event = to_event(record)
             except Exception:
-                self._count("failed", 1)
+                self._count("lost", 1)
                 continue
             try:
                 future = self._producer.send(self.topic, key=event.user_id.encode(), value=event.to_bytes())
@@ -77,7 +77,7 @@ class MainLogger(Timed, ImpressionLogger):
 
     def _failed(self, error: Exception) -> None:
         self.last_error, self._healthy = f"delivery: {error}", False
-        self._count("failed", 1)
+        self._count("lost", 1)
 
 
 def main_encode(record: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -152,7 +152,8 @@ def one_round(cls, factory, topic: str, *, rate: int, seconds: float, seed: int)
         time.sleep(0.01)  # the last deliveries are counted by the logger's next pass
     after = {name: cpu_ns(tid) for name, tid in threads.items()} | {"process": cpu_ns()}
     result = {name: (after[name] - before[name]) / n / 1000 for name in after}  # us per record
-    result |= {"sent": logger.counts["sent"] - sent_before, "n": n, "failed": logger.counts["failed"]}
+    failed = logger.counts["lost"] + logger.counts["dead_lettered"]
+    result |= {"sent": logger.counts["sent"] - sent_before, "n": n, "failed": failed}
     result["drains"] = list(logger.drains)
     logger.close(timeout=5)
     return result

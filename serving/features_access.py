@@ -64,7 +64,8 @@ class NoFeatures:
 class GuardedReader:
     """A `FeatureReader` behind a circuit breaker; reports why it fell back.
 
-    After a connection failure Redis is skipped for `retry_after_s` ("redis_down"). A timeout (the
+    After a connection failure, or a Redis still loading its data (`LOADING`), Redis is skipped for
+    `retry_after_s` ("redis_down"), with one log line per outage (not one per request). A timeout (the
     client's socket timeout is the budget) answers that request without features ("redis_slow"); a
     second one in a row also skips Redis for `slow_skip_s`: a stray slow reply (a CPU-starved Redis on
     a busy host) costs one request, a persistently slow Redis stalls the loop at most two budgets per
@@ -77,6 +78,7 @@ class GuardedReader:
         self.slow_skip_s = slow_skip_s
         self._skip_until, self._skip_reason = 0.0, "redis_down"
         self._timeouts = 0  # in a row
+        self._down_since: float | None = None  # first failure of the current outage (logged once)
 
     def user(self, user_id: str) -> tuple[dict[str, Any], str | None]:
         if isinstance(self.reader, NoFeatures):
@@ -87,7 +89,7 @@ class GuardedReader:
             features = self.reader.user(user_id)
         except Exception as error:
             return {}, self._failed(error)
-        self._timeouts = 0
+        self._recovered()
         return features, None
 
     async def user_async(self, user_id: str) -> tuple[dict[str, Any], str | None]:
@@ -102,7 +104,7 @@ class GuardedReader:
             features = await read(user_id)
         except Exception as error:
             return {}, self._failed(error)
-        self._timeouts = 0
+        self._recovered()
         return features, None
 
     def _failed(self, error: Exception) -> str:
@@ -110,10 +112,20 @@ class GuardedReader:
         if isinstance(error, redis.TimeoutError):
             self._timeouts += 1
             return self._skip("redis_slow", self.slow_skip_s) if self._timeouts >= 2 else "redis_slow"
-        if isinstance(error, (redis.ConnectionError, OSError)):
+        if isinstance(error, (redis.ConnectionError, OSError)):  # BusyLoadingError (LOADING) included
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("Redis unavailable for user features (%s): serving without them, retrying every %g s",
+                            error, self.retry_after_s)  # fmt: skip
             return self._skip("redis_down", self.retry_after_s)
         log.error("user feature read failed", exc_info=error)  # a broken row must not break the request
         return "features_error"
+
+    def _recovered(self) -> None:
+        self._timeouts = 0
+        if self._down_since is not None:
+            log.warning("Redis answers again for user features after %.1f s", time.monotonic() - self._down_since)
+            self._down_since = None
 
     def _skip(self, reason: str, seconds: float) -> str:
         self._skip_until, self._skip_reason = time.monotonic() + seconds, reason

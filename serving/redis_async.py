@@ -12,7 +12,9 @@ Credentials come from the URL as for redis-py: `redis://user:password@host:port/
 
 Errors are redis-py's types, so callers treat both clients alike: `redis.TimeoutError` when a reply
 takes longer than `timeout_s` (the reply still arrives later and is dropped, the connection stays in
-step), `redis.ConnectionError` when Redis cannot be reached or the connection drops.
+step), `redis.ConnectionError` when Redis cannot be reached or the connection drops, and its subclass
+`redis.BusyLoadingError` for a `LOADING` reply (a restarted Redis still reading its data: down, as
+redis-py's own client says).
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ class _Replies(asyncio.Protocol):
             future = self.waiting.popleft()
             if not future.done():  # done: timed out, its reply is dropped
                 if isinstance(reply, redis.ResponseError):
-                    if str(reply).startswith(("NOAUTH", "WRONGPASS")):  # credentials missing: a connection problem
-                        reply = redis.AuthenticationError(str(reply))
+                    text = str(reply)
+                    if text.startswith(("NOAUTH", "WRONGPASS")):  # credentials missing: a connection problem
+                        reply = redis.AuthenticationError(text)
+                    elif text.startswith("LOADING"):  # still loading its data: down for now (the breaker opens)
+                        reply = redis.BusyLoadingError(text)
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)

@@ -67,6 +67,7 @@ class Runtime:
         self.follower = ModelFollower(self.registry)
         self.logger = ImpressionLogger(
             topic=settings.events_topic,
+            dlq_topic=settings.dlq_topic,
             buffer_size=settings.impression_buffer,
             producer_factory=producer_factory or (lambda: kafka_producer(settings)),
         )

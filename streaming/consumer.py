@@ -13,6 +13,10 @@ One batch, in order (poll -> decode -> handle -> sink -> store offsets after the
      own layout (features/online.py) and each partition's applied offset;
   5. commit the Kafka offsets.
 A crash anywhere replays from the last applied offset: nothing counts twice, nothing is lost.
+A batch whose dead letters the broker did not acknowledge, whose write another consumer fenced off
+(streaming.state_store) or that met Redis down or restarting is not committed: the consumer reads
+it again from where the stored offsets say (`_retry`). Stored offsets beyond the topic's end (a
+recreated topic) stop it with `OffsetsAheadOfTopic` instead of skipping every new record as replayed.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from kafka import OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 
 from adloop.settings import Settings
 from features.aggregates import (
@@ -41,13 +47,18 @@ from features.aggregates import (
 from features.online import FeastLayout, write_rows
 from features.sink import FeastSink
 from features.store import AD_VIEW, USER_VIEW
-from streaming import kafka_clients, metrics
-from streaming.dead_letters import DeadLetters
+from streaming import dead_letters, kafka_clients, metrics
+from streaming.dead_letters import DeadLetters, DeadLetterUndelivered
 from streaming.events import DecodedEvent, EventType, InvalidEvent, decode_event
-from streaming.state_store import StateStore
+from streaming.state_store import StaleWrite, StateStore
 
 log = logging.getLogger(__name__)
 GROUP = "adloop-features"
+RETRY_PAUSE_S = 1.0  # after a batch that could not commit, before reading it again
+
+
+class OffsetsAheadOfTopic(RuntimeError):
+    """Applied offsets stored in Redis lie beyond the topic's end: the topic was recreated (or emptied)."""
 
 
 @dataclass
@@ -71,7 +82,8 @@ class FeatureConsumer:
         self.topic = topic or settings.events_topic
         self.state = StateStore(redis_client, group=group, topic=self.topic)
         self.sink = FeastSink(settings)
-        self.dead_letters = DeadLetters(kafka_clients.producer(settings, linger_ms=5), settings.dlq_topic)
+        dlq_producer = kafka_clients.producer(settings, **dead_letters.PRODUCER_CONFIG)
+        self.dead_letters = DeadLetters(dlq_producer, settings.dlq_topic)
         self.consumer = kafka_clients.consumer(
             settings,
             group_id=group,
@@ -108,7 +120,10 @@ class FeatureConsumer:
                         break
                     continue
                 idle_since = time.monotonic()
-                _merge(total, self.apply(batch))
+                try:
+                    _merge(total, self.apply(batch))
+                except (DeadLetterUndelivered, StaleWrite, redis.ConnectionError, redis.TimeoutError) as error:
+                    self._retry(batch, error, stop)
         finally:
             gc.unfreeze()
             self.close()
@@ -137,6 +152,8 @@ class FeatureConsumer:
         last_offsets: dict[int, int] = {}
         for tp, records in batch.items():
             applied = self.applied.get(tp.partition, -1)
+            if records[0].offset <= applied:
+                self._check_ahead(tp, applied)
             for record in records:
                 last_offsets[tp.partition] = record.offset
                 if record.offset <= applied:
@@ -193,13 +210,18 @@ class FeatureConsumer:
             ad_increments=ad_increments,
             ad_last=ad_last,
             offsets=last_offsets,
+            expected={p: self.applied.get(p) for p in last_offsets},
             online=online,
         )
-        self.applied.update(last_offsets)
+        for partition, offset in last_offsets.items():
+            self.applied[partition] = max(offset, self.applied.get(partition, -1))
         self.touched_ads.update(ad_last)
-        self.consumer.commit(
-            {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1) for p, o in last_offsets.items()}
-        )
+        try:
+            self.consumer.commit(
+                {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1) for p, o in last_offsets.items()}
+            )
+        except KafkaError as error:  # the group moved on, or the broker is away: Redis holds the offsets that count
+            log.warning("Kafka offset commit failed after the batch was stored (%s); the stored offsets hold", error)
 
         report.applied = len(events)
         metrics.record_batch(report.applied, report.duplicates, report.dead_lettered, time.perf_counter() - started)
@@ -235,6 +257,36 @@ class FeatureConsumer:
     def close(self) -> None:
         self.consumer.close(autocommit=False)
         self.dead_letters.close()
+
+    def _retry(self, batch: dict[TopicPartition, list[Any]], error: Exception, stop: Callable[[], bool]) -> None:
+        """A batch that stored nothing (or whose outcome is unknown): read its partitions again from the
+        offsets stored in Redis, once Redis answers."""
+        log.warning("batch not committed, read again from the stored offsets: %s", error)
+        while True:
+            time.sleep(RETRY_PAUSE_S)
+            try:
+                self.applied = self.state.applied_offsets()
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as down:
+                log.warning("Redis unavailable (%s), retrying in %.1f s", down, RETRY_PAUSE_S)
+                if stop():
+                    return
+        owned = self.consumer.assignment()
+        for tp, records in batch.items():
+            if tp in owned:  # a partition moved away is sought by the rebalance listener of its new owner
+                stored = self.applied.get(tp.partition)
+                self.consumer.seek(tp, records[0].offset if stored is None else stored + 1)
+
+    def _check_ahead(self, tp: TopicPartition, applied: int) -> None:
+        """Records at or below the applied offset are a replay after a crash, unless the topic is shorter."""
+        end = self.consumer.end_offsets([tp])[tp]
+        if applied >= end:
+            raise OffsetsAheadOfTopic(
+                f"the applied offset stored for {tp.topic} partition {tp.partition} is {applied}, but the topic "
+                f"ends at {end}: was the topic recreated? Its new records would be skipped as already applied. "
+                "If so, `adloop consume --reset-offsets` forgets the stored offsets (features and seen event ids "
+                "are kept, so events seen before still count once)."
+            )
 
     def _check_time(self, event: DecodedEvent) -> None:
         skew_ms = self.settings.max_future_skew_s * 1000

@@ -2,6 +2,12 @@
 
 `commit_batch` writes everything a micro-batch produced, together with each partition's last
 applied offset, in one MULTI/EXEC: after a crash either all of a batch is there or none of it.
+
+Writers are fenced: the transaction WATCHes the offsets hash and applies only if each of the
+batch's partitions still has the applied offset the batch was computed from. A consumer that lost
+its partition (expelled from the group, paused) and wakes up with a batch read before its
+successor wrote gets `StaleWrite`; nothing of that batch is written, so no state is overwritten
+and no offset moves backwards. Stored offsets only ever move forwards.
 Keys (prefix `adloop:` by default):
   state:user:<id>        JSON of features.aggregates.UserState
   seen:<event_id>        a processed event id (expires after `seen_ttl_s`)
@@ -12,15 +18,33 @@ Keys (prefix `adloop:` by default):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
 import redis
+from prometheus_client import Counter
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from features.aggregates import UserState, add_counter
+
+STALE_WRITES = Counter(
+    "adloop_consumer_stale_writes_total", "Batches refused because another consumer had moved their partitions."
+)
+WATCH_ATTEMPTS = 20  # a WATCH fires on any partition's write: retry while ours are unchanged
+log = logging.getLogger(__name__)
+
+
+class StaleWrite(RuntimeError):
+    """The batch's partitions moved on since it read them (another consumer owns them now): nothing written."""
+
+    def __init__(self, moved: dict[int, tuple[int | None, int | None]]) -> None:
+        detail = ", ".join(f"partition {p}: expected {e}, stored {s}" for p, (e, s) in sorted(moved.items()))
+        super().__init__(f"stale batch refused ({detail})")
+        self.moved = moved
+
 
 # `SET <key> 1 EX <ttl>` for every key in one command: a SET per event costs the client a command to
 # pack and a reply to parse per id.
@@ -52,6 +76,12 @@ class StateStore:
 
     def applied_offsets(self) -> dict[int, int]:
         return {int(p): int(o) for p, o in self.redis.hgetall(self.offsets_key).items()}
+
+    def reset_offsets(self) -> dict[int, int]:
+        """Forget the stored applied offsets (a recreated topic); returns what they were."""
+        offsets = self.applied_offsets()
+        self.redis.delete(self.offsets_key)
+        return offsets
 
     def seen(self, event_ids: list[str]) -> set[str]:
         if not event_ids:
@@ -101,11 +131,55 @@ class StateStore:
         ad_increments: dict[str, dict[str, int]],
         ad_last: dict[str, int],
         offsets: dict[int, int],
+        expected: Mapping[int, int | None],
         online: Callable[[Any], None],
     ) -> None:
         """One atomic write: states, seen ids, ad counters, the online feature rows (queued by `online`
-        on the transaction) and the partitions' applied offsets."""
-        pipe = self.transactions.pipeline(transaction=True)
+        on the transaction) and the partitions' applied offsets.
+
+        `expected`: each partition's applied offset when the batch read its state (None: none stored).
+        Raises `StaleWrite` (and writes nothing) when a partition's stored offset differs from it.
+        """
+        forward = {p: o for p, o in offsets.items() if expected.get(p) is None or o > expected[p]}
+        for _ in range(WATCH_ATTEMPTS):
+            with self.transactions.pipeline(transaction=True) as pipe:
+                pipe.watch(self.offsets_key)
+                self._check_fence(pipe, offsets, expected)
+                pipe.multi()
+                self._queue(pipe, states, seen_ids, ad_increments, ad_last, forward, online)
+                try:
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    # some consumer stored an offset meanwhile, or the connection broke (the EXEC may have
+                    # applied): check ours again, which also tells the two cases apart
+                    continue
+        raise StaleWrite({p: (expected.get(p), None) for p in offsets})  # never settled: treat as lost
+
+    def _check_fence(self, pipe: Any, offsets: dict[int, int], expected: Mapping[int, int | None]) -> None:
+        partitions = sorted(offsets)
+        if not partitions:
+            return
+        stored = [None if s is None else int(s) for s in pipe.hmget(self.offsets_key, [str(p) for p in partitions])]
+        moved = {p: (expected.get(p), s) for p, s in zip(partitions, stored, strict=True) if s != expected.get(p)}
+        if moved:
+            pipe.reset()
+            STALE_WRITES.inc()
+            error = StaleWrite(moved)
+            log.warning("%s: another consumer owns them now, or this batch's own write applied and its reply was lost",
+                        error)  # fmt: skip
+            raise error
+
+    def _queue(
+        self,
+        pipe: Any,
+        states: dict[str, UserState],
+        seen_ids: list[str],
+        ad_increments: dict[str, dict[str, int]],
+        ad_last: dict[str, int],
+        offsets: dict[int, int],
+        online: Callable[[Any], None],
+    ) -> None:
         if states:
             pipe.mset({f"{self.prefix}state:user:{u}": orjson.dumps(s.to_json()) for u, s in states.items()})
         if seen_ids:
@@ -119,4 +193,3 @@ class StateStore:
         online(pipe)
         if offsets:
             pipe.hset(self.offsets_key, mapping={str(p): o for p, o in offsets.items()})
-        pipe.execute()

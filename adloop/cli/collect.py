@@ -18,17 +18,29 @@ from adloop.settings import PROJECT_ROOT, get_settings
 def consume(
     idle_exit: float = typer.Option(None, help="Exit after this many idle seconds (default: run forever)."),
     metrics_port: int = typer.Option(None, help="Port of the Prometheus /metrics endpoint (default: settings)."),
+    reset_offsets: bool = typer.Option(
+        False, "--reset-offsets", help="First forget the applied offsets stored in Redis (after recreating the topic)."
+    ),
 ) -> None:
     """Run the feature consumer: adloop.events -> user and ad features in Feast (Redis online, parquet offline)."""
     import redis
     from prometheus_client import start_http_server
 
-    from streaming.consumer import FeatureConsumer
+    from streaming.consumer import GROUP, FeatureConsumer, OffsetsAheadOfTopic
+    from streaming.state_store import StateStore
 
     settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url)
+    if reset_offsets:
+        forgotten = StateStore(client, group=GROUP, topic=settings.events_topic).reset_offsets()
+        console.print(f"forgot the applied offsets of {settings.events_topic}: {dict(sorted(forgotten.items()))}")
     start_http_server(settings.consumer_metrics_port if metrics_port is None else metrics_port, addr="127.0.0.1")
-    consumer = FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url))
-    report = consumer.run(idle_exit_s=idle_exit)
+    consumer = FeatureConsumer(settings, redis_client=client)
+    try:
+        report = consumer.run(idle_exit_s=idle_exit)
+    except OffsetsAheadOfTopic as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from error
     console.print(
         f"applied {report.applied}, duplicates {report.duplicates}, replayed {report.replayed}, "
         f"dead-lettered {sum(report.dead_lettered.values())} {report.dead_lettered or ''}"

@@ -1,17 +1,21 @@
 """Microsoft MIND: `behaviors.tsv` impressions (and `news.tsv` beside it, when present).
 
-Each impression row `impression_id, user_id, time, history, impressions` is one ad-slot request:
-- `request_id` = `mind-<impression_id>`; one `ad_impression` per candidate (`ad_id` = news id,
-  `position` = its index + 1, `category` / `subcategory` from news.tsv when the article is there),
-  ids `mind-<impression_id>-<position>`;
+Each impression row `impression_id, user_id, time, history, impressions` is one ad-slot request.
+Its events' ids start with the row's id, `mind-<digest of the row's line>` (`RecordIds`: the same
+row in another file is the same request, a different row is another one), then the event's role:
+- `request_id` = `mind-<impression_id>` (what models.mind joins on); one `ad_impression` per
+  candidate (`ad_id` = news id, `position` = its index + 1, `category` / `subcategory` from
+  news.tsv when the article is there), ids `<row id>-<position>`;
 - an `ad_click` for each clicked candidate, 1 s after the impression (MIND has no click times),
-  ids `mind-<impression_id>-<position>-click`, followed by a `page_view` of the article (the
-  click opens it), ids `...-click-view`;
+  ids `<row id>-<position>-click`, followed by a `page_view` of the article (the click opens it),
+  ids `...-click-view`;
 - the first time a user is seen, their `history` (news they clicked before the data window)
   becomes `page_view` events of those articles (with their category), 1 ms apart and ending
-  1 ms before the impression, ids `mind-<impression_id>-h<index>`. Page views, not ad clicks:
-  they give the user's reading interests to the features without counting as clicks on ads, and
-  they come only once per user because MIND repeats the whole history on every impression row.
+  1 ms before the impression. Page views, not ad clicks: they give the user's reading interests
+  to the features without counting as clicks on ads, and they come only once per user because
+  MIND repeats the whole history on every impression row. Their ids come from the user, the
+  index in the history and the article (`mind-<digest>-h`), not from the row: a user's history
+  replayed from a second file is the same history and applies once.
 MIND has no campaigns: `campaign_id` = `sub:<subcategory>` where news.tsv has the article.
 These are the very events `models.mind.Replay` folds for training and evaluation, so a model
 trained there sees the features this replay builds through the consumer (tests/models prove it).
@@ -28,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from streaming.events import SCHEMA_VERSION, Event, EventType
-from streaming.replay import ReplayFormatError, in_time_order
+from streaming.replay import RecordIds, ReplayFormatError, in_time_order
 
 SOURCE = "replay:mind"
 SLOT_ID = "mind-news"
@@ -42,6 +46,7 @@ class MindRow:
     """One line of behaviors.tsv."""
 
     line: int
+    row_id: str  # `mind-<digest of the line>`: the prefix of its events' ids
     impression_id: str
     user_id: str
     ts: datetime
@@ -52,6 +57,7 @@ class MindRow:
 def read(path: Path) -> Iterator[Event]:
     """The impressions of `behaviors.tsv` as events, in time order."""
     news = read_news(path.with_name("news.tsv"))
+    ids = RecordIds("mind")
     rows = sorted(read_rows(path), key=lambda row: (row.ts, row.line))
     seen_users: set[str] = set()
     last_ts = datetime.min.replace(tzinfo=UTC)
@@ -59,7 +65,7 @@ def read(path: Path) -> Iterator[Event]:
     def groups() -> Iterator[tuple[list[Event], list[Event]]]:
         nonlocal last_ts
         for row in rows:
-            history = [] if row.user_id in seen_users else _history(row, news, after=last_ts)
+            history = [] if row.user_id in seen_users else _history(row, news, ids, after=last_ts)
             seen_users.add(row.user_id)
             shown, clicked = _candidates(row, news)
             last_ts = row.ts
@@ -79,11 +85,13 @@ def read_news(path: Path) -> dict[str, tuple[str, str]]:
 
 def read_rows(path: Path) -> Iterator[MindRow]:
     """The lines of behaviors.tsv in file order (`line` numbers from 1); `ReplayFormatError` on a bad one."""
+    ids = RecordIds("mind")
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            fields = line.rstrip("\r\n").split("\t")
+            text = line.rstrip("\r\n")
+            fields = text.split("\t")
             if len(fields) != 5:
                 raise ReplayFormatError(path, number, f"expected 5 tab-separated fields, got {len(fields)}")
             impression_id, user_id, time_text, history, impressions = fields
@@ -94,15 +102,16 @@ def read_rows(path: Path) -> Iterator[MindRow]:
                 ]
             except ValueError as error:
                 raise ReplayFormatError(path, number, f"unreadable time or impressions: {error}") from error
-            yield MindRow(number, impression_id, user_id, ts, history.split(), candidates)
+            row_id = ids.of(text.encode())
+            yield MindRow(number, row_id, impression_id, user_id, ts, history.split(), candidates)
 
 
-def _history(row: MindRow, news: dict[str, tuple[str, str]], *, after: datetime) -> list[Event]:
+def _history(row: MindRow, news: dict[str, tuple[str, str]], ids: RecordIds, *, after: datetime) -> list[Event]:
     """Page views of the user's earlier clicks, just before the impression (never before `after`)."""
     n = len(row.history)
     return [
         Event(
-            event_id=f"mind-{row.impression_id}-h{index}",
+            event_id=ids.plain("history", row.user_id, str(index), news_id) + "-h",
             schema_version=SCHEMA_VERSION,
             event_type=EventType.page_view,
             user_id=row.user_id,
@@ -132,7 +141,7 @@ def _candidates(row: MindRow, news: dict[str, tuple[str, str]]) -> tuple[list[Ev
             "source": SOURCE,
             "context": {"subcategory": subcategory} if subcategory else None,
         }
-        event_id = f"mind-{row.impression_id}-{index + 1}"
+        event_id = f"{row.row_id}-{index + 1}"
         shown.append(Event(event_id=event_id, event_type=EventType.ad_impression, ts=row.ts, **common))
         if was_clicked:
             click_ts = row.ts + CLICK_DELAY

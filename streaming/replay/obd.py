@@ -9,8 +9,9 @@ OBD has no user id: users are described by four hashed features. The user id her
 `obd-` + 16 hex digits of the SHA-1 of those four values (the same features -> the same "user",
 ~240 in a 10,000-row file); the features themselves go to `context` with the user-item affinity
 of the shown item. `category` is the item's hashed `item_feature_1` from item_context.csv
-(the data set does not say which category level it is). Event ids are
-`obd-<policy>-<campaign>-<row index>` (the file's first, unnamed column), `-click` for clicks.
+(the data set does not say which category level it is). Event ids are `obd-<digest>` of the
+row's line with its policy and campaign (`RecordIds`; the same row read again is the same
+impression, whatever the file's path or the row's line number), `-click` for clicks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from streaming.events import SCHEMA_VERSION, Event, EventType
-from streaming.replay import ReplayFormatError, in_time_order
+from streaming.replay import RecordIds, ReplayFormatError, in_time_order
 
 SOURCE = "replay:obd"
 POLICIES = ("random", "bts")
@@ -46,10 +47,11 @@ def read_item_categories(path: Path) -> dict[str, str]:
 def _groups(path: Path) -> Iterator[tuple[list[Event], list[Event]]]:
     categories = read_item_categories(path.with_name("item_context.csv"))
     policy, campaign = _policy_and_campaign(path)
+    ids = RecordIds("obd", scope=f"{policy}\x00{campaign}".encode())
     with open(path, encoding="utf-8", newline="") as file:
         for line, row in enumerate(csv.DictReader(file), start=2):
             try:
-                impression = _impression(row, line, policy, campaign, categories)
+                impression = _impression(row, ids.of(_content(row)), policy, campaign, categories)
                 clicked = row["click"] == "1"
             except (KeyError, ValueError) as error:
                 raise ReplayFormatError(path, line, f"not an Open Bandit Dataset row: {error}") from error
@@ -57,8 +59,12 @@ def _groups(path: Path) -> Iterator[tuple[list[Event], list[Event]]]:
             yield [impression], later
 
 
-def _impression(row: dict[str, str], line: int, policy: str, campaign: str, categories: dict[str, str]) -> Event:
-    row_id = row.get("") or str(line - 2)
+def _content(row: dict[str, str]) -> bytes:
+    """The row's fields, named: the same row in any file with these columns gives the same bytes."""
+    return "\x00".join(f"{name}\x01{value}" for name, value in row.items()).encode()
+
+
+def _impression(row: dict[str, str], event_id: str, policy: str, campaign: str, categories: dict[str, str]) -> Event:
     item_id = row["item_id"]
     users = [row[name] for name in USER_FEATURES]
     context: dict[str, str | float] = dict(zip(USER_FEATURES, users, strict=True))
@@ -66,7 +72,6 @@ def _impression(row: dict[str, str], line: int, policy: str, campaign: str, cate
     if affinity is not None:
         context["user_item_affinity"] = float(affinity)
     context.update(policy=policy, campaign=campaign)
-    event_id = f"obd-{policy}-{campaign}-{row_id}"
     return Event(
         event_id=event_id,
         schema_version=SCHEMA_VERSION,

@@ -1,7 +1,8 @@
 """Taobao UserBehavior (Alibaba Tianchi): `user_id,item_id,category_id,behavior_type,timestamp` CSV, no header.
 
 Behaviours map to the contract as pv -> page_view, cart -> add_to_cart, fav -> favorite,
-buy -> purchase; `timestamp` is unix seconds. Event ids are `taobao-<line number>` (1-based).
+buy -> purchase; `timestamp` is unix seconds. Event ids are `taobao-<digest of the line>` (see
+`streaming.replay.RecordIds`: the same line in another file is the same event).
 Events are yielded in file order: the shared time slice is time-ordered; the full public file
 is not (sort it by the fifth column first, e.g. `sort -t, -k5,5n -s`).
 """
@@ -13,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from streaming.events import SCHEMA_VERSION, Event, EventType
-from streaming.replay import ReplayFormatError
+from streaming.replay import RecordIds, ReplayFormatError
 
 SOURCE = "replay:taobao"
 BEHAVIORS = {
@@ -26,14 +27,19 @@ BEHAVIORS = {
 
 def read(path: Path) -> Iterator[Event]:
     """One event per line, in file order."""
-    with open(path, encoding="utf-8") as lines:
+    ids = RecordIds("taobao")
+    with open(path, "rb") as lines:
         for number, line in enumerate(lines, start=1):
-            if line.strip():
-                yield _event(path, number, line)
+            raw = line.rstrip(b"\r\n")
+            if raw.strip():
+                yield _event(path, number, raw, ids)
 
 
-def _event(path: Path, number: int, line: str) -> Event:
-    fields = line.rstrip("\r\n").split(",")
+def _event(path: Path, number: int, raw: bytes, ids: RecordIds) -> Event:
+    try:
+        fields = raw.decode("utf-8").split(",")
+    except UnicodeDecodeError as error:
+        raise ReplayFormatError(path, number, f"not UTF-8: {error}") from error
     if len(fields) != 5:
         raise ReplayFormatError(path, number, f"expected 5 comma-separated fields, got {len(fields)}")
     user_id, item_id, category_id, behavior, timestamp = fields
@@ -44,7 +50,7 @@ def _event(path: Path, number: int, line: str) -> Event:
     except ValueError as error:
         raise ReplayFormatError(path, number, f"timestamp {timestamp!r} is not unix seconds") from error
     return Event(
-        event_id=f"taobao-{number}",
+        event_id=ids.of(raw),
         schema_version=SCHEMA_VERSION,
         event_type=BEHAVIORS[behavior],
         user_id=user_id,

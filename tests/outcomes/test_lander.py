@@ -34,7 +34,8 @@ def test_counts_equal_the_events_produced_and_a_replay_counts_once(outcome_setti
     assert (report.landed, report.skipped, report.invalid, report.dead_letters) == (61 + clicks, 1, 1, 1)
     total = store.outcomes()[0]
     assert (total["impressions"], total["clicks"], total["conversions"]) == (60, clicks, 1)
-    assert store.counts()["dlq:unknown"] == 1
+    counts = store.counts()
+    assert (counts["dlq:unknown"], counts["dlq:invalid_json"]) == (1, 1)  # one without headers, one the lander read
 
     # the same events again, read by a fresh group from the start: nothing counts twice
     produce(outcome_settings, events)
@@ -63,3 +64,27 @@ def test_store_counts_a_repeated_event_id_once_within_and_across_batches(tmp_pat
     total = store.outcomes()[0]
     assert (total["impressions"], total["clicks"], total["ctr"]) == (3, 3, 1.0)
     assert store.outcomes(["arm"], Filters(arm="control")) == []
+
+
+def test_an_unreadable_event_is_one_dead_letter_with_its_reason_and_metric(outcome_settings):
+    from kafka import KafkaProducer
+    from prometheus_client import REGISTRY
+
+    metric = "adloop_outcomes_dead_lettered_total"
+    before = REGISTRY.get_sample_value(metric, {"reason": "invalid_json"}) or 0
+    producer = KafkaProducer(bootstrap_servers=outcome_settings.kafka_bootstrap_servers, acks="all")
+    producer.send(outcome_settings.events_topic, key=b"u1", value=b"{not json", partition=0).get(timeout=10)
+    headers = [
+        ("adloop.reason", b"invalid_json"),
+        ("adloop.source.topic", outcome_settings.events_topic.encode()),
+        ("adloop.source.partition", b"0"),
+        ("adloop.source.offset", b"0"),
+    ]  # as the feature consumer sends it
+    producer.send(outcome_settings.dlq_topic, key=b"u1", value=b"{not json", headers=headers).get(timeout=10)
+    producer.close()
+
+    store = OutcomeStore(outcome_settings.outcomes_path)
+    report = OutcomeLander(outcome_settings, store).run(idle_exit_s=2.0)
+    assert (report.invalid, report.dead_letters, report.landed) == (1, 1, 0)
+    assert store.counts() == {"dlq:invalid_json": 1}  # read by both, recorded once, with its reason
+    assert REGISTRY.get_sample_value(metric, {"reason": "invalid_json"}) == before + 1

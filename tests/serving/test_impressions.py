@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
+from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 from kafka.partitioner.default import DefaultPartitioner
 
@@ -285,8 +286,8 @@ class FakeProducer:
     def partitions_for(self, topic):
         return {0, 1, 2}
 
-    def send(self, topic, *, key, value, partition=None):
-        self.sent.append((topic, key, value, partition))
+    def send(self, topic, *, key=None, value, partition=None, headers=None):
+        self.sent.append((topic, key, value, partition, headers))
         return Future().failure(self.error) if self.error else Future().success(None)
 
     def flush(self, timeout=None):
@@ -306,8 +307,11 @@ def test_a_record_that_breaks_the_contract_is_counted_and_the_rest_go_out() -> N
     logger.log([{**good, "event_id": "e4"}])  # the thread is still alive
     assert logger.flush(timeout=5)
     logger.close(timeout=1)
-    assert [parse_event(value).event_id for _, _, value, _ in producer.sent] == ["e1", "e3", "e4"]
-    assert logger.counts["failed"] == 1 and logger.counts["sent"] == 3
+    events = [(topic, value) for topic, _, value, _, _ in producer.sent]
+    assert [parse_event(value).event_id for topic, value in events if topic == "t"] == ["e1", "e3", "e4"]
+    dead = [(value, dict(headers)) for topic, _, value, _, headers in producer.sent if topic == "t.dlq"]
+    assert len(dead) == 1 and dead[0][1]["adloop.reason"] == b"unencodable" and b'"e2"' in dead[0][0]
+    assert (logger.counts["dead_lettered"], logger.counts["sent"]) == (1, 3)
 
 
 class Cluster:
@@ -337,24 +341,73 @@ def test_our_partition_is_the_default_partitioners(n: int) -> None:
         assert impressions.partition(key, list(range(n))) == default.partition("t", None, key, None, None, cluster)
 
 
-def test_failed_deliveries_are_counted_and_flagged() -> None:
-    producer = FakeProducer(error=TimeoutError("broker gone"))
+def test_refused_deliveries_are_dead_lettered_and_counted_and_flagged() -> None:
+    producer = FakeProducer(error=ValueError("refused for good"))  # not retriable; its dead letters fail too
     logger = ImpressionLogger(topic="t", producer_factory=lambda: producer)
     logger.start()
     logger.log([{"user_id": "u", "ad_id": "a", "event_id": f"e{i}"} for i in range(3)])
     logger.flush(timeout=5)
     logger.close(timeout=1)
-    assert logger.counts["failed"] == 3 and logger.counts["sent"] == 0
-    assert not logger.connected and logger.last_error == "delivery: broker gone"
-    assert [p for *_, p in producer.sent] == [impressions.partition(b"u", [0, 1, 2])] * 3
+    assert logger.counts["lost"] == 3 and logger.counts["sent"] == 0  # each one counted, and logged by id
+    assert not logger.connected and logger.last_error == "delivery: refused for good"
+    assert [p for topic, *_, p, _ in producer.sent if topic == "t"] == [impressions.partition(b"u", [0, 1, 2])] * 3
+    assert sum(topic == "t.dlq" for topic, *_ in producer.sent) == 3
+
+
+def test_an_expired_delivery_goes_back_into_the_buffer_and_out_again() -> None:
+    producer = FakeProducer(error=KafkaTimeoutError("batch expired"))
+    logger = ImpressionLogger(topic="t", producer_factory=lambda: producer, buffer_size=2)
+    logger.log([{"user_id": "u", "ad_id": "a", "event_id": f"e{i}"} for i in range(2)])
+    logger._producer = producer
+    logger._drain()
+    assert logger.counts["requeued"] == 2 and [r["event_id"] for r in logger._buffer] == ["e0", "e1"]
+    logger.log([{"user_id": "u", "ad_id": "a", "event_id": "e2"}])  # beyond the bound: the oldest is dropped
+    assert logger.counts["dropped_buffer_full"] == 1 and [r["event_id"] for r in logger._buffer] == ["e1", "e2"]
+    producer.error = None  # Kafka is back
+    logger._drain()
+    assert logger.counts["sent"] == 2 and not logger._buffer and logger._dropped_ids == ["e0"]
 
 
 def test_deliveries_are_counted_whatever_order_they_finish_in() -> None:
     logger = ImpressionLogger(topic="t", producer_factory=lambda: None)
     slow = Future()  # e.g. a partition whose leader is away
-    logger._pending.extend([slow, Future().success(None), Future().failure(TimeoutError("x")), Future()])
+    futures = [slow, Future().success(None), Future().failure(KafkaTimeoutError("x")), Future()]
+    logger._pending.extend((f, {"event_id": f"e{i}"}, f"e{i}", time.monotonic()) for i, f in enumerate(futures))
     logger._reap()
-    assert logger.counts["sent"] == 1 and logger.counts["failed"] == 1 and len(logger._pending) == 2
+    assert logger.counts["sent"] == 1 and logger.counts["requeued"] == 1 and len(logger._pending) == 2
     slow.success(None)
     logger._reap()
-    assert logger.counts["sent"] == 2 and logger.counts["failed"] == 1 and len(logger._pending) == 1
+    assert logger.counts["sent"] == 2 and logger.counts["requeued"] == 1 and len(logger._pending) == 1
+
+
+@pytest.mark.parametrize(
+    ("context", "reason"),
+    [({"blob": "x" * 5 * 1024 * 1024}, "oversized"), ({"text": "\ud800"}, "unencodable")],  # 5 MiB; a lone surrogate
+)
+def test_an_oversized_or_unencodable_impression_is_dead_lettered_and_never_blocks_the_rest(context, reason) -> None:
+    producer = FakeProducer()
+    logger = ImpressionLogger(topic="t", producer_factory=lambda: producer)
+    good = {"user_id": "u", "ad_id": "a"}
+    logger.log(
+        [{**good, "event_id": "e1"}, {**good, "event_id": "bad", "context": context}, {**good, "event_id": "e3"}]
+    )
+    logger._producer = producer
+    logger._drain()
+    logger._drain()  # nothing left to retry
+    assert [parse_event(v).event_id for topic, _, v, _, _ in producer.sent if topic == "t"] == ["e1", "e3"]
+    [(value, headers)] = [(v, dict(h)) for topic, _, v, _, h in producer.sent if topic == "t.dlq"]
+    assert headers["adloop.reason"] == reason.encode() and headers["adloop.event_id"] == b"bad"
+    assert len(value) <= impressions.DEAD_LETTER_SAMPLE_BYTES
+    assert (logger.counts["sent"], logger.counts["dead_lettered"], len(logger._buffer)) == (2, 1, 0)
+
+
+def test_shutdown_is_bounded_and_counts_what_stayed_unsent() -> None:
+    logger = ImpressionLogger(
+        topic="t", producer_factory=lambda: kafka_producer(Settings(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}"))
+    )
+    logger.start()
+    logger.log([{"user_id": "u", "ad_id": "a", "event_id": f"e{i}"} for i in range(4)])
+    started = time.monotonic()
+    logger.close(timeout=1.0)
+    assert time.monotonic() - started < 2.5
+    assert logger.counts["unsent_at_shutdown"] == 4 and logger.buffered == 0
