@@ -16,7 +16,8 @@ from adloop.settings import Settings
 from features import store as feature_store
 from outcomes.lander import OutcomeLander
 from outcomes.store import Filters, OutcomeStore
-from streaming.simulate import Population, SimConfig
+from serving.catalog import generate_catalog, write_catalog
+from streaming.simulate import CATEGORIES, Population, SimConfig
 
 pytestmark = pytest.mark.integration
 DEMO_REDIS_DB, LOOP_REDIS_DB = 8, 9  # databases these tests own and empty
@@ -122,7 +123,11 @@ def test_targeting_on_learned_features_beats_control_through_the_serving_path(lo
     FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url)).run(idle_exit_s=2.0)
 
     catalog = tmp_path / "ads.csv"
-    categories = demo.write_demo_catalog(catalog, n_ads=200, seed=11)
+    # CPC ads only: the auction then ranks by the model's pCTR, which is what this test is about (CPM ads,
+    # ranked by their bid alone, are the demo's and test_money's business)
+    rows = generate_catalog(200, seed=11, categories=CATEGORIES, formats=("banner_300x250", "native"), plain=True)
+    write_catalog(rows, catalog)
+    categories = {r["ad_id"]: r["category"] for r in rows}
     with catalog.open() as handle:
         bundle = ProjectionBundle(list(csv.DictReader(handle)))
     serve_settings = settings.model_copy(update={"catalog_path": catalog, "catalog_poll_s": 0,
