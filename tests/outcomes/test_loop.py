@@ -49,7 +49,8 @@ def test_demo_outcomes_equal_the_impressions_served_and_clicks_produced(demo_run
     traffic = result.traffic
     assert traffic.requests == 1200 and traffic.errors == 0  # two phases of 600, around the training hook
     assert sum(traffic.impressions.values()) == 2400  # two ads per request: the demo catalog is all native
-    assert result.landed == {"impressions": 2400, "clicks": sum(traffic.clicks.values())}
+    clicks, conversions = sum(traffic.clicks.values()), sum(traffic.conversions.values())
+    assert result.landed == {"impressions": 2400, "clicks": clicks, "conversions": conversions}
     this_run = Filters(start=result.since)  # the served log the first model learned from landed before
     by_arm = {r["arm"]: r for r in OutcomeStore(settings.outcomes_path).outcomes(["arm"], this_run)}
     for arm in ("targeted", "control"):
