@@ -24,5 +24,5 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEB
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("kafka", "httpx", "matplotlib", "feast", "dask", "urllib3"):  # their INFO is not ours
+    for noisy in ("kafka", "httpx", "matplotlib", "feast", "dask", "urllib3", "faiss"):  # their INFO is not ours
         logging.getLogger(noisy).setLevel(logging.WARNING)
