@@ -185,19 +185,8 @@ def freshness(settings: Settings, messages: list[Message], rate: float) -> tuple
     """(c) lag from produce (the record's CreateTime) to readable, with a producer process paced at
     `rate` events/s; returns the lags and the rate the producer achieved."""
     consumer = TimedConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url), group="bench-fresh")
-    stop = threading.Event()
-    runner = threading.Thread(target=consumer.run, kwargs={"stop": stop.is_set}, daemon=True)
-    runner.start()
-    while not consumer.consumer.assignment():
-        time.sleep(0.05)
-    context = multiprocessing.get_context("spawn")
-    ready, go, result = context.Event(), context.Event(), context.Queue()
-    producer = context.Process(target=_paced_producer, args=(settings, messages, rate, ready, go, result))
-    producer.start()
-    ready.wait(timeout=120)
-    go.set()
-    achieved = result.get(timeout=600)
-    producer.join()
+    stop, runner = _start_consumer(consumer)
+    achieved = _run_producer(_paced_producer, (settings, messages, rate), timeout_s=600)
     deadline = time.monotonic() + 60
     while consumer.applied_total < len(messages) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -270,19 +259,8 @@ def volume(settings: Settings, limit: int, rate: float) -> dict[str, Any]:
     memory_before = client.info("memory")["used_memory"]
     consumer = VolumeConsumer(settings, redis_client=client, group="bench-volume")
     consumer.rss_mb.append((0, _rss_mb()))
-    stop = threading.Event()
-    runner = threading.Thread(target=consumer.run, kwargs={"stop": stop.is_set}, daemon=True)
-    runner.start()
-    while not consumer.consumer.assignment():
-        time.sleep(0.05)
-    context = multiprocessing.get_context("spawn")
-    ready, go, result = context.Event(), context.Event(), context.Queue()
-    producer = context.Process(target=_globo_producer, args=(settings, limit, rate, ready, go, result))
-    producer.start()
-    ready.wait(timeout=120)
-    go.set()
-    sent, sent_rate = result.get(timeout=3600)
-    producer.join()
+    stop, runner = _start_consumer(consumer)
+    sent, sent_rate = _run_producer(_globo_producer, (settings, limit, rate), timeout_s=3600)
     deadline = time.monotonic() + 120
     while consumer.applied_total < sent and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -408,3 +386,26 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _start_consumer(consumer: Any) -> tuple[threading.Event, threading.Thread]:
+    """Run `consumer` in a thread until the returned event is set; returns once it holds partitions."""
+    stop = threading.Event()
+    runner = threading.Thread(target=consumer.run, kwargs={"stop": stop.is_set}, daemon=True)
+    runner.start()
+    while not consumer.consumer.assignment():
+        time.sleep(0.05)
+    return stop, runner
+
+
+def _run_producer(target: Any, args: tuple, *, timeout_s: float) -> Any:
+    """`target(*args, ready, go, result)` in a spawned process, started once it is ready; its result."""
+    context = multiprocessing.get_context("spawn")
+    ready, go, result = context.Event(), context.Event(), context.Queue()
+    producer = context.Process(target=target, args=(*args, ready, go, result))
+    producer.start()
+    ready.wait(timeout=120)
+    go.set()
+    out = result.get(timeout=timeout_s)
+    producer.join()
+    return out

@@ -32,9 +32,8 @@ request i is due at t0 + i / rate whatever happened before, and its latency is m
 time (no coordinated omission); raw asyncio keep-alive connections, bodies built in advance, so that
 the client stays cheap on a 2-core machine it shares with the servers. Requests rotate over
 `--connections` keep-alive connections (least recently used first, as hey's 10 workers each keep one):
-with several server workers each worker holds some of them and gets its share of the load. (Until
-session 5 the client reused the most recently used connection: nearly every request went down one
-connection, so to one worker, and `--workers 2` measured one busy worker beside an idle one.)
+with several server workers each worker holds some of them and gets its share of the load (reusing the
+most recently used connection would send nearly every request to one worker).
 """
 
 from __future__ import annotations

@@ -200,12 +200,7 @@ class Selector:
         """`state`: the snapshot the caller will also use to read the result's rows (default: the current one).
         `user_read`: the user's features as already read (`read_user`); read here when None."""
         state, timings = state or self.state, {}
-        if user_read is None:
-            clock = time.perf_counter()
-            user, fallback = self.features.user(request.user_id)
-            timings["features"], _ = _lap(clock)
-        else:
-            user, fallback, timings["features"] = user_read
+        user, fallback = self._user(request, user_read, timings)
         result = self.select_with(state, request, user, fallback=fallback, now=now, timings=timings)
         timings["total_select"] = sum(timings.values())
         return result
@@ -253,12 +248,7 @@ class Selector:
         prepared = []
         for request, user_read in items:
             timings: dict[str, float] = {}
-            if user_read is None:
-                clock = time.perf_counter()
-                user, fallback = self.features.user(request.user_id)
-                timings["features"], _ = _lap(clock)
-            else:
-                user, fallback, timings["features"] = user_read
+            user, fallback = self._user(request, user_read, timings)
             prepared.append(self._prepare(state, request, user, fallback, now, timings))
         clock = time.perf_counter()
         targeted = [p for p in prepared if p.arm == "targeted"]
@@ -340,6 +330,18 @@ class Selector:
             cands = _top_k(p.ctr * catalog.bid, p.slot_masks.values(), k)
             out.append((cands, p.ctr[cands], reason))
         return out
+
+    def _user(
+        self, request: SelectionRequest, user_read: UserRead | None, timings: dict[str, float]
+    ) -> tuple[dict[str, Any], str | None]:
+        """(features, fallback) as already read, or read here; the read's time goes into `timings`."""
+        if user_read is not None:
+            user, fallback, timings["features"] = user_read
+            return user, fallback
+        clock = time.perf_counter()
+        user, fallback = self.features.user(request.user_id)
+        timings["features"], _ = _lap(clock)
+        return user, fallback
 
     async def read_user(self, user_id: str) -> UserRead:
         """The user's features awaited without blocking the event loop (the API's routes)."""
