@@ -27,8 +27,9 @@ import warnings
 from typing import Any
 
 from adloop.settings import Settings, get_settings
-from serving import impressions
-from serving.impressions import ImpressionLogger, to_event
+from serving import impression_records, impressions
+from serving.impression_records import to_event
+from serving.impressions import ImpressionLogger
 
 
 class Timed:
@@ -211,7 +212,7 @@ def main() -> None:
     records = [r for batch in requests(2000, 0) for r in batch]
     encoding = {
         "old": encoding_us(main_encode, records),
-        "new": encoding_us(impressions.encode, records),
+        "new": encoding_us(impression_records.encode, records),
     }
     load = os.getloadavg()[0]
     print(f"{args.rate:,} records/s ({args.rate // 2:,} requests x 2 ads), {args.seconds:g} s a round, "

@@ -384,10 +384,6 @@ def main() -> None:
         admin.close()
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _start_consumer(consumer: Any) -> tuple[threading.Event, threading.Thread]:
     """Run `consumer` in a thread until the returned event is set; returns once it holds partitions."""
     stop = threading.Event()
@@ -409,3 +405,7 @@ def _run_producer(target: Any, args: tuple, *, timeout_s: float) -> Any:
     out = result.get(timeout=timeout_s)
     producer.join()
     return out
+
+
+if __name__ == "__main__":
+    main()

@@ -62,7 +62,7 @@ def main() -> None:
     from models.two_tower import encode_users, to_tensors
     from serving.catalog import generate_catalog, write_catalog
     from serving.runtime import Runtime, freeze_heap
-    from serving.selection import SelectionRequest, Slot
+    from serving.selection_types import SelectionRequest, Slot
 
     base = get_settings()
     work = Path(tempfile.mkdtemp(prefix="adloop-bench-"))
@@ -180,7 +180,7 @@ def batched(runtime, request, n: int, size: int, alone_ms: float) -> None:
 def recall(runtime, rows: dict, users: list[str], k: int = 200) -> None:
     """Recall@k of the approximate index against exact search, over the bench users' vectors, with the
     native format's eligible ads as the filter (as a request of the bench asks)."""
-    from serving.selection import _top_k
+    from serving.serving_state import top_k
 
     state = runtime.state
     mask = state.catalog.format_masks["native"] & state.live(int(time.time() // 86_400))
@@ -191,7 +191,7 @@ def recall(runtime, rows: dict, users: list[str], k: int = 200) -> None:
         got = state.index.search(u, mask, k)
         t_index.append(time.perf_counter() - clock)
         clock = time.perf_counter()
-        exact = _top_k(state.ad_matrix @ u, [mask], k)
+        exact = top_k(state.ad_matrix @ u, [mask], k)
         t_exact.append(time.perf_counter() - clock)
         found.append(len(np.intersect1d(got, exact)) / k)
     print(f"\napproximate index over {len(state.catalog):,} ads ({int(mask.sum()):,} eligible), 200 users:")

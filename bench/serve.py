@@ -60,6 +60,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 USERS = 2000
 BENCH_REDIS_DB = 7  # emptied before and after the run
+USERS_TOKEN = "bench-users-token"  # ADLOOP_USERS_TOKEN of the app under test
 FEAST_FEATURES = ("top_categories", "top_category_scores", "recent_items", "recent_categories", "freq_ad_ids",
                   "freq_ad_impressions_24h", "freq_campaign_ids", "freq_campaign_impressions_24h", "user_ctr",
                   "last_seen_ms")  # fmt: skip
@@ -262,6 +263,7 @@ def main() -> None:
             "ADLOOP_CATALOG_POLL_S": "0",
             "ADLOOP_SERVE_TOP_K": "200",
             "ADLOOP_MODEL_REGISTRY_PATH": str(work / "models"),
+            "ADLOOP_USERS_TOKEN": USERS_TOKEN,  # the pre-flight check reads a user's features (personal data)
         }
         select_env = dict(env)
         if args.workers > 1:  # as `adloop serve --workers N`: /metrics sums the workers' files
@@ -406,7 +408,7 @@ def feast_bodies(users: list[str]) -> list[bytes]:
 
 def check_app_reads_feast_layout(port: int, user: str, seeded: dict[str, dict]) -> None:
     """Before timing: the app's default reader decodes the seeded row (not the empty stand-in fallback)."""
-    answer = json.loads(subprocess_get(port, f"/v1/users/{user}/features"))
+    answer = json.loads(subprocess_get(port, f"/v1/users/{user}/features", token=USERS_TOKEN))
     got, want = answer["features"], seeded[user]
     assert answer["known"] and got["top_categories"] == want["top_categories"], f"app read {answer}"
     assert got["freq_ad_ids"] == want["freq_ad_ids"] and len(got) == len(want), f"app read {answer}"
@@ -527,9 +529,10 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def subprocess_get(port: int, path: str) -> str:
+def subprocess_get(port: int, path: str, *, token: str | None = None) -> str:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 from adloop.settings import Settings
+from features.redis_client import feast_online_store
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -19,12 +19,12 @@ PUSH_SOURCES = {USER_VIEW: "user_activity_push", AD_VIEW: "ad_performance_push"}
 
 def feast_environment(settings: Settings) -> dict[str, str]:
     """The ${ADLOOP_FEAST_*} values that feature_store.yaml and definitions.py read."""
-    url = urlparse(settings.redis_url)
-    db = (url.path or "/0").lstrip("/") or "0"
-    redis = f"{url.hostname or '127.0.0.1'}:{url.port or 6379},db={db}"
-    if url.password:
-        redis += f",password={url.password}"
-    return {"ADLOOP_FEAST_DATA_DIR": str(settings.feast_data_dir), "ADLOOP_FEAST_REDIS": redis}
+    redis_type, connection = feast_online_store(settings)
+    return {
+        "ADLOOP_FEAST_DATA_DIR": str(settings.feast_data_dir),
+        "ADLOOP_FEAST_REDIS": connection,
+        "ADLOOP_FEAST_REDIS_TYPE": redis_type,
+    }
 
 
 def open_store(settings: Settings) -> FeatureStore:

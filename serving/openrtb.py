@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from serving.catalog import IAB_CATEGORY, KNOWN_FORMATS, Catalog
 from serving.notices import signed_query
 from serving.schemas import integral_floats
-from serving.selection import SelectionRequest, SelectionResult, Slot
+from serving.selection_types import SelectionRequest, SelectionResult, Slot
 from streaming.events import MAX_ID
 
 # Ids and the texts kept in the impression's context are bounded as the event contract's ids are.

@@ -23,8 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from serving import metrics
-from serving.impressions import ImpressionLogger, impression_records
-from serving.selection import SelectionRequest, SelectionResult, Selector, ServingState, UserRead
+from serving.impression_records import impression_records
+from serving.impressions import ImpressionLogger
+from serving.selection import Selector
+from serving.selection_types import SelectionRequest, SelectionResult, UserRead
+from serving.serving_state import ServingState
 from serving.tracking import Touch, TouchStore
 
 log = logging.getLogger(__name__)

@@ -60,7 +60,7 @@ class AdIndex:
 
 
 def top_k_indexed(index: AdIndex, vector: np.ndarray, masks, k: int) -> np.ndarray:
-    """`serving.selection._top_k` through the index: the union over masks of each one's k best (sorted rows)."""
+    """`serving.serving_state.top_k` through the index: the union over masks of each one's k best (sorted rows)."""
     picked = [index.search(vector, mask, k) for mask in masks]
     if len(picked) == 1:
         return np.sort(picked[0])

@@ -33,7 +33,9 @@ from serving.pacing import Pacer
 from serving.pipeline import RequestPipeline
 from serving.protocols import FeatureReader, ModelRegistry
 from serving.redis_async import AsyncRedis
-from serving.selection import SelectionConfig, Selector, ServingState
+from serving.selection import Selector
+from serving.selection_types import SelectionConfig
+from serving.serving_state import ServingState
 from serving.signing import secret_of
 from serving.tracking import Touch, TouchStore, encode_token
 

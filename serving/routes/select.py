@@ -13,7 +13,7 @@ from serving import metrics
 from serving.deps import RuntimeDep, SettingsDep
 from serving.http import JSONRoute
 from serving.schemas import SelectRequest, SelectResponse
-from serving.selection import SelectionRequest, Slot
+from serving.selection_types import SelectionRequest, Slot
 from serving.tracking import Touch
 
 router = APIRouter(prefix="/v1", tags=["selection"], route_class=JSONRoute)

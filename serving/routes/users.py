@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from outcomes.erasure import forget_user
 from serving.deps import TOKEN_RESPONSES, RuntimeDep, SettingsDep, require_admin, require_users_reader
 from serving.http import JSONRoute
-from serving.selection import arm_of
+from serving.selection_types import arm_of
 
 router = APIRouter(prefix="/v1", tags=["users"], route_class=JSONRoute, responses=TOKEN_RESPONSES)
 UserId = Annotated[str, Path(min_length=1, max_length=256, pattern="^[^/]+$")]

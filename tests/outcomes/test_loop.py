@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 
-from adloop.runs import demo
+from adloop.runs import demo, demo_traffic
 from adloop.runs.isolated import isolated_settings
 from adloop.settings import Settings
 from features import store as feature_store
@@ -136,7 +136,7 @@ def test_targeting_on_learned_features_beats_control_through_the_serving_path(lo
     app = create_app(serve_settings, feature_reader=FeastUserReader(settings),
                      registry=StaticRegistry({bundle.version: bundle}, bundle.version))  # fmt: skip
     with TestClient(app) as client:
-        traffic = demo.drive(
+        traffic = demo_traffic.drive(
             lambda body: client.post("/v1/select", json=body).raise_for_status().json(),
             population,
             categories,

@@ -16,7 +16,9 @@ from serving.catalog import CATEGORIES, build_catalog
 from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
 from serving.pipeline import RequestPipeline
-from serving.selection import SelectionConfig, SelectionRequest, Selector, ServingState, Slot
+from serving.selection import Selector
+from serving.selection_types import SelectionConfig, SelectionRequest, Slot
+from serving.serving_state import ServingState
 from tests.support.models import synthetic_world
 from tests.support.serving import MemoryReader
 

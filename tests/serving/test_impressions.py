@@ -14,8 +14,9 @@ from kafka.future import Future
 from kafka.partitioner.default import DefaultPartitioner
 
 from adloop.settings import Settings
-from serving import impressions
-from serving.impressions import ImpressionLogger, encode, kafka_producer, to_event
+from serving import impression_records, impressions
+from serving.impression_records import encode, to_event
+from serving.impressions import ImpressionLogger, kafka_producer
 from streaming.events import Event, EventType, format_ts, parse_event
 from tests.support.serving import MemoryReader, free_port
 from tests.support.stack import read_back
@@ -180,7 +181,7 @@ def test_encoded_bytes_parse_into_the_event_to_event_gives() -> None:
     records = varied_records(3000)
     for record in records:
         assert_same_event(record)
-    fast = sum(impressions._checked(r) is not None for r in records)
+    fast = sum(impression_records._checked(r) is not None for r in records)
     assert fast > 2000  # most of them took the fast path: it is what is being checked
 
 
@@ -197,7 +198,7 @@ def test_records_off_the_fast_path_go_out_as_before() -> None:
         {**base, "context": {"big": 2**64}},
     ]
     for record in odd:
-        assert impressions._checked(record) is None
+        assert impression_records._checked(record) is None
         assert encode(record) == (b"u", to_event(record).to_bytes())
 
 
@@ -236,7 +237,7 @@ def test_missing_required_fields_are_refused() -> None:
 
 def test_the_fast_path_knows_the_contract() -> None:
     """A field or a bound changed in the contract fails here until `encode`'s checks follow it."""
-    optional = [name for name, _ in impressions.OPTIONAL_FIELDS]
+    optional = [name for name, _ in impression_records.OPTIONAL_FIELDS]
     written = ["event_id", "schema_version", "event_type", "user_id", "ts", *optional, "source", "context", "cost"]
     never_set = ["session_id", "item_id", "brand", "price", "value", "currency"]  # impressions carry no value
     assert sorted(Event.model_fields) == sorted(written + never_set)
@@ -245,7 +246,7 @@ def test_the_fast_path_knows_the_contract() -> None:
     ids = ["event_id", "user_id", "category", "ad_id", "campaign_id", "request_id", "slot_id", "model_version"]
     for name in ids:
         bounds = fields[name]["anyOf"][0] if "anyOf" in fields[name] else fields[name]
-        assert (bounds["minLength"], bounds["maxLength"]) == (1, impressions.MAX_ID), name
+        assert (bounds["minLength"], bounds["maxLength"]) == (1, impression_records.MAX_ID), name
     assert fields["position"]["anyOf"][0] == {"type": "integer", "minimum": 0}
     assert fields["propensity"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
     assert fields["arm"]["anyOf"][0]["enum"] == ["targeted", "control"]
@@ -256,7 +257,7 @@ def test_the_fast_path_knows_the_contract() -> None:
 
 def test_timestamps_are_written_as_to_bytes_writes_them() -> None:
     rng = random.Random(3)
-    low, high = impressions.FAST_TS_MS
+    low, high = impression_records.FAST_TS_MS
     for ts in [low, high - 1, *(rng.randrange(low, high) for _ in range(20_000))]:
         event_ts = datetime.fromtimestamp(ts / 1000, tz=UTC)
         assert format_ts(ts) == event_ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -272,7 +273,7 @@ def test_served_records_take_the_fast_path(make_app) -> None:
         records = list(app.state.runtime.logger._buffer)
     assert len(records) == 9
     for record in records:
-        assert impressions._checked(record) is not None
+        assert impression_records._checked(record) is not None
         assert_same_event(record)
 
 
@@ -338,7 +339,9 @@ def test_our_partition_is_the_default_partitioners(n: int) -> None:
     keys += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))) for _ in range(1000)]  # every tail length
     default = DefaultPartitioner()
     for key in keys:
-        assert impressions.partition(key, list(range(n))) == default.partition("t", None, key, None, None, cluster)
+        assert impression_records.partition(key, list(range(n))) == default.partition(
+            "t", None, key, None, None, cluster
+        )
 
 
 def test_refused_deliveries_are_dead_lettered_and_counted_and_flagged() -> None:
@@ -350,7 +353,9 @@ def test_refused_deliveries_are_dead_lettered_and_counted_and_flagged() -> None:
     logger.close(timeout=1)
     assert logger.counts["lost"] == 3 and logger.counts["sent"] == 0  # each one counted, and logged by id
     assert not logger.connected and logger.last_error == "delivery: refused for good"
-    assert [p for topic, *_, p, _ in producer.sent if topic == "t"] == [impressions.partition(b"u", [0, 1, 2])] * 3
+    assert [p for topic, *_, p, _ in producer.sent if topic == "t"] == [
+        impression_records.partition(b"u", [0, 1, 2])
+    ] * 3
     assert sum(topic == "t.dlq" for topic, *_ in producer.sent) == 3
 
 

@@ -8,7 +8,7 @@ import pytest
 from models.testing import ProjectionBundle
 from serving.catalog import build_catalog, generate_catalog
 from serving.retrieval import EXACT_BELOW, AdIndex, top_k_indexed
-from serving.selection import ServingState, _top_k
+from serving.serving_state import ServingState, top_k
 
 
 def clustered(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
@@ -35,7 +35,7 @@ def test_recall_at_200_against_exact_is_at_least_095(index_and_matrix) -> None:
         mask = rng.random(len(matrix)) < 0.7  # eligibility: flights, budgets, caps...
         got = index.search(u, mask, 200)
         assert len(got) == 200 and mask[got].all()  # only eligible ads come back
-        exact = _top_k(matrix @ u, [mask], 200)
+        exact = top_k(matrix @ u, [mask], 200)
         recalls.append(len(np.intersect1d(got, exact)) / 200)
     assert np.mean(recalls) >= 0.95, recalls
 
@@ -46,7 +46,7 @@ def test_few_eligible_ads_are_scored_exactly(index_and_matrix) -> None:
     u = matrix[7]
     mask = np.zeros(len(matrix), dtype=bool)
     mask[rng.choice(len(matrix), 500, replace=False)] = True  # a request's own candidate list, say
-    np.testing.assert_array_equal(np.sort(index.search(u, mask, 200)), _top_k(matrix @ u, [mask], 200))
+    np.testing.assert_array_equal(np.sort(index.search(u, mask, 200)), top_k(matrix @ u, [mask], 200))
     assert EXACT_BELOW > 500
     two = [mask, ~mask]
     got = top_k_indexed(index, u, two, 50)
@@ -63,5 +63,5 @@ def test_large_catalog_state_builds_an_index_and_selects_through_it() -> None:
     u = model.user_vector({"top_categories": ["tech", "food"], "top_category_scores": [2.0, 1.0]})
     mask = catalog.format_masks["native"]
     got = top_k_indexed(state.index, u, [mask], 100)
-    exact = _top_k(state.ad_matrix @ u, [mask], 100)
+    exact = top_k(state.ad_matrix @ u, [mask], 100)
     assert len(np.intersect1d(got, exact)) >= 95

@@ -10,19 +10,14 @@ import pytest
 
 from models.ranker import request_features
 from models.testing import ProjectionBundle
+from serving import eligibility
 from serving.catalog import CATEGORIES, build_catalog
 from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
 from serving.protocols import AD_FRAME_COLUMNS
-from serving.selection import (
-    FALLBACK_VERSION,
-    SelectionConfig,
-    SelectionRequest,
-    Selector,
-    ServingState,
-    Slot,
-    arm_of,
-)
+from serving.selection import Selector
+from serving.selection_types import SelectionConfig, SelectionRequest, Slot, arm_of
+from serving.serving_state import FALLBACK_VERSION, ServingState
 from tests.support.serving import MemoryReader
 
 TECH_USER = {"top_categories": ["tech"], "top_category_scores": [1.0]}
@@ -110,7 +105,7 @@ def test_frequency_caps_per_ad_and_per_campaign(catalog_rows) -> None:
     )
     # under the cap: still eligible
     under = {**TECH_USER, "freq_ad_ids": [rows[0]["ad_id"]], "freq_ad_impressions_24h": [1]}
-    eligible = sel._eligible(sel.state, request(Slot("a", "native")), under, NOON)
+    eligible = eligibility.eligible(sel.state, sel.pacer, request(Slot("a", "native")), under, NOON)
     assert eligible[0]
 
 
@@ -268,7 +263,7 @@ def test_ads_the_model_has_not_seen_are_embedded_from_catalog_columns(catalog_ro
     """ModelBundle.embed_ads takes columns (models.bundle reads them so): unseen catalog ads get vectors."""
     from models.testing import ProjectionBundle
     from serving.catalog import load_catalog
-    from serving.selection import ServingState
+    from serving.serving_state import ServingState
 
     bundle = ProjectionBundle(catalog_rows[:100])  # the model saw the first 100 ads only
     state = ServingState(load_catalog(catalog_file), bundle)
