@@ -23,6 +23,7 @@ import orjson
 import redis
 
 from adloop.settings import Settings
+from features.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def erased(settings: Settings, client: Any | None = None) -> dict[str, int]:
                 entry = orjson.loads(line)
                 out[entry["user_id"]] = max(out.get(entry["user_id"], 0), int(entry["erased_at_ms"]))
     try:
-        client = client if client is not None else redis.Redis.from_url(settings.redis_url, socket_timeout=2.0)
+        client = client if client is not None else redis_client(settings, timeout_s=2.0)
         for user, at in client.hgetall(REDIS_KEY).items():
             user = user.decode() if isinstance(user, bytes) else user
             out[user] = max(out.get(user, 0), int(at))

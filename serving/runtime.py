@@ -24,6 +24,7 @@ import threadpoolctl
 import torch
 
 from adloop.settings import Settings
+from features.redis_client import redis_client as open_redis
 from serving import metrics
 from serving.catalog import Catalog, load_catalog
 from serving.features_access import AdStats, GuardedReader, NoFeatures, request_path_redis, run_refresher
@@ -92,7 +93,7 @@ class Runtime:
         # Click tracking and attribution (serving/tracking.py): the shared signing secret, touches in Redis
         self.secret = secret_of(settings)
         self.touches = TouchStore(
-            redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0),
+            open_redis(settings, timeout_s=1.0),
             window_s=settings.attribution_window_s,
         )
         last_impression = settings.attribution_model == "impression"
@@ -293,7 +294,7 @@ class Runtime:
     def _sync_pacing(self) -> None:
         """Share this process's spend with the other replicas (serving/pacing.py); its own Redis client, with
         a timeout for a background job, not the request path's budget."""
-        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        client = open_redis(self.settings, timeout_s=2.0)
         failing = False
         while not self._stop.wait(self.settings.pacing_sync_s):
             try:

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from adloop.cli.app import app, console, events_app, features_app
 from adloop.settings import PROJECT_ROOT, get_settings
+from features.redis_client import redis_client as open_redis
 
 
 @app.command()
@@ -23,14 +24,13 @@ def consume(
     ),
 ) -> None:
     """Run the feature consumer: adloop.events -> user and ad features in Feast (Redis online, parquet offline)."""
-    import redis
     from prometheus_client import start_http_server
 
     from streaming.consumer import GROUP, FeatureConsumer, OffsetsAheadOfTopic
     from streaming.state_store import StateStore
 
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url)
+    client = open_redis(settings)
     if reset_offsets:
         forgotten = StateStore(client, group=GROUP, topic=settings.events_topic).reset_offsets()
         console.print(f"forgot the applied offsets of {settings.events_topic}: {dict(sorted(forgotten.items()))}")

@@ -8,6 +8,7 @@ import typer
 
 from adloop.cli.app import app, console
 from adloop.settings import get_settings
+from features.redis_client import redis_client
 
 users_app = typer.Typer(help="Per-user data: erasure.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
@@ -23,7 +24,7 @@ def forget(user_id: str) -> None:
     settings = get_settings()
     if not user_id or len(user_id) > 256:
         raise typer.BadParameter("a user id has 1 to 256 characters", param_hint="USER_ID")
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    client = redis_client(settings, timeout_s=5.0)
     try:
         report = forget_user(settings, client, user_id)
     except (redis.RedisError, OSError) as error:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import redis
 from kafka.admin import NewTopic
 
 from adloop.settings import Settings
 from features import store
+from features.redis_client import redis_client as open_redis
 from streaming import kafka_clients
 
 
@@ -50,7 +50,7 @@ def isolated_settings(
             **overrides,
         }
     )
-    client = redis.Redis.from_url(settings.redis_url)
+    client = open_redis(settings)
     client.flushdb()
     store.apply(settings)
     try:

@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import redis
 
 from adloop.runs.isolated import isolated_settings
 from adloop.settings import Settings
 from features.online import FeastLayout, OnlineFeatureReader
+from features.redis_client import redis_client as open_redis
 from models.bundle import ModelBundle
 from models.ranker import AD_SCALARS
 from streaming import kafka_clients
@@ -147,7 +147,7 @@ class _Pipeline:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = redis.Redis.from_url(settings.redis_url)
+        self.client = open_redis(settings)
         self.reader = OnlineFeatureReader(self.client, FeastLayout.from_settings(settings))
         self.producer = kafka_clients.producer(settings, linger_ms=0)
         self.sent = 0
