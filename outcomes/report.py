@@ -31,6 +31,7 @@ class Report:
     money: dict[str, Any]  # conversion_rate: Lift, revenue_per_impression: dict or None (OutcomeStore.money_lift)
     unattributed: dict[str, Any]  # conversions and revenue no touch was credited with
     segments: list[dict[str, Any]]  # per segment x arm
+    ledger: list[dict[str, Any]]  # charges and spend per campaign, UTC day and arm (OutcomeStore.spend)
 
 
 def collect(store: OutcomeStore, filters: Filters | None = None) -> Report:
@@ -50,6 +51,7 @@ def collect(store: OutcomeStore, filters: Filters | None = None) -> Report:
         money=store.money_lift(filters),
         unattributed=store.unattributed(filters.start if filters else None, filters.end if filters else None),
         segments=store.outcomes(["segment", "arm"], filters),
+        ledger=store.spend(filters),
     )
 
 
@@ -81,7 +83,7 @@ def render(console: Console, report: Report, *, top_campaigns: int = 15) -> None
             rel = by_user.relative
             lift_table.add_row("relative lift", f"{rel.value:+.1%}", f"[{rel.low:+.1%}, {rel.high:+.1%}]", units)
     console.print(lift_table)
-    render_money(console, report)
+    render_money(console, report, top_campaigns=top_campaigns)
     campaigns = Table("campaign", "impressions", "clicks", "CTR", "95% CI", "conversions", "spend", "ROAS",
                       title=f"Top {top_campaigns} campaigns")  # fmt: skip
     for r in report.campaigns[:top_campaigns]:
@@ -96,8 +98,9 @@ def render(console: Console, report: Report, *, top_campaigns: int = 15) -> None
     console.print(models)
 
 
-def render_money(console: Console, report: Report) -> None:
-    """Conversions, conversion rate, revenue, spend, CPA and ROAS per arm and model version; their lift."""
+def render_money(console: Console, report: Report, *, top_campaigns: int = 15) -> None:
+    """Conversions, conversion rate, revenue, spend, CPA and ROAS per arm, model version, campaign and segment;
+    their lift; the spend ledger per UTC day and arm."""
     columns = ("impressions", "conversions", "conv. rate", "revenue", "spend", "CPA", "ROAS")
     arms = Table("arm", *columns, title="What it earned, per arm (USD)")
     for r in report.arms:
@@ -107,6 +110,10 @@ def render_money(console: Console, report: Report) -> None:
     for r in report.models:
         models.add_row(r["model_version"], r["arm"], *_money(r))
     console.print(models)
+    campaigns = Table("campaign", *columns, title=f"Per campaign (top {top_campaigns} by spend)")
+    for r in sorted(report.campaigns, key=lambda r: (-r["spend"], -r["impressions"]))[:top_campaigns]:
+        campaigns.add_row(r["campaign"], *_money(r))
+    console.print(campaigns)
     segments = Table("segment", "arm", *columns, title="Per segment (activity / device / country)")
     for r in sorted(report.segments, key=lambda r: -r["impressions"])[:12]:
         segments.add_row(r["segment"], r["arm"], *_money(r))
@@ -130,6 +137,15 @@ def render_money(console: Console, report: Report) -> None:
     console.print(lift_table)
     u = report.unattributed
     console.print(f"unattributed conversions (no click within the window): {u['conversions']:,}, {_usd(u['revenue'])}")
+    days: dict[tuple[str, str], list[float]] = {}
+    for r in report.ledger:  # per campaign, day and arm -> per day and arm
+        charged = days.setdefault((r["day"], r["arm"]), [0, 0.0])
+        charged[0] += r["charges"]
+        charged[1] += r["spend"]
+    ledger = Table("UTC day", "arm", "charges", "spend", title="Spend ledger per day and arm (every charge landed)")
+    for (day, arm), (charges, spend) in sorted(days.items()):
+        ledger.add_row(day, arm, f"{charges:,}", _usd(spend))
+    console.print(ledger)
 
 
 def write_charts(report: Report, folder: Path) -> list[Path]:

@@ -5,13 +5,16 @@ as the spec asks of bidders. Prices are CPM in USD (`cur` must allow USD). Each 
 `banner` (its w x h or `format[]`, the first size the catalog knows) or `native`; video / audio-only
 imps get no bid. `pmp.deals` let deal ads bid with the deal id; `private_auction = 1` restricts the
 imp to deal ads at the deals' floors. The win is not known at bid time, so the impression is logged
-when the exchange calls the billing notice URL (`burl`, with `${AUCTION_PRICE}`).
+when the exchange calls the billing notice URL (`burl`, with `${AUCTION_PRICE}`). The markup's click-through
+(the banner's link, the native `link.url`) is the signed click tracker (`GET /c/{token}`) of that same
+impression (request id, imp as slot, ad, arm, model version, propensity), which redirects to the landing URL.
 """
 
 from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -21,6 +24,7 @@ from serving.catalog import IAB_CATEGORY, KNOWN_FORMATS, Catalog
 from serving.notices import signed_query
 from serving.schemas import integral_floats
 from serving.selection_types import SelectionRequest, SelectionResult, Slot
+from serving.tracking import Touch
 from streaming.events import MAX_ID
 
 # Ids and the texts kept in the impression's context are bounded as the event contract's ids are.
@@ -228,8 +232,11 @@ def to_response(
     notice_url: str,
     natives: dict[str, str],
     secret: bytes,
+    click_url: Callable[[Touch], str],
+    now_ms: int,
 ) -> BidResponse | None:
-    """The BidResponse of a selection, or None (no bid -> HTTP 204)."""
+    """The BidResponse of a selection, or None (no bid -> HTTP 204). `click_url` signs a served ad's click
+    tracker; the billing notice logs the impression under the same request id and ad, so the click joins it."""
     bids = []
     for imp_id, picks in result.slots.items():
         for choice in picks[:1]:
@@ -246,10 +253,13 @@ def to_response(
                 "arm": result.arm,
                 "p": f"{choice.propensity:.6g}",
             }
+            touch = Touch(result.request_id, choice.ad_id, choice.campaign_id, result.arm, result.model_version,
+                          choice.propensity, result.user_id, imp_id, now_ms)  # fmt: skip
+            tracker = click_url(touch)
             adm = (
-                _native_adm(natives.get(imp_id, ""), creative, domain)
+                _native_adm(natives.get(imp_id, ""), creative, domain, tracker)
                 if fmt == "native"
-                else _banner_adm(creative, w, h)
+                else _banner_adm(creative, w, h, tracker)
             )
             bids.append(
                 Bid(
@@ -312,16 +322,16 @@ def _shape(imp: Imp) -> tuple[str, int | None, int | None] | None:
     return None
 
 
-def _banner_adm(creative: dict[str, str], w: int | None, h: int | None) -> str:
+def _banner_adm(creative: dict[str, str], w: int | None, h: int | None, click_url: str) -> str:
     e = html.escape
     return (
-        f'<a href="{e(creative["landing_url"])}" target="_blank" rel="noopener">'
+        f'<a href="{e(click_url)}" target="_blank" rel="noopener">'
         f'<img src="{e(creative["image_url"])}" width="{w}" height="{h}" alt="{e(creative["title"])}"></a>'
     )
 
 
-def _native_adm(request_text: str, creative: dict[str, str], domain: str) -> str:
-    """Native 1.2 response: fill the requested title / image / data assets by their ids."""
+def _native_adm(request_text: str, creative: dict[str, str], domain: str, click_url: str) -> str:
+    """Native 1.2 response: fill the requested title / image / data assets by their ids; the link is the tracker."""
     try:
         spec = json.loads(request_text) if request_text else {}
         assets = (spec.get("native", spec) if isinstance(spec, dict) else {}).get("assets") or []
@@ -339,4 +349,4 @@ def _native_adm(request_text: str, creative: dict[str, str], domain: str) -> str
             out.append({"id": asset["id"], "data": {"value": domain}})
     if not out:
         out = [{"id": 1, "title": {"text": creative["title"]}}, {"id": 2, "img": {"url": creative["image_url"]}}]
-    return json.dumps({"native": {"ver": "1.2", "assets": out, "link": {"url": creative["landing_url"]}}})
+    return json.dumps({"native": {"ver": "1.2", "assets": out, "link": {"url": click_url}}})

@@ -80,6 +80,8 @@ async def bid(request: Request, runtime: RuntimeDep, settings: SettingsDep, secr
         natives=natives,
         notice_url=f"{settings.public_url.rstrip('/')}/openrtb/2.6/billing",
         secret=secret,
+        click_url=runtime.click_url,
+        now_ms=int(time.time() * 1000),
     )
     if response is None:
         return _no_bid(started)

@@ -23,7 +23,8 @@ NOW = datetime.now(UTC).replace(second=0, microsecond=0)
 
 
 def _events() -> list[Event]:
-    """3 minutes x 2 arms x 3 campaigns; targeted clicks 1 in 5, control 1 in 10."""
+    """3 minutes x 2 arms x 3 campaigns; targeted clicks 1 in 5, control 1 in 10. Money: an impression costs
+    $0.01 and a click $0.25; a click with k < 20 converts for $20 (targeted k 0, 5, 10, 15; control k 0, 10)."""
     events, n = [], 0
     for minute in range(3):
         for arm, every in (("targeted", 5), ("control", 10)):
@@ -33,11 +34,16 @@ def _events() -> list[Event]:
                     event_id=f"i{n}", schema_version=1, event_type=EventType.ad_impression, user_id=f"u{k % 9}",
                     ts=NOW - timedelta(minutes=3 - minute, seconds=-k), ad_id=f"ad-{k % 6}", campaign_id=f"cmp-{k % 3}",
                     request_id=f"r{n}", arm=arm, model_version="m-1" if minute < 2 else "m-2", propensity=0.9,
-                    context={"device": ("mobile", "desktop")[k % 2], "country": "DE"},
+                    context={"device": ("mobile", "desktop")[k % 2], "country": "DE"}, cost=0.01,
                 )  # fmt: skip
                 events.append(imp)
                 if k % every == 0:
-                    events.append(imp.model_copy(update={"event_id": f"i{n}c", "event_type": EventType.ad_click}))
+                    click = {"event_id": f"i{n}c", "event_type": EventType.ad_click, "cost": 0.25}
+                    events.append(imp.model_copy(update=click))
+                    if k < 20:
+                        conversion = {"event_id": f"i{n}v", "event_type": EventType.conversion, "cost": None,
+                                      "value": 20.0, "currency": "USD"}  # fmt: skip
+                        events.append(imp.model_copy(update=conversion))
     return events
 
 
@@ -85,6 +91,28 @@ def test_outcomes_groups_filters_and_lift(app_settings):
         ops = client.get("/v1/ops/summary").json()
         assert ops["dead_letters"] == {"schema": 2}
         assert ops["latency"]["select"]["count"] >= 1 and ops["latency"]["select"]["p50_ms"] > 0
+
+
+def _cells(page, table: str, key: str) -> list[str]:
+    return page.locator(f"#{table} tbody tr[data-key='{key}'] td").all_inner_texts()
+
+
+def _check_money_breakdowns(page) -> None:
+    """Per campaign, model version and segment: the numbers of the landed events (see `_events`)."""
+    assert page.locator("#money-campaigns tbody tr").count() == 3
+    # cmp-0: 60 impressions, 9 clicks, 9 conversions (6 targeted + 3 control) of $20; 0.60 + 9 x 0.25 = $2.85
+    impressions, conversions, rate, interval, revenue, spend, cpa, roas = _cells(page, "money-campaigns", "cmp-0")[1:]
+    assert (impressions, conversions, rate, revenue, spend, cpa) == ("60", "9", "15.00%", "$180.00", "$2.85", "$0.32")
+    assert roas == f"{180 / 2.85:.2f}"
+    low, high = (float(x.rstrip("%")) for x in interval.strip("[]").split(", "))
+    assert low < 15 < high
+    # m-2 is the last minute: targeted 4 conversions of 30 impressions, control 2
+    assert _cells(page, "money-models", "m-2|targeted")[2:5] == ["30", "4", "13.33%"]
+    assert _cells(page, "money-models", "m-1|control")[2:5] == ["60", "4", "6.67%"]
+    # every user has 20 impressions (heavy); even k are mobile: targeted k 0 and 10 convert, control k 0 and 10
+    assert _cells(page, "money-segments", "heavy/mobile/DE|targeted")[2:4] == ["45", "6"]
+    assert _cells(page, "money-segments", "heavy/desktop/DE|control")[2:4] == ["45", "0"]
+    assert page.locator("#money-segments tbody tr").count() == 4
 
 
 def _serve(app, port: int):
@@ -136,6 +164,7 @@ def test_dashboard_renders_live_data_in_headless_chromium(app_settings, tmp_path
             assert page.locator("#latency tbody tr").count() >= 1
             assert page.locator("#money tbody tr").count() == 2  # conversions, revenue, spend, ROAS per arm
             assert "unattributed conversions" in page.locator("#money-kpis").inner_text()
+            _check_money_breakdowns(page)
 
             # live: a new impression shows up at the next poll without a reload
             imp = _events()[0].model_copy(update={"event_id": "late", "request_id": "late", "ts": NOW})

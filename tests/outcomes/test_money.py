@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
+import duckdb
 import orjson
 import pytest
 import redis
@@ -106,6 +107,46 @@ def test_clicks_and_conversions_travel_through_kafka_attributed_to_their_impress
     assert total["cpa"] == pytest.approx(expected_spend / 2) and total["roas"] == pytest.approx(40.0 / expected_spend)
     assert store.unattributed() == {"conversions": 1, "revenue": 5.0}
     assert store.counts()["conversion"] == 3 and store.counts()["ad_click"] == 2
+
+
+def test_an_openrtb_bid_carries_the_click_tracker_into_outcomes(outcome_settings, tmp_path):
+    """Bid -> billing notice (the impression) -> click on the markup's link -> Kafka -> the outcomes store."""
+    app, settings, rows = _app(outcome_settings, tmp_path)
+    user, exchange_id = f"u-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    native = orjson.dumps({"native": {"ver": "1.2", "assets": [{"id": 1, "title": {"len": 90}}]}}).decode()
+    request = {"id": exchange_id, "imp": [{"id": "imp-1", "native": {"request": native}}],
+               "site": {"id": "s-1", "domain": "news.example"}, "user": {"id": user}}  # fmt: skip
+    with TestClient(app) as client:
+        runtime = app.state.runtime
+        answer = client.post("/openrtb/2.6/bid", json=request)
+        assert answer.status_code == 200, answer.text
+        (bid,) = answer.json()["seatbid"][0]["bid"]
+        burl = urlsplit(bid["burl"].replace("${AUCTION_PRICE}", "2.0"))
+        notice = dict(parse_qsl(burl.query))
+        assert client.get(burl.path, params=notice).status_code == 204  # won and shown: the impression is logged
+        click = urlsplit(orjson.loads(bid["adm"])["native"]["link"]["url"])
+        assert f"{click.scheme}://{click.netloc}" == settings.public_url.rstrip("/")
+        payload, sig = click.path.removeprefix("/c/").split(".")
+        before = runtime.logger.counts["enqueued"]
+        tampered = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB")
+        assert client.get(f"/c/{tampered}.{sig}", follow_redirects=False).status_code == 403
+        assert runtime.logger.counts["enqueued"] == before  # a forged click logs nothing
+        landing = next(r["landing_url"] for r in rows if r["ad_id"] == bid["adid"])
+        for _ in range(2):  # clicked twice: one click
+            hop = client.get(click.path, follow_redirects=False)
+            assert hop.status_code == 302 and hop.headers["location"] == landing
+        assert runtime.logger.flush(timeout=20)
+    store = _land(settings)
+    assert store.counts()["ad_click"] == 1
+    (logged,) = store.logged()
+    assert (logged["ad_id"], logged["arm"], logged["model_version"]) == (bid["adid"], notice["arm"], notice["v"])
+    assert logged["clicked"] and logged["propensity"] == pytest.approx(float(notice["p"]))
+    with duckdb.connect(str(settings.outcomes_path), read_only=True) as db:
+        clicked = db.execute("SELECT request_id, ad_id, arm, model_version, slot_id, user_id FROM events "
+                             "WHERE event_type = 'ad_click'").fetchall()  # fmt: skip
+    assert clicked == [(exchange_id, bid["adid"], notice["arm"], notice["v"], "imp-1", user)]
+    cpc = bid["adid"] == rows[0]["ad_id"]  # a CPC ad pays its bid on the click, a CPM ad the clearing price
+    assert store.outcomes()[0]["spend"] == pytest.approx(0.80 if cpc else 2.0 / 1000)
 
 
 def ads_click_id(answer: dict, ad_id: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import uuid
 from urllib.parse import parse_qs, urlparse
 
@@ -11,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from serving.catalog import write_catalog
 from serving.openrtb import BidResponse
+from serving.tracking import Touch, decode_token
 
 SIMPLE_BANNER = {  # OpenRTB 2.x spec, example 1 "simple banner"
     "id": "80ce30c53c16e6ede735f123ef6e32361bfc7b22",
@@ -138,6 +141,9 @@ def test_banner_examples_get_a_valid_bid(app, example: dict, w: int, h: int) -> 
     (b,) = parsed.seatbid[0].bid
     assert b.impid == "1" and b.price >= example["imp"][0]["bidfloor"]
     assert (b.w, b.h) == (w, h) and "<img" in b.adm and "${AUCTION_PRICE}" in b.burl
+    touch = _tracked(app, re.search(r'<a href="([^"]+)"', b.adm)[1])  # the link is the signed click tracker
+    burl = parse_qs(urlparse(b.burl).query)
+    assert (touch.request_id, touch.slot_id, touch.ad_id, touch.arm) == (example["id"], "1", b.adid, burl["arm"][0])
     assert b.adomain and b.adomain[0] not in example.get("badv", [])
     assert not any(b.cat[0] == c or b.cat[0].startswith(c + "-") for c in example.get("bcat", []))
 
@@ -149,7 +155,16 @@ def test_native_example_fills_the_requested_assets(app) -> None:
     (b,) = response.json()["seatbid"][0]["bid"]
     adm = json.loads(b["adm"])["native"]
     assert sorted(a["id"] for a in adm["assets"]) == [123, 126, 128]
-    assert adm["link"]["url"].startswith("https://")
+    touch = _tracked(app, adm["link"]["url"])
+    assert (touch.request_id, touch.ad_id, touch.campaign_id) == (NATIVE["id"], b["adid"], b["cid"])
+
+
+def _tracked(app, url: str) -> Touch:
+    """The impression a bid's click-through URL tracks (it must be our `GET /c/{token}`)."""
+    runtime = app.state.runtime
+    prefix = f"{runtime.settings.public_url.rstrip('/')}/c/"
+    assert url.startswith(prefix), url
+    return decode_token(html.unescape(url).removeprefix(prefix), runtime.secret)
 
 
 def test_pmp_private_auction_bids_a_deal_ad_at_its_floor(make_app, catalog_rows, catalog_file) -> None:
