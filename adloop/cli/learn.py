@@ -242,13 +242,24 @@ def _print_gate(gate: dict[str, Any]) -> None:
     console.print(f"gate: {gate['decision']} ({gate['reason']}); rule: {gate['rule']}", highlight=False)
     if not gate.get("table"):
         return
-    table = Table("version", "logloss", "group AUC", "AUC", "mean pCTR", "observed CTR",
+    table = Table("version", "logloss", "group AUC", "AUC", "mean pCTR", "observed CTR", "SNIPS CTR [95%]",
                   title=f"{gate['impressions']} unseen impressions, {gate['clicks']} clicks")  # fmt: skip
     for version, row in gate["table"].items():
-        table.add_row(version, *(f"{row[k]:.4f}" for k in ("logloss", "group_auc", "auc", "mean_pctr", "observed_ctr")))
+        keys = ("logloss", "group_auc", "auc", "mean_pctr", "observed_ctr")
+        scores = (f"{row[k]:.4f}" if k in row else "" for k in keys)
+        snips = ""
+        if "snips_ctr" in row:
+            snips = f"{row['snips_ctr']:.4f} [{row['snips_low']:.4f}, {row['snips_high']:.4f}]"
+        table.add_row(version, *scores, snips)
     loss, group = gate["paired"]["logloss"], gate["paired"]["group_auc"]
+    ope = gate.get("off_policy", {}).get("difference")
     table.add_row("difference", f"{loss['difference']:+.4f} ± {loss['se']:.4f}",
-                  f"{group['difference']:+.4f} ± {group['se']:.4f}", "", "", "")  # fmt: skip
+                  f"{group['difference']:+.4f} ± {group['se']:.4f}", "", "", "",
+                  f"{ope['difference']:+.4f} ± {ope['se']:.4f}" if ope else "")  # fmt: skip
+    console.print(table)
+    off = gate.get("off_policy") or {}
+    if off.get("decision") == "no evidence":
+        console.print(f"off-policy estimate: no evidence ({off['reason']})", highlight=False)
     console.print(table)
 
 
