@@ -16,7 +16,9 @@ the same rows, so the two are paired.
 Bias, stated plainly: pi_V is normalised over the shown ads, not over the candidates the serving
 policy chose from. When every candidate of a request was shown, R_j is the true remaining candidate
 set, pi_V is V's true serving probability and IPS is unbiased (given true, positive propensities,
-which epsilon > 0 guarantees); SNIPS then has only its O(1/n) self-normalisation bias. When fewer
+which epsilon > 0 guarantees) for V's pick at each rank given what the serving policy showed at the
+earlier ranks (at rank 1, V's own pick; `tests/models/test_gate_ope.py` checks that case on a simulated
+log); SNIPS then has only its O(1/n) self-normalisation bias. When fewer
 ads were shown than were eligible, an ad V prefers but the serving policy never showed cannot be
 credited: both estimates lean towards the logging policy's choices and their difference shrinks,
 so this part of the rule errs towards accepting. It also assumes an ad's click does not depend on
@@ -66,7 +68,8 @@ def off_policy(
 ) -> dict[str, Any]:
     """The off-policy part of the gate: per version SNIPS CTR with a 95% interval, the logging policy's
     observed CTR on the same rows, the paired difference and whether it says "worse"."""
-    propensity = pd.to_numeric(frame.get("propensity"), errors="coerce").to_numpy(float)
+    logged = frame["propensity"] if "propensity" in frame else pd.Series(np.nan, index=frame.index)
+    propensity = pd.to_numeric(logged, errors="coerce").to_numpy(float)
     usable = np.isfinite(propensity) & (propensity > 0)
     labels = frame["label"].to_numpy(float)[usable]
     out: dict[str, Any] = {"estimator": "snips-on-shown-slate", "epsilon": epsilon, "rows": int(usable.sum()),
@@ -87,8 +90,8 @@ def off_policy(
         table[version] = {"snips_ctr": estimate.value, "low": interval.low, "high": interval.high, "se": estimate.se}
         w = target / behaviour
         terms[version] = w * (labels - estimate.value) / w.mean()  # SNIPS's delta-method linearisation
-    logged = wilson(int(labels.sum()), len(labels))
-    table["logged policy"] = {"snips_ctr": logged.value, "low": logged.low, "high": logged.high}
+    observed = wilson(int(labels.sum()), len(labels))
+    table["logged policy"] = {"snips_ctr": observed.value, "low": observed.low, "high": observed.high}
     difference = table[candidate]["snips_ctr"] - table[incumbent]["snips_ctr"]
     se = cluster_se(terms[candidate] - terms[incumbent], requests)
     worse = bool(np.isfinite(se) and difference < -z * se)
