@@ -8,8 +8,7 @@ COPY streaming streaming
 COPY features features
 COPY serving serving
 COPY models models
-COPY data/catalog data/catalog
-ENV ADLOOP_CATALOG_PATH=/app/data/catalog/ads.csv
+COPY outcomes outcomes
 RUN pip install --no-cache-dir . && useradd --create-home adloop && mkdir -p /data && chown adloop /data
 USER adloop
 CMD ["adloop", "--help"]

@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = 256 * 1024  # larger request bodies get 413 before they are read
 
     # Serving (ad selection)
-    catalog_path: Path = PROJECT_ROOT / "data" / "catalog" / "ads.csv"  # the ads (CSV)
+    catalog_path: Path = PROJECT_ROOT / "serving" / "data" / "ads.csv"  # the ads (CSV, the default in the package)
+    model_pointer_redis: bool = True  # mirror the promoted pointer in Redis (replicas without the registry folder)
     model_poll_s: float = 2.0  # how often each serving process reads the registry's promoted pointer (0: never)
     catalog_poll_s: float = 5.0  # reload the catalog when its file changes; 0 = only on admin reload
     serve_top_k: int = 200  # candidates per requested format that reach the ranker

@@ -8,10 +8,15 @@ seen in training), so the comparison is paired:
 
 - logloss: the mean per-impression difference (candidate - promoted), its standard error with the
   request as the cluster (a request's impressions share a user and a moment);
-- group AUC: `models.metrics.paired_group_auc` (per request with a click and a non-click).
+- group AUC: `models.metrics.paired_group_auc` (per request with a click and a non-click);
+- an off-policy estimate of each version's click rate from the logged propensities
+  (`models.gate_ope`: SNIPS of each version's epsilon-greedy re-ranking of the shown ads, weights
+  pi_V / propensity; its bias is stated there: exact when every candidate was shown, leaning towards
+  the logging policy otherwise), with the logging policy's observed CTR on the same rows.
 
 The rule: refuse when the candidate is worse beyond noise, i.e. its logloss is higher by more than
-`Z` = 2 standard errors, or its group AUC lower by more than 2 standard errors. With fewer than
+`Z` = 2 standard errors, or its group AUC lower by more than 2 standard errors, or its SNIPS click
+rate lower by more than 2 standard errors of the paired difference (each requests as clusters). With fewer than
 `MIN_IMPRESSIONS` impressions or `MIN_CLICKS` clicks of unseen traffic there is no evidence either way
 and the candidate passes ("no evidence"), saying so. With no promoted version the first version that
 loads passes.
@@ -32,6 +37,7 @@ import pandas as pd
 from adloop.settings import Settings
 from models.dataset import labelled_impressions, training_frame
 from models.evaluate import score_frame
+from models.gate_ope import cluster_se, off_policy
 from models.metrics import auc, group_metrics, paired_group_auc
 from models.registry import Registry
 from models.train import sort_requests
@@ -84,16 +90,23 @@ def compare(
     groups = frame["request_id"].to_numpy()
     table = {v: _row(groups, labels, p) for v, p in probs.items()}
     loss = _logloss_terms(labels, probs[candidate]) - _logloss_terms(labels, probs[incumbent])
-    logloss_diff = {"difference": float(loss.mean()), "se": _cluster_se(loss, frame["request_id"].to_numpy())}
-    auc_diff = paired_group_auc(frame["request_id"].to_numpy(), labels, probs[candidate], probs[incumbent])
+    logloss_diff = {"difference": float(loss.mean()), "se": cluster_se(loss, groups)}
+    auc_diff = paired_group_auc(groups, labels, probs[candidate], probs[incumbent])
+    ope = off_policy(frame, probs, candidate, incumbent, epsilon=settings.serve_epsilon, z=Z,
+                     min_rows=MIN_IMPRESSIONS, min_clicks=MIN_CLICKS)  # fmt: skip
+    for version, row in ope.get("table", {}).items():  # the table carries the estimate beside the scores
+        table[version] = table.get(version, {}) | {"snips_ctr": row["snips_ctr"], "snips_low": row["low"],
+                                                   "snips_high": row["high"]}  # fmt: skip
     worse = []
     if logloss_diff["difference"] > Z * logloss_diff["se"]:
         worse.append(f"logloss +{logloss_diff['difference']:.4f} (se {logloss_diff['se']:.4f})")
     if np.isfinite(auc_diff["se"]) and auc_diff["difference"] < -Z * auc_diff["se"]:
         worse.append(f"group AUC {auc_diff['difference']:+.4f} (se {auc_diff['se']:.4f})")
+    if ope["decision"] == "worse":
+        worse.append(f"SNIPS CTR {ope['difference']['difference']:+.4f} (se {ope['difference']['se']:.4f})")
     reason = ("worse beyond noise: " + "; ".join(worse)) if worse else "not worse beyond noise"
     return {**base, "decision": "refuse" if worse else "accept", "reason": reason, "table": table,
-            "paired": {"logloss": logloss_diff, "group_auc": auc_diff}}  # fmt: skip
+            "paired": {"logloss": logloss_diff, "group_auc": auc_diff}, "off_policy": ope}  # fmt: skip
 
 
 def promote_through_gate(
@@ -121,8 +134,9 @@ def promote_through_gate(
 
 
 def rule_text() -> str:
-    return (f"refuse when the candidate's logloss is higher, or its group AUC lower, than the promoted version's "
-            f"by more than {Z:g} standard errors of the paired difference (requests as clusters)")  # fmt: skip
+    return (f"refuse when the candidate's logloss is higher, or its group AUC or off-policy (SNIPS) click rate "
+            f"lower, than the promoted version's by more than {Z:g} standard errors of the paired difference "
+            f"(requests as clusters)")  # fmt: skip
 
 
 def _unseen(impressions: pd.DataFrame, trained_until: int, hours: float) -> pd.DataFrame:
@@ -141,16 +155,6 @@ def _trained_until(registry: Registry, version: str) -> int:
 def _logloss_terms(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-15) -> np.ndarray:
     p = np.clip(np.asarray(probs, dtype=float), eps, 1 - eps)
     return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
-
-
-def _cluster_se(values: np.ndarray, clusters: np.ndarray) -> float:
-    """Standard error of the mean of `values` with `clusters` as the independent units (CR1 sandwich)."""
-    frame = pd.DataFrame({"v": values - values.mean(), "c": clusters})
-    sums = frame.groupby("c")["v"].sum().to_numpy()
-    g = sums.size
-    if g < 2:
-        return float("nan")
-    return float(np.sqrt(g / (g - 1) * (sums**2).sum()) / values.size)
 
 
 def _row(groups: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:

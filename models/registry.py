@@ -6,6 +6,7 @@
     <root>/promoted.json     {"version": "v0003", "history": ["v0001", "v0002"], "promoted_at": 1764650000.1}
     <root>/reload.json       {"generation": 4}: bumped by an admin reload; every serving process reloads
     <root>/load_failures.json  {"v0004": {"reason": ..., "at": ..., "process": "host:pid"}}: loads that failed
+    Redis adloop:model:promoted  the pointer mirrored (`models.pointer_mirror`, with `Registry.from_settings`)
 
 A version folder is written under a temporary name and renamed into place, so a half-written
 version is never listed. `promote` loads the version (checksums and all) before it rewrites the
@@ -34,7 +35,9 @@ import lightgbm as lgb
 import numpy as np
 import torch
 
+from adloop.settings import Settings
 from models.bundle import ModelBundle
+from models.pointer_mirror import PointerMirror, merged
 from models.ranker import PlattCalibrator, compile_booster, feature_source
 from models.two_tower import TwoTower, TwoTowerConfig, default_device
 
@@ -52,8 +55,15 @@ class RegistryError(RuntimeError):
 
 
 class Registry:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, mirror: PointerMirror | None = None) -> None:
         self.root = Path(root)
+        self.mirror = mirror  # the pointer in Redis too, for replicas without this folder
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry:
+        """The settings' registry, its pointer mirrored in the settings' Redis unless `model_pointer_redis` is off."""
+        mirror = PointerMirror(settings) if settings.model_pointer_redis else None
+        return cls(settings.model_registry_path, mirror=mirror)
 
     def save(self, bundle: ModelBundle, *, report: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
         """Write a new version (artifacts + manifest) and return its name; does not promote it."""
@@ -139,8 +149,9 @@ class Registry:
         """What serving processes follow, one small read: the promoted version, when it was promoted, and
         the reload generation (`request_reload`)."""
         pointer = self._read_pointer()
-        return {"version": pointer.get("version"), "promoted_at": pointer.get("promoted_at"),
-                "generation": _read_json(self.root / RELOAD).get("generation", 0)}  # fmt: skip
+        folder = {"version": pointer.get("version"), "promoted_at": pointer.get("promoted_at"),
+                  "generation": _read_json(self.root / RELOAD).get("generation", 0)}  # fmt: skip
+        return merged(self.mirror.read(), folder) if self.mirror is not None else folder
 
     def request_reload(self) -> int:
         """Bump the reload generation: every serving process that follows this registry reloads its catalog
@@ -149,6 +160,8 @@ class Registry:
         with self._locked():
             generation = int(_read_json(self.root / RELOAD).get("generation", 0)) + 1
             _write_json(self.root / RELOAD, {"generation": generation, "at": time.time()})
+        if self.mirror is not None:
+            self.mirror.bump_generation(generation)
         return generation
 
     def record_failure(self, version: str, reason: str) -> None:
@@ -221,6 +234,8 @@ class Registry:
 
     def _write_pointer(self, pointer: dict[str, Any]) -> None:
         _write_json(self.root / POINTER, pointer)
+        if self.mirror is not None:
+            self.mirror.write(pointer["version"], pointer["promoted_at"])
 
     def _clear_failure(self, version: str) -> None:
         if version in self.failures():

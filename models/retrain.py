@@ -48,7 +48,7 @@ def train_from_log(
     config = TrainConfig(seed=seed, tower=TwoTowerConfig(seed=seed))
     bundle, report = train(frame[~later].reset_index(drop=True), config)
     holdout = evaluate_bundle(bundle, frame[later].reset_index(drop=True))
-    registry = Registry(settings.model_registry_path)
+    registry = Registry.from_settings(settings)
     metrics = {"holdout": holdout["metrics"], "reliability": holdout["reliability"],
                "impressions": len(impressions), "clicks": clicks, "source": "served log"}  # fmt: skip
     version = registry.save(bundle, report=report, metrics=metrics)

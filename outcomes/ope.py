@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from outcomes.estimators import Estimate, cross_fitted_rates, doubly_robust, ips, snips, wilson
+from models.estimators import Estimate, cross_fitted_rates, doubly_robust, ips, snips, wilson
 
 POLICIES = ("random", "bts")
 

@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from outcomes.estimators import Lift, wilson
+from models.estimators import Lift, wilson
 from outcomes.store import Filters, OutcomeStore
 
 

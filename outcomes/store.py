@@ -28,7 +28,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from outcomes.estimators import Lift, clustered, lift
+from models.estimators import Lift, clustered, lift
 from streaming.events import Event
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """The ad catalog: a CSV file of ads, held in memory as numpy columns for vectorised filtering.
 
-File format (`data/catalog/ads.csv`, UTF-8, one header row, one ad per row):
+File format (`serving/data/ads.csv`, the default catalog, ships in the package; UTF-8, one header row, one ad
+per row):
 
 | column              | meaning                                                                     |
 | ------------------- | --------------------------------------------------------------------------- |

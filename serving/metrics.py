@@ -33,6 +33,9 @@ BATCH_SIZE = Histogram(
 FALLBACKS = Counter("adloop_fallback_total", "Requests answered with a fallback, by reason.", ["reason"])
 ERRORS = Counter("adloop_errors_total", "Errors caught while answering, by route and kind.", ["route", "kind"])
 ARMS = Counter("adloop_arm_total", "Selection requests by arm.", ["arm"])
+DEGRADED = Counter(
+    "adloop_degraded_total", "Answers served while a dependency was degraded, by route and reason.", ["route", "reason"]
+)
 NO_FILL = Counter("adloop_no_fill_total", "Slots (or OpenRTB imps) left without an ad.", ["route"])
 IMPRESSIONS = Counter(
     "adloop_impressions_total", "Impression events by outcome.", ["outcome"]

@@ -194,6 +194,7 @@ class BidResponse(BaseModel):
     seatbid: list[SeatBid]
     bidid: str
     cur: str = "USD"
+    ext: dict[str, Any] | None = None  # {"adloop": {"degraded": [...]}} while a dependency is degraded
 
 
 def to_selection(req: BidRequest) -> tuple[SelectionRequest, dict[str, tuple[str, int | None, int | None]]]:

@@ -164,6 +164,15 @@ class RequestPipeline:
         self._after(state, request, result, route, log_impressions)
         return state, result
 
+    def degraded(self, route: str) -> list[str]:
+        """The degraded modes an answer given now is served in, counted per route: `impression_log` while
+        the impression producer is not connected (impressions wait in its bounded buffer, and may be lost
+        if the outage outlasts it), so the caller can tell its answer will reach the log late or never."""
+        reasons = [] if self.logger.connected else ["impression_log"]
+        for reason in reasons:
+            metrics.DEGRADED.labels(route, reason).inc()
+        return reasons
+
     def _after(self, state, request: SelectionRequest, result: SelectionResult, route: str, log_impressions: bool):
         """Count the result in the metrics, charge pacing and queue the impressions (never raises)."""
         _observe(result, route)

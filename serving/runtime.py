@@ -358,4 +358,4 @@ def feast_reader(client: redis.Redis, settings: Settings, async_client: AsyncRed
 def default_registry(settings: Settings) -> ModelRegistry:
     from models.registry import Registry
 
-    return Registry(settings.model_registry_path)
+    return Registry.from_settings(settings)

@@ -123,3 +123,8 @@ class SelectResponse(BaseModel):
         default=None, description="no_model, model_error, redis_down, redis_slow, features_error, internal_error"
     )
     slots: list[SlotOut]
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="Degraded modes this answer was served in: impression_log (Kafka impression logging is down; "
+        "the impressions wait in a bounded buffer).",
+    )

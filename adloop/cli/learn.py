@@ -87,7 +87,7 @@ def train_cmd(
     frame = load_mind(_mind_path(data))
     config = TrainConfig(seed=seed, tower=TwoTowerConfig(seed=seed))
     out = evaluation_table(frame, config, ablation=False)
-    registry = Registry(get_settings().model_registry_path)
+    registry = Registry.from_settings(get_settings())
     version = registry.save(
         out["bundle"], report=out["report"], metrics=out["rows"] | {"reliability": out["reliability"]}
     )
@@ -152,7 +152,7 @@ def evaluate_cmd(
         _print_table(evaluation_table(frame, days=days))
         return
     try:
-        bundle = Registry(get_settings().model_registry_path).load(model)
+        bundle = Registry.from_settings(get_settings()).load(model)
     except RegistryError as error:
         console.print(f"[red]cannot load {model}:[/red] {error}", highlight=False)
         raise typer.Exit(1) from error
@@ -191,7 +191,7 @@ def models_list() -> None:
     from models.registry import Registry
 
     table = Table("", "version", "created (UTC)", "group AUC", "manifest", "gate", "last load failure")
-    for row in Registry(get_settings().model_registry_path).list():
+    for row in Registry.from_settings(get_settings()).list():
         auc = f"{row['group_auc']:.4f}" if row["group_auc"] is not None else "-"
         failure = row["load_failure"]
         gate = row["gate"]["decision"] if row["gate"] else "-"
@@ -215,7 +215,7 @@ def models_promote(
     from models.registry import Registry, RegistryError
 
     settings = get_settings()
-    registry = Registry(settings.model_registry_path)
+    registry = Registry.from_settings(settings)
     try:
         gate = promote_through_gate(settings, registry, version, _logged(settings, registry, version), force=force,
                                     hours=hours, click_window_s=click_window)  # fmt: skip
@@ -242,13 +242,24 @@ def _print_gate(gate: dict[str, Any]) -> None:
     console.print(f"gate: {gate['decision']} ({gate['reason']}); rule: {gate['rule']}", highlight=False)
     if not gate.get("table"):
         return
-    table = Table("version", "logloss", "group AUC", "AUC", "mean pCTR", "observed CTR",
+    table = Table("version", "logloss", "group AUC", "AUC", "mean pCTR", "observed CTR", "SNIPS CTR [95%]",
                   title=f"{gate['impressions']} unseen impressions, {gate['clicks']} clicks")  # fmt: skip
     for version, row in gate["table"].items():
-        table.add_row(version, *(f"{row[k]:.4f}" for k in ("logloss", "group_auc", "auc", "mean_pctr", "observed_ctr")))
+        keys = ("logloss", "group_auc", "auc", "mean_pctr", "observed_ctr")
+        scores = (f"{row[k]:.4f}" if k in row else "" for k in keys)
+        snips = ""
+        if "snips_ctr" in row:
+            snips = f"{row['snips_ctr']:.4f} [{row['snips_low']:.4f}, {row['snips_high']:.4f}]"
+        table.add_row(version, *scores, snips)
     loss, group = gate["paired"]["logloss"], gate["paired"]["group_auc"]
+    ope = gate.get("off_policy", {}).get("difference")
     table.add_row("difference", f"{loss['difference']:+.4f} ± {loss['se']:.4f}",
-                  f"{group['difference']:+.4f} ± {group['se']:.4f}", "", "", "")  # fmt: skip
+                  f"{group['difference']:+.4f} ± {group['se']:.4f}", "", "", "",
+                  f"{ope['difference']:+.4f} ± {ope['se']:.4f}" if ope else "")  # fmt: skip
+    console.print(table)
+    off = gate.get("off_policy") or {}
+    if off.get("decision") == "no evidence":
+        console.print(f"off-policy estimate: no evidence ({off['reason']})", highlight=False)
     console.print(table)
 
 
@@ -271,7 +282,7 @@ def models_export(
     settings = get_settings()
     out = out or settings.stack_dir / "exports" / f"{version}-onnx"
     try:
-        bundle = Registry(settings.model_registry_path).load(version, compiled=False)
+        bundle = Registry.from_settings(settings).load(version, compiled=False)
         manifest = export_onnx(bundle, out)
     except (RegistryError, FileExistsError) as error:
         console.print(f"[red]not exported:[/red] {error}", highlight=False)
@@ -286,7 +297,7 @@ def models_rollback() -> None:
     from models.registry import Registry, RegistryError
 
     try:
-        version = Registry(get_settings().model_registry_path).rollback()
+        version = Registry.from_settings(get_settings()).rollback()
     except RegistryError as error:
         console.print(f"[red]no rollback:[/red] {error}", highlight=False)
         raise typer.Exit(1) from error

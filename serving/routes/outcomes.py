@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
 
-from outcomes.estimators import wilson
+from models.estimators import wilson
 from outcomes.store import DIMENSIONS, Filters, OutcomeStore
 from serving.deps import RuntimeDep, SettingsDep
 from serving.http import JSONRoute

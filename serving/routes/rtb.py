@@ -85,6 +85,9 @@ async def bid(request: Request, runtime: RuntimeDep, settings: SettingsDep, secr
     )
     if response is None:
         return _no_bid(started)
+    degraded = runtime.pipeline.degraded("openrtb")
+    if degraded:  # the billing notice's impression will wait in the buffer: say so to whoever reads the ext
+        response.ext = {"adloop": {"degraded": degraded}}
     metrics.child(metrics.REQUEST_SECONDS, "openrtb").observe(time.perf_counter() - started)
     return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
 

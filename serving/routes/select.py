@@ -34,6 +34,7 @@ async def select_ads(body: SelectRequest, runtime: RuntimeDep, settings: Setting
     )
     state, result = await runtime.pipeline.run(request)
     answer = response_body(result, body, state.catalog, click_url=runtime.click_url)
+    answer["degraded"] = runtime.pipeline.degraded("select")
     metrics.child(metrics.REQUEST_SECONDS, "select").observe(time.perf_counter() - started)
     return Response(orjson.dumps(answer), media_type="application/json")
 

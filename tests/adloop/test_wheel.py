@@ -1,5 +1,6 @@
 """The installed package alone runs the services' set-up: build the wheel, install it into an empty virtual
-environment, then `adloop --help` and the Feast apply step with no checkout on the path.
+environment, then `adloop --help`, the Feast apply step and `adloop serve` (answering from the catalog that
+ships in the package) with no checkout on the path.
 
 The new environment is empty of adloop: the wheel goes in with `pip install --no-deps`, and a .pth file
 puts the project environment's site-packages after its own, so third-party dependencies (torch, Feast,
@@ -14,11 +15,14 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from adloop.settings import PROJECT_ROOT, Settings
+from tests.support.serving import free_port
 
 pytestmark = pytest.mark.integration
 PACKAGES = ("adloop", "streaming", "features", "serving", "models", "outcomes")
@@ -30,7 +34,7 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return done
 
 
-def test_the_wheel_alone_runs_help_and_the_feast_apply_step(local_stack: Settings, tmp_path: Path) -> None:
+def test_the_wheel_alone_runs_help_the_feast_apply_step_and_serves(local_stack: Settings, tmp_path: Path) -> None:
     source = tmp_path / "source"  # a copy: building in the checkout would leave build/ behind
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -60,3 +64,33 @@ def test_the_wheel_alone_runs_help_and_the_feast_apply_step(local_stack: Setting
     applied = _run([str(venv / "bin" / "adloop"), "features", "apply"], cwd=work, env=env).stdout
     assert str(site / "features" / "repo") in applied.replace("\n", "")
     assert any((tmp_path / "feast").rglob("registry*")), list((tmp_path / "feast").rglob("*"))
+    _serves_the_packaged_catalog(venv, site, work, env | {"ADLOOP_MODEL_REGISTRY_PATH": str(tmp_path / "models")})
+
+
+def _serves_the_packaged_catalog(venv: Path, site: Path, work: Path, env: dict[str, str]) -> None:
+    """`adloop serve` from the wheel: the default catalog is the package's, and /v1/select answers from it (no
+    model promoted: CTR x bid; Kafka on a closed port: the answer says its impressions are not logged)."""
+    port = free_port()
+    env = env | {"ADLOOP_API_PORT": str(port), "ADLOOP_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    server = subprocess.Popen([str(venv / "bin" / "adloop"), "serve"], cwd=work, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline, ready = time.monotonic() + 120, None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert ready is not None, server.stdout.read() if server.poll() is not None else "no answer within 120 s"
+        catalog = ready["checks"]["catalog"]
+        assert catalog["ok"] and catalog["ads"] > 0, ready
+        body = {"user_id": "u1", "slots": [{"slot_id": "s", "format": "native"}]}
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/select", json=body, timeout=10).json()
+        assert answer["slots"][0]["ads"] and answer["degraded"] == ["impression_log"], answer
+        code = "from adloop.settings import Settings; print(Settings().catalog_path)"
+        where = _run([str(venv / "bin" / "python"), "-c", code], cwd=work, env=env).stdout
+        assert where.strip() == str(site / "serving" / "data" / "ads.csv"), where
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -74,7 +74,9 @@ class Traffic:
         return {b["request_id"] for _, status, _, b in self.answers if status == 200 and b["slots"][0]["ads"]}
 
 
-def _outage(client: TestClient, settings: Settings, outage: str) -> None:
+def _outage(client: TestClient, settings: Settings, outage: str) -> float:
+    """Run the outage; returns when readiness was seen saying Kafka is down (the outage lasts >= 1 s more)."""
+
     def kafka_ok() -> bool:
         return client.get("/readyz").json()["checks"]["kafka"]["ok"]
 
@@ -83,18 +85,21 @@ def _outage(client: TestClient, settings: Settings, outage: str) -> None:
         freeze(settings, "kafka")
         time.sleep(STALL_S + 0.5)
         assert not kafka_ok()  # readiness says so within seconds, not after the delivery timeout
+        down = time.monotonic()
         time.sleep(FREEZE_S - STALL_S - 0.5)
         resume(settings, "kafka")
     else:
         stop(settings, "kafka")
         time.sleep(SHORT_DELIVERY_TIMEOUT_MS / 1000 + 1)
         assert not kafka_ok()
+        down = time.monotonic()
         start(settings, "kafka")  # the outage lasts the stop plus the broker's start (15-50 s here)
     deadline = time.monotonic() + 90
     while not kafka_ok():
         assert time.monotonic() < deadline, "impressions did not resume within 90 s of the broker's return"
         time.sleep(0.2)
     time.sleep(3)  # requests after the outage: their impressions must go out by themselves
+    return down
 
 
 def _delivered(settings: Settings, wanted: set[str], timeout_s: float = 60) -> set[str]:
@@ -143,11 +148,15 @@ def test_every_impression_is_delivered_or_named_as_dropped_and_delivery_resumes(
         log_records = logger.log
         logger.log = lambda records: (given.extend(records), log_records(records))  # type: ignore[method-assign]
         with Traffic(client) as traffic:
-            _outage(client, settings, outage)
+            down = _outage(client, settings, outage)
         assert logger.flush(timeout=60)
 
     answers = traffic.answers
     assert answers and all(status == 200 for _, status, _, _ in answers)
+    # answered while readiness says Kafka is down: flagged; before the outage: not
+    assert any(b["degraded"] == [] for t, _, _, b in answers if t < down - 4)  # before the freeze or stop
+    meanwhile = [b["degraded"] for t, _, _, b in answers if down <= t < down + 1]
+    assert meanwhile and all(d == ["impression_log"] for d in meanwhile)
     served = traffic.served_ids()
     delivered = _delivered(settings, served)
     by_event = {r["event_id"]: r["request_id"] for r in given}

@@ -43,6 +43,12 @@ def test_the_gate_refuses_shuffled_labels_and_accepts_the_real_model(feature_set
     assert better["decision"] == "accept", better
     assert better["impressions"] >= 1000 and better["paired"]["logloss"]["difference"] < 0
     assert better["table"][v_real]["group_auc"] > better["table"][v_noise]["group_auc"]
+    # The off-policy estimate from the logged propensities: the real model's re-ranking clicks more, beyond noise.
+    ope = better["off_policy"]
+    assert ope["rows"] == better["impressions"] and ope["decision"] == "not worse", ope
+    real_ctr, noise_ctr = better["table"][v_real]["snips_ctr"], better["table"][v_noise]["snips_ctr"]
+    assert real_ctr - noise_ctr > 2 * ope["difference"]["se"] > 0, ope
+    assert better["table"][v_real]["snips_low"] < real_ctr < better["table"][v_real]["snips_high"]
 
     registry.promote(v_real)
     with pytest.raises(GateRefused, match="worse beyond noise") as refused:
@@ -50,6 +56,7 @@ def test_the_gate_refuses_shuffled_labels_and_accepts_the_real_model(feature_set
     assert registry.promoted() == v_real
     stored = registry.manifest(v_noise)["gate"]
     assert stored["decision"] == "refuse" and stored["promoted"] == v_real and refused.value.gate == stored
+    assert "SNIPS CTR" in stored["reason"] and stored["off_policy"]["decision"] == "worse", stored["reason"]
 
     from adloop.cli import learn
     from adloop.cli.app import app
@@ -58,6 +65,7 @@ def test_the_gate_refuses_shuffled_labels_and_accepts_the_real_model(feature_set
     runner = CliRunner()
     cli = runner.invoke(app, ["models", "promote", v_noise])
     assert cli.exit_code == 1 and "not promoted" in cli.output and "unseen impressions" in cli.output, cli.output
+    assert "SNIPS" in cli.output and "logged" in cli.output, cli.output  # the table's column and reference row
     assert registry.promoted() == v_real
     forced = runner.invoke(app, ["models", "promote", v_noise, "--force"])
     assert forced.exit_code == 0 and "forced past the gate" in forced.output, forced.output

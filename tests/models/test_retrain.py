@@ -20,7 +20,8 @@ CATEGORIES = ["sports", "tech", "food", "travel"]
 
 
 def served_log(requests: int, seed: int = 1) -> list[Event]:
-    """Users browse their favourite category, are shown 4 ads (one per category) and click mostly their own."""
+    """Users browse their favourite category, are shown 4 ads (one per category) and click mostly their own.
+    The slate is uniformly random, so each pick's propensity is 1 / (the ads left of 12 at its rank)."""
     rng = random.Random(seed)
     events, ts = [], T0
     for r in range(requests):
@@ -32,7 +33,8 @@ def served_log(requests: int, seed: int = 1) -> list[Event]:
         for position, category in enumerate(rng.sample(CATEGORIES, 4), start=1):
             ad = f"ad-{category}-{rng.randrange(3)}"
             common = {"schema_version": 1, "user_id": user, "ad_id": ad, "campaign_id": f"camp-{category}",
-                      "category": category, "request_id": f"req-{r}", "position": position}  # fmt: skip
+                      "category": category, "request_id": f"req-{r}", "position": position,
+                      "propensity": 1 / (3 * (5 - position))}  # fmt: skip
             events.append(Event(event_id=f"imp-{r}-{position}", event_type="ad_impression", ts=ts + 100, **common))
             if rng.random() < (0.5 if category == favourite else 0.03):
                 events.append(Event(event_id=f"clk-{r}-{position}", event_type="ad_click", ts=ts + 1_100, **common))

@@ -12,7 +12,7 @@ from serving.catalog import CATEGORIES, CatalogError, build_catalog, generate_ca
 
 
 def test_committed_sample_loads_with_shared_categories() -> None:
-    catalog = load_catalog(PROJECT_ROOT / "data" / "catalog" / "ads.csv")
+    catalog = load_catalog(PROJECT_ROOT / "serving" / "data" / "ads.csv")
     assert 200 <= len(catalog) <= 1000
     assert set(catalog.categories) == set(CATEGORIES)
     assert all(mask.any() for mask in catalog.format_masks.values())

@@ -1,5 +1,7 @@
 """`adloop serve --workers 2` follows promotions and rollbacks by itself: every worker (told apart by the
-pid in `/readyz`) serves the new version within the poll bound, and no request fails meanwhile.
+pid in `/readyz`) serves the new version within the poll bound, and no request fails meanwhile. Two
+`adloop serve` processes on separate registry folders (each its own copy of the artifacts) follow the
+pointer mirrored in Redis.
 
 Prints the time from each promotion to the last worker serving it (docs/operations.md quotes it)."""
 
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +20,12 @@ import urllib.request
 
 import pytest
 
+from adloop.runs.isolated import with_db
 from adloop.settings import PROJECT_ROOT, Settings
+from models.pointer_mirror import KEY
+from models.registry import Registry
 from tests.support.serving import free_port
+from tests.support.stack import TEST_REDIS_DB
 from tests.support.trained import registry_with
 
 pytestmark = pytest.mark.integration
@@ -112,4 +119,61 @@ def test_every_worker_follows_promotion_and_rollback(local_stack: Settings, tmp_
     failed = [r for r in results if r[0] != 200]
     assert results and not failed, failed[:5]
     assert {v for _, v in results} <= {"v0001", "v0002"}
+    assert to_new <= BOUND_S and to_old <= BOUND_S
+
+
+def _serve(env: dict[str, str], port: int, log_file) -> subprocess.Popen:
+    command = [sys.executable, "-m", "adloop.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=log_file.open("w"))
+
+
+def _answers(port: int, server: subprocess.Popen, log_file, deadline: float) -> None:
+    while True:
+        try:
+            _call(port, "/healthz")
+            return
+        except OSError:
+            assert server.poll() is None, log_file.read_text()
+            assert time.monotonic() < deadline, "adloop serve did not answer"
+            time.sleep(0.2)
+
+
+def test_replicas_on_their_own_folders_follow_the_pointer_in_redis(local_stack: Settings, tmp_path) -> None:
+    redis_url = with_db(local_stack.redis_url, TEST_REDIS_DB)
+    main = Registry.from_settings(local_stack.model_copy(update={"redis_url": redis_url,
+                                                                 "model_registry_path": tmp_path / "a"}))  # fmt: skip
+    main.mirror._client.delete(KEY)
+    registry_with(tmp_path / "a", 2)
+    main.promote("v0001")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # replica b: a synced copy; its pointer file never changes
+    env = {k: v for k, v in os.environ.items() if "PROMETHEUS" not in k.upper() and k != "ADLOOP_METRICS_DIR"}
+    env.update(ADLOOP_STACK_DIR=str(tmp_path / "stack"), ADLOOP_REDIS_URL=redis_url,
+               ADLOOP_EVENTS_TOPIC="adloop.test.follow", ADLOOP_CATALOG_POLL_S="0",
+               ADLOOP_MODEL_POLL_S=str(POLL_S), PYTHONPATH=str(PROJECT_ROOT))  # fmt: skip
+    ports = {name: free_port() for name in ("a", "b")}
+    logs = {name: tmp_path / f"serve-{name}.log" for name in ports}
+    servers = {name: _serve(env | {"ADLOOP_MODEL_REGISTRY_PATH": str(tmp_path / name)}, ports[name], logs[name])
+               for name in ports}  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        for name, server in servers.items():
+            _answers(ports[name], server, logs[name], deadline)
+            _every_worker_serves(ports[name], "v0001", 1, time.monotonic())
+        promoted = time.monotonic()
+        main.promote("v0002")
+        to_new = max(_every_worker_serves(ports[name], "v0002", 1, promoted) for name in ports)
+        assert Registry(tmp_path / "b").promoted() == "v0001"  # b's own folder still says v0001: it followed Redis
+        rolled = time.monotonic()
+        assert main.rollback() == "v0001"
+        to_old = max(_every_worker_serves(ports[name], "v0001", 1, rolled) for name in ports)
+    finally:
+        for server in servers.values():
+            server.send_signal(signal.SIGINT)
+        for server in servers.values():
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        main.mirror._client.delete(KEY)
+    print(f"\npromotion -> both replicas serving it: {to_new:.2f} s; rollback: {to_old:.2f} s (through Redis)")
     assert to_new <= BOUND_S and to_old <= BOUND_S

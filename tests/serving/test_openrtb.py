@@ -148,6 +148,23 @@ def test_banner_examples_get_a_valid_bid(app, example: dict, w: int, h: int) -> 
     assert not any(b.cat[0] == c or b.cat[0].startswith(c + "-") for c in example.get("bcat", []))
 
 
+def test_answers_served_while_impression_logging_is_down_are_flagged_and_counted(app) -> None:
+    """NoKafka: the impression producer never connects, so /readyz says Kafka is down and every answer says so."""
+    from serving import metrics
+
+    def counted(route: str) -> float:
+        return metrics.DEGRADED.labels(route, "impression_log")._value.get()
+
+    before = {route: counted(route) for route in ("select", "openrtb")}
+    with TestClient(app) as client:
+        assert client.get("/readyz").json()["checks"]["kafka"]["ok"] is False
+        selected = client.post("/v1/select", json={"user_id": "u1", "slots": [{"slot_id": "s", "format": "native"}]})
+        response = bid(client, SIMPLE_BANNER)
+    assert selected.status_code == 200 and selected.json()["degraded"] == ["impression_log"]
+    assert response.status_code == 200 and response.json()["ext"] == {"adloop": {"degraded": ["impression_log"]}}
+    assert all(counted(route) == before[route] + 1 for route in before)
+
+
 def test_native_example_fills_the_requested_assets(app) -> None:
     with TestClient(app) as client:
         response = bid(client, NATIVE)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from adloop.settings import PROJECT_ROOT
+from models.estimators import cross_fitted_rates, doubly_robust, ips, lift, snips, wilson
 from outcomes import ope
-from outcomes.estimators import cross_fitted_rates, doubly_robust, ips, lift, snips, wilson
 from tests.support.stack import SHARED_DATA
 
 Z99 = 2.576  # OPE tolerance: the estimate and the observed rate agree within 99% of their combined error
