@@ -182,7 +182,7 @@ class RequestPipeline:
                 records = impression_records(result, request, costs)
                 self.logger.log(records)
                 if self.touches is not None:
-                    self.touches.remember_impressions([_touch(r) for r in records])
+                    self.touches.remember_impressions([touch_of(r) for r in records])
             except Exception:
                 log.exception("impression logging failed")
                 metrics.ERRORS.labels(route, "impressions").inc()
@@ -199,6 +199,7 @@ def _observe(result: SelectionResult, route: str) -> None:
         metrics.NO_FILL.labels(route).inc(empty)
 
 
-def _touch(record: dict) -> Touch:
+def touch_of(record: dict) -> Touch:
+    """An impression record as the touch a conversion can be attributed to (last-impression attribution)."""
     return Touch(record["request_id"], record["ad_id"], record["campaign_id"], record["arm"], record["model_version"],
                  record["propensity"], record["user_id"], record["slot_id"], record["ts"])  # fmt: skip

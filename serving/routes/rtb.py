@@ -17,6 +17,7 @@ from serving.http import JSONRoute, Problem, bounded_errors
 from serving.notices import notice_event_id, verify_notice
 from serving.openapi import BID_REQUEST_REF
 from serving.openrtb import BidRequest, BidResponse, to_response, to_selection
+from serving.pipeline import touch_of
 
 router = APIRouter(prefix="/openrtb/2.6", tags=["openrtb"], route_class=JSONRoute)
 
@@ -149,7 +150,9 @@ def billing(
         if catalog.cpm[row]:  # a CPM ad pays the clearing price; a CPC ad pays on its tracked click
             record["cost"] = price / 1000
             runtime.pacer.charge(catalog, np.array([row]), np.array([price / 1000]))
-    runtime.logger.log([record])
+    runtime.logger.log([record])  # sets the record's time
+    if runtime.pipeline.touches is not None:  # last-impression attribution: an RTB impression is a touch too
+        runtime.pipeline.touches.remember_impressions([touch_of(record)])
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -149,6 +149,31 @@ def test_an_openrtb_bid_carries_the_click_tracker_into_outcomes(outcome_settings
     assert store.outcomes()[0]["spend"] == pytest.approx(0.80 if cpc else 2.0 / 1000)
 
 
+def test_a_conversion_after_an_unclicked_rtb_impression_goes_to_it_under_last_impression(outcome_settings, tmp_path):
+    app, settings, _ = _app(outcome_settings, tmp_path, attribution_model="impression")
+    user, exchange_id = f"u-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    native = orjson.dumps({"native": {"ver": "1.2", "assets": [{"id": 1, "title": {"len": 90}}]}}).decode()
+    request = {"id": exchange_id, "imp": [{"id": "imp-1", "native": {"request": native}}],
+               "site": {"id": "s-1", "domain": "news.example"}, "user": {"id": user}}  # fmt: skip
+    with TestClient(app) as client:
+        runtime = app.state.runtime
+        (bid,) = client.post("/openrtb/2.6/bid", json=request).json()["seatbid"][0]["bid"]
+        burl = urlsplit(bid["burl"].replace("${AUCTION_PRICE}", "2.0"))
+        assert client.get(burl.path, params=dict(parse_qsl(burl.query))).status_code == 204
+        deadline = time.monotonic() + 10
+        while runtime.touches.last(user_id=user, click=None, model="impression") is None:  # written every 0.5 s
+            assert time.monotonic() < deadline, "the RTB impression never became the user's last touch"
+            time.sleep(0.1)
+        answer = _convert(client, runtime.secret, idempotency_key=f"rtb-{user}", user_id=user, value=7.0)
+        assert answer["attributed"] is True, answer
+        assert runtime.logger.flush(timeout=20)
+    store = _land(settings)
+    with duckdb.connect(str(settings.outcomes_path), read_only=True) as db:
+        (converted,) = db.execute("SELECT request_id, ad_id FROM events WHERE event_type = 'conversion'").fetchall()
+    assert converted == (exchange_id, bid["adid"])
+    assert store.unattributed() == {"conversions": 0, "revenue": 0.0}
+
+
 def ads_click_id(answer: dict, ad_id: str) -> str:
     from serving.tracking import click_id
 
