@@ -65,6 +65,15 @@ def erased(settings: Settings, client: Any | None = None) -> dict[str, int]:
     return out
 
 
+def erased_among(client: Any, user_ids: list[str]) -> dict[str, int]:
+    """user id -> erasure epoch ms, for those of `user_ids` that were erased (one HMGET: the consumer's
+    per-batch check; Redis is the consumer's store anyway, so the file fallback is not needed there)."""
+    if not user_ids:
+        return {}
+    values = client.hmget(REDIS_KEY, user_ids)
+    return {u: int(v) for u, v in zip(user_ids, values, strict=True) if v is not None}
+
+
 def keep_mask(user_ids: Any, ts_ms: Any, tombstones: dict[str, int]) -> np.ndarray:
     """Boolean mask of the rows to keep: not of a user erased at or after the row's time."""
     users = np.asarray(user_ids, dtype=object)

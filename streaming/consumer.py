@@ -3,7 +3,8 @@
 One batch, in order (poll -> decode -> handle -> sink -> store offsets after the write):
   1. decode each message; a bad one goes to the dead-letter topic with its reason, a repeated
      event id is counted and skipped, a message at or below the partition's applied offset
-     (already applied before a crash or rebalance) is skipped;
+     (already applied before a crash or rebalance) is skipped, and so is an event of a user erased at or
+     after its time (features.tombstones: still in Kafka, it would bring the erased state back);
   2. fold the events into the users' states (features.aggregates, pure);
   3. append the batch's rows to the offline store (one parquet file per view and batch, read by
      Feast): one row per user and ad touched, stamped with its latest event time (the rows
@@ -35,6 +36,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 
 from adloop.settings import Settings
+from features import tombstones
 from features.aggregates import (
     ad_counter_fields,
     ad_features,
@@ -66,12 +68,13 @@ class BatchReport:
     applied: int = 0
     duplicates: int = 0
     replayed: int = 0  # at or below an applied offset: skipped
+    erased: int = 0  # of a user erased at or after the event's time (features.tombstones): skipped
     dead_lettered: dict[str, int] = field(default_factory=dict)
 
     @property
     def handled(self) -> int:
         """Messages accounted for, whatever their fate."""
-        return self.applied + self.duplicates + self.replayed + sum(self.dead_lettered.values())
+        return self.applied + self.duplicates + self.replayed + self.erased + sum(self.dead_lettered.values())
 
 
 class FeatureConsumer:
@@ -168,6 +171,7 @@ class FeatureConsumer:
                     continue
                 events.append((tp, record.offset, event))
         events = self._drop_duplicates(events, report)
+        events = self._drop_erased(events, report)
         self.dead_letters.flush()  # dead letters are durable before their offsets are stored
 
         users = self.state.user_states({e.user_id for _, _, e in events})
@@ -295,6 +299,17 @@ class FeatureConsumer:
                 "future_timestamp", f"ts {event.ts.isoformat()} is more than {self.settings.max_future_skew_s} s ahead"
             )
 
+    def _drop_erased(self, events: list[tuple[TopicPartition, int, DecodedEvent]], report: BatchReport) -> list:
+        """Events still in Kafka of a user erased since (`adloop users forget`) would bring their state back:
+        skipped, counted. An event after the erasure is new activity and counts."""
+        erased = tombstones.erased_among(self.state.redis, sorted({e.user_id for _, _, e in events}))
+        if not erased:
+            return events
+        kept = [item for item in events if item[2].ts_ms > erased.get(item[2].user_id, -1)]
+        report.erased += len(events) - len(kept)
+        metrics.ERASED.inc(len(events) - len(kept))
+        return kept
+
     def _drop_duplicates(self, events: list[tuple[TopicPartition, int, DecodedEvent]], report: BatchReport) -> list:
         already = self.state.seen([e.event_id for _, _, e in events])
         kept, ids = [], set()
@@ -335,6 +350,7 @@ def _batch_name(batch: dict[TopicPartition, list[Any]]) -> str:
 def _merge(total: BatchReport, one: BatchReport) -> None:
     total.applied += one.applied
     total.duplicates += one.duplicates
+    total.erased += one.erased
     total.replayed += one.replayed
     for reason, count in one.dead_lettered.items():
         total.dead_lettered[reason] = total.dead_lettered.get(reason, 0) + count

@@ -6,6 +6,9 @@ from prometheus_client import Counter, Histogram
 
 EVENTS_APPLIED = Counter("adloop_consumer_events_applied_total", "Events folded into features.")
 DUPLICATES = Counter("adloop_consumer_duplicates_total", "Events skipped because their event_id was already applied.")
+ERASED = Counter(
+    "adloop_consumer_erased_events_total", "Events skipped: their user was erased at or after the event's time."
+)
 DEAD_LETTERED = Counter("adloop_consumer_dead_lettered_total", "Events sent to the dead-letter topic.", ["reason"])
 BATCH_SECONDS = Histogram(
     "adloop_consumer_batch_seconds", "Time to apply one micro-batch end to end.",

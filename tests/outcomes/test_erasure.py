@@ -112,3 +112,29 @@ def test_the_cli_and_the_route_erase_and_report(feature_settings, make_app, monk
         answer = api.delete("/v1/users/api-user", headers={"Authorization": "Bearer secret"})
     assert answer.status_code == 200 and answer.json()["removed"]["consumer_state"] == 1
     assert client.get(STATE_PREFIX + "api-user") is None
+
+
+def test_the_consumer_skips_an_erased_users_events_still_in_kafka(feature_settings) -> None:
+    """Events of before the erasure replayed from Kafka do not bring the user's state back; a later one counts."""
+    from features.online import features_via_feast
+    from features.store import USER_VIEW
+    from tests.support.stack import consume_all, produce
+
+    settings, client = feature_settings, redis.Redis.from_url(feature_settings.redis_url)
+    user, other = f"u-{uuid.uuid4().hex[:8]}", f"o-{uuid.uuid4().hex[:8]}"
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    old = [_event(user, now_ms - 60_000 + i) for i in range(5)] + [_event(other, now_ms - 60_000)]
+    produce(settings, old)
+    assert consume_all(settings, len(old)).applied == len(old)
+    forget_user(settings, client, user)
+    assert features_via_feast(settings, USER_VIEW, [user])[user].get("impressions_total") in (None, 0)
+
+    # the same old activity again (a replay under new ids), then one event after the erasure
+    replayed = [_event(user, now_ms - 60_000 + i) for i in range(5)]
+    later = _event(user, int(datetime.now(UTC).timestamp() * 1000) + 1000)
+    produce(settings, [*replayed, later])
+    report = consume_all(settings, len(replayed) + 1, group="test-features")
+    assert (report.erased, report.applied) == (5, 1)
+    assert client.get(STATE_PREFIX + user) is not None  # rebuilt from the new event only
+    online = features_via_feast(settings, USER_VIEW, [user, other])
+    assert online[user]["impressions_total"] == 1 and online[other]["impressions_total"] == 1
