@@ -28,6 +28,7 @@ from adloop.stack.processes import (
     _write_pid_file,
 )
 from adloop.stack.redis import _redis_server_binary
+from features.redis_client import cluster_nodes
 
 SLOTS = 16384
 
@@ -36,11 +37,7 @@ def nodes(settings: Settings) -> list[tuple[str, int]]:
     """(host, port) of every configured cluster node; StackError when none is configured."""
     if not settings.redis_cluster_nodes:
         raise StackError("no Redis Cluster configured: set ADLOOP_REDIS_CLUSTER_NODES=127.0.0.1:7000,...")
-    out = []
-    for node in settings.redis_cluster_nodes.split(","):
-        host, _, port = node.strip().rpartition(":")
-        out.append((host or "127.0.0.1", int(port)))
-    return out
+    return cluster_nodes(settings)
 
 
 def start_cluster(settings: Settings) -> None:

@@ -58,6 +58,20 @@ def _convert(client: TestClient, secret: bytes, **fields) -> dict:
     return answer.json()
 
 
+def _won_rtb_bid(client: TestClient, user: str, exchange_id: str) -> tuple[dict, dict]:
+    """One native OpenRTB bid for `user`, won at a $2.00 CPM and billed (the impression is logged): (bid, notice)."""
+    native = orjson.dumps({"native": {"ver": "1.2", "assets": [{"id": 1, "title": {"len": 90}}]}}).decode()
+    request = {"id": exchange_id, "imp": [{"id": "imp-1", "native": {"request": native}}],
+               "site": {"id": "s-1", "domain": "news.example"}, "user": {"id": user}}  # fmt: skip
+    answer = client.post("/openrtb/2.6/bid", json=request)
+    assert answer.status_code == 200, answer.text
+    (bid,) = answer.json()["seatbid"][0]["bid"]
+    burl = urlsplit(bid["burl"].replace("${AUCTION_PRICE}", "2.0"))
+    notice = dict(parse_qsl(burl.query))
+    assert client.get(burl.path, params=notice).status_code == 204  # won and shown: the impression is logged
+    return bid, notice
+
+
 def _land(settings: Settings) -> OutcomeStore:
     store = OutcomeStore(settings.outcomes_path)
     OutcomeLander(settings, store).run(idle_exit_s=2.0)
@@ -113,17 +127,9 @@ def test_an_openrtb_bid_carries_the_click_tracker_into_outcomes(outcome_settings
     """Bid -> billing notice (the impression) -> click on the markup's link -> Kafka -> the outcomes store."""
     app, settings, rows = _app(outcome_settings, tmp_path)
     user, exchange_id = f"u-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    native = orjson.dumps({"native": {"ver": "1.2", "assets": [{"id": 1, "title": {"len": 90}}]}}).decode()
-    request = {"id": exchange_id, "imp": [{"id": "imp-1", "native": {"request": native}}],
-               "site": {"id": "s-1", "domain": "news.example"}, "user": {"id": user}}  # fmt: skip
     with TestClient(app) as client:
         runtime = app.state.runtime
-        answer = client.post("/openrtb/2.6/bid", json=request)
-        assert answer.status_code == 200, answer.text
-        (bid,) = answer.json()["seatbid"][0]["bid"]
-        burl = urlsplit(bid["burl"].replace("${AUCTION_PRICE}", "2.0"))
-        notice = dict(parse_qsl(burl.query))
-        assert client.get(burl.path, params=notice).status_code == 204  # won and shown: the impression is logged
+        bid, notice = _won_rtb_bid(client, user, exchange_id)
         click = urlsplit(orjson.loads(bid["adm"])["native"]["link"]["url"])
         assert f"{click.scheme}://{click.netloc}" == settings.public_url.rstrip("/")
         payload, sig = click.path.removeprefix("/c/").split(".")
@@ -152,14 +158,9 @@ def test_an_openrtb_bid_carries_the_click_tracker_into_outcomes(outcome_settings
 def test_a_conversion_after_an_unclicked_rtb_impression_goes_to_it_under_last_impression(outcome_settings, tmp_path):
     app, settings, _ = _app(outcome_settings, tmp_path, attribution_model="impression")
     user, exchange_id = f"u-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    native = orjson.dumps({"native": {"ver": "1.2", "assets": [{"id": 1, "title": {"len": 90}}]}}).decode()
-    request = {"id": exchange_id, "imp": [{"id": "imp-1", "native": {"request": native}}],
-               "site": {"id": "s-1", "domain": "news.example"}, "user": {"id": user}}  # fmt: skip
     with TestClient(app) as client:
         runtime = app.state.runtime
-        (bid,) = client.post("/openrtb/2.6/bid", json=request).json()["seatbid"][0]["bid"]
-        burl = urlsplit(bid["burl"].replace("${AUCTION_PRICE}", "2.0"))
-        assert client.get(burl.path, params=dict(parse_qsl(burl.query))).status_code == 204
+        bid, _ = _won_rtb_bid(client, user, exchange_id)
         deadline = time.monotonic() + 10
         while runtime.touches.last(user_id=user, click=None, model="impression") is None:  # written every 0.5 s
             assert time.monotonic() < deadline, "the RTB impression never became the user's last touch"
