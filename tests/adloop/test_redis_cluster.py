@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -11,32 +10,13 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from adloop.settings import Settings
 from adloop.stack import redis_cluster as cluster
+from tests.support.stack import free_cluster_ports
 
 pytestmark = pytest.mark.integration
 
 
-def _free_ports(n: int) -> list[int]:
-    """Free ports whose cluster bus (port + 10000) is free too: a node's port must be 55535 or less."""
-    ports: list[int] = []
-    for port in range(17100, 17900):
-        if all(_free(p) for p in (port, port + 10_000)):
-            ports.append(port)
-            if len(ports) == n:
-                return ports
-    raise RuntimeError("no free ports for a test cluster")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def test_a_three_master_cluster_serves_every_slot_and_stops(tmp_path: Path) -> None:
-    ports = _free_ports(3)
+    ports = free_cluster_ports(3)
     settings = Settings(stack_dir=tmp_path, redis_cluster_nodes=",".join(f"127.0.0.1:{p}" for p in ports))
     try:
         cluster.start_cluster(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from adloop.settings import Settings
+from features.redis_client import redis_client
 from streaming.consumer import FeatureConsumer
 from streaming.events import Event
 
@@ -57,7 +59,30 @@ def adloop_env(settings: Settings) -> dict[str, str]:
         "ADLOOP_FEAST_DATA_DIR": str(settings.feast_data_dir),
         "ADLOOP_CONSUMER_BATCH_SIZE": str(settings.consumer_batch_size),
         "ADLOOP_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "ADLOOP_REDIS_CLUSTER_NODES": settings.redis_cluster_nodes or "",
     }
+
+
+def free_cluster_ports(n: int, first: int | None = None) -> list[int]:
+    """`n` free loopback ports whose cluster bus (port + 10000) is free too (a node's port must be 55535 or
+    less). Two suites side by side set ADLOOP_TEST_CLUSTER_PORT apart: a cluster has one database, emptied per test."""
+    start = first or int(os.environ.get("ADLOOP_TEST_CLUSTER_PORT", "17100"))
+    ports: list[int] = []
+    for port in range(start, start + 800):
+        if all(_free(p) for p in (port, port + 10_000)):
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    raise RuntimeError(f"no {n} free ports for a test cluster from {start}")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _redis_port(settings: Settings) -> int:
@@ -66,7 +91,7 @@ def _redis_port(settings: Settings) -> int:
 
 def consume_all(settings: Settings, expected: int, group: str = "test-features") -> Any:
     """Run a consumer until `expected` messages are accounted for (or 30 s pass with none arriving)."""
-    consumer = FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url), group=group)
+    consumer = FeatureConsumer(settings, redis_client=redis_client(settings), group=group)
     return consumer.run(stop=lambda: consumer.total.handled >= expected, idle_exit_s=30)
 
 
