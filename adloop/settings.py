@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     kafka_controller_port: int = 9093  # the local broker's KRaft controller listener
     events_topic: str = "adloop.events"  # the clickstream: key = user id, one JSON event per message
     dlq_topic: str = "adloop.events.dlq"  # dead letters: the original bytes, the reason in headers
-    event_partitions: int = 6  # user-keyed: one consumer owns all of a user's events
+    event_partitions: int = 12  # user-keyed: one consumer owns all of a user's events; up to 12 consumer processes
     kafka_heap: str = "-Xms256m -Xmx512m"  # JVM heap of the local broker (`adloop stack up`)
     kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL, for every client
     kafka_sasl_mechanism: str | None = None  # e.g. PLAIN or SCRAM-SHA-512

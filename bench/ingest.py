@@ -267,9 +267,11 @@ def volume(settings: Settings, limit: int, rate: float) -> dict[str, Any]:
     stop.set()
     runner.join(timeout=60)
     elapsed = time.perf_counter() - consumer.first_poll
-    users = {k.decode().rsplit(":", 1)[1] for k in client.scan_iter("adloop:state:user:*", count=10_000)}
-    sample = sorted(users)[:: max(1, len(users) // 500)]
-    keys = [(f"adloop:state:user:{u}", consumer.layout.key(USER_VIEW, u)) for u in sample]
+    state_keys = {k.decode(): k.decode().rsplit(":user:", 1)[1] for k in client.scan_iter("adloop:{*}:user:*",
+                                                                                          count=10_000)}  # fmt: skip
+    users = set(state_keys.values())
+    sample = sorted(state_keys.items())[:: max(1, len(state_keys) // 500)]
+    keys = [(state_key, consumer.layout.key(USER_VIEW, u)) for state_key, u in sample]
     per_user = [sum(client.memory_usage(k) or 0 for k in pair) for pair in keys]
     return {
         "sent": sent, "sent_rate": sent_rate, "applied": consumer.applied_total,

@@ -261,9 +261,9 @@ def ad_stats_refresh(runtime) -> None:
     rows = reader.ads([str(a) for a in catalog.ad_ids[:1000]])
     for _ in range(3):
         time.sleep(0.01)
-        pipe = reader.client.pipeline(transaction=False)
-        write_rows(pipe, reader.layout, AD_VIEW, [(ad, int(time.time() * 1000), row) for ad, row in rows.items()])
-        pipe.execute()
+        write_rows(
+            reader.client, reader.layout, AD_VIEW, [(ad, int(time.time() * 1000), row) for ad, row in rows.items()]
+        )
         started = time.thread_time()
         runtime.ad_stats.refresh_changed(reader, catalog, overlap_s=0)
         cpu.append(time.thread_time() - started)

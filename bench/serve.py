@@ -374,11 +374,9 @@ def seed_features(settings, client, ads: list[dict]) -> tuple[list[str], dict[st
         rows[user] = row
     missing = set(layout.views[USER_VIEW].features) ^ set(next(iter(rows.values())))
     assert not missing, f"seeded rows differ from the user_activity view: {sorted(missing)}"
-    pipe = client.pipeline(transaction=False)
-    write_rows(pipe, layout, USER_VIEW, [(u, r["last_seen_ms"], r) for u, r in rows.items()])
+    write_rows(client, layout, USER_VIEW, [(u, r["last_seen_ms"], r) for u, r in rows.items()])
     ad_rows = [(a["ad_id"], now_ms, ad_features(_ad_hours(rng, now_ms), {}, now_ms)) for a in ads]
-    write_rows(pipe, layout, AD_VIEW, ad_rows)
-    pipe.execute()
+    write_rows(client, layout, AD_VIEW, ad_rows)
     return users, rows
 
 

@@ -25,6 +25,10 @@ COARSE_BUCKET_MS = HOUR_MS  # buckets of the 24 h and 7 d windows
 WINDOWS = {"1h": (FINE_BUCKET_MS, 12), "24h": (COARSE_BUCKET_MS, 24), "7d": (COARSE_BUCKET_MS, 168)}
 EVENT_TYPES = [t.value for t in EventType]
 RECENT_N = 20  # last items / categories kept for the embedding model
+# Event ids remembered per user, for effect-once against repeats (a producer's retry, a file replayed
+# twice): bounded per user instead of a key per event. A repeat of a forgotten id is caught by time: an
+# unknown id at or before the newest forgotten one's time is `too_late` (dead-lettered, not applied).
+RECENT_IDS_N = 64
 TOP_CATEGORIES_N = 10
 AFFINITY_HALF_LIFE_MS = 6 * HOUR_MS
 AFFINITY_WEIGHTS = {"page_view": 1.0, "favorite": 2.0, "add_to_cart": 3.0, "purchase": 4.0, "ad_click": 2.0,
@@ -52,6 +56,8 @@ class UserState:
     campaign_hours: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     impressions_total: int = 0
     clicks_total: int = 0
+    recent_ids: list[list[Any]] = field(default_factory=list)  # [event id, ms] of the last RECENT_IDS_N applied
+    forgot_until: int = 0  # ms: the latest time of a forgotten id (repeats up to it cannot be told apart)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)  # fields hold only JSON types (dataclasses.asdict deep-copies: 10x slower)
@@ -59,6 +65,24 @@ class UserState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UserState:
         return cls(**data)
+
+
+def repeat_of(state: UserState, event: Event | DecodedEvent) -> str | None:
+    """Why the event must not be applied again: "duplicate" (its id was applied), "too_late" (at or before
+    the time of an id forgotten since, so it may be one), or None (new)."""
+    if any(seen == event.event_id for seen, _ in state.recent_ids):
+        return "duplicate"
+    if event.ts_ms <= state.forgot_until:
+        return "too_late"
+    return None
+
+
+def remember(state: UserState, event: Event | DecodedEvent) -> None:
+    """Record an applied event's id (`repeat_of` then knows it); forgets the oldest beyond RECENT_IDS_N."""
+    state.recent_ids.append([event.event_id, event.ts_ms])
+    if len(state.recent_ids) > RECENT_IDS_N:
+        _, ts = state.recent_ids.pop(0)
+        state.forgot_until = max(state.forgot_until, ts)
 
 
 def apply_user(state: UserState, event: Event | DecodedEvent) -> UserState:

@@ -5,19 +5,21 @@ project name; fields = murmur3-32 of "<view>:<feature>" and `_ts:<view>`; values
 `feast.types.Value` protobufs (../shared/STACK.md). `FeastLayout` encodes and decodes exactly
 that, so:
 - `OnlineFeatureReader.user()` answers with one HMGET (Feast's Python read costs milliseconds);
-- the consumer writes rows inside its own atomic MULTI with the partition offsets (Feast's push
-  converts through Arrow at ~0.3 ms per row, and cannot share a transaction);
+- the consumer writes rows after its partitions' commits, each only over an older row (`write_rows`;
+  Feast's push converts through Arrow at ~0.3 ms per row);
 and tests prove both equal what `get_online_features` returns for rows pushed through Feast.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
@@ -138,17 +140,66 @@ class OnlineFeatureReader:
         return {ad: row for ad, row in rows.items() if row}
 
 
-def write_rows(pipe: Any, layout: FeastLayout, view: str, rows: Sequence[tuple[str, int, dict[str, Any]]]) -> None:
-    """Queue HSETs of (entity id, event ms, features) rows on a redis-py pipeline (the caller executes it).
-    Ad rows are also stamped in the view's changed-ads index (`changes_key`), trimmed to the last hour,
-    in the same pipeline (inside the consumer's transaction)."""
-    for entity_id, ts_ms, features in rows:
-        pipe.execute_command("HSET", layout.key(view, entity_id), *layout.encode_flat(view, ts_ms, features))
-    if view == AD_VIEW and rows:
-        now_ms = int(time.time() * 1000)
-        key = layout.changes_key(view)
-        pipe.zadd(key, {entity_id: now_ms for entity_id, _, _ in rows})
-        pipe.zremrangebyscore(key, "-inf", now_ms - CHANGES_KEEP_MS)
+ROW_TTL_S = 30 * 86400  # an entity without a new row this long is dropped from Redis (the views look back 7 days)
+
+# Write a row unless the stored one is newer (its `_ts:<view>`, a protobuf Timestamp, decoded here):
+# rows are written after the consumer's commit, by whichever consumer owns the partition, so a late
+# or repeated write must never replace a newer row. Equal times overwrite (the same events again, or
+# an ad's counts summed again with more partitions' increments).
+_WRITE_IF_NEWER = """
+local function varint(s, i)
+  local value, scale = 0, 1
+  while true do
+    local byte = string.byte(s, i)
+    value = value + (byte % 128) * scale
+    i = i + 1
+    if byte < 128 then return value, i end
+    scale = scale * 128
+  end
+end
+local old = redis.call('HGET', KEYS[1], ARGV[3])
+if old then
+  local seconds, nanos, i = 0, 0, 1
+  while i <= #old do
+    local tag, value = string.byte(old, i), 0
+    value, i = varint(old, i + 1)
+    if tag == 8 then seconds = value elseif tag == 16 then nanos = value end
+  end
+  if seconds * 1000 + math.floor(nanos / 1000000) > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+_WRITE_IF_NEWER_SHA = hashlib.sha1(_WRITE_IF_NEWER.encode()).hexdigest()
+
+
+def write_rows(client: Any, layout: FeastLayout, view: str, rows: Sequence[tuple[str, int, dict[str, Any]]]) -> int:
+    """Write (entity id, event ms, features) rows, each only over an older row of its entity (one script per
+    row, pipelined; standalone or cluster: each row is one key). Ad rows are also stamped in the view's
+    changed-ads index (`changes_key`), trimmed to the last hour. Returns how many rows were written."""
+    if not rows:
+        return 0
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        for entity_id, ts_ms, features in rows:
+            # execute_command: redis-py's cluster pipeline refuses `evalsha()` but routes EVALSHA by its key
+            pipe.execute_command("EVALSHA", _WRITE_IF_NEWER_SHA, 1, layout.key(view, entity_id), ts_ms, ROW_TTL_S,
+                                 *layout.encode_flat(view, ts_ms, features))  # fmt: skip
+        if view == AD_VIEW:
+            now_ms = int(time.time() * 1000)
+            key = layout.changes_key(view)
+            pipe.zadd(key, {entity_id: now_ms for entity_id, _, _ in rows})
+            pipe.zremrangebyscore(key, "-inf", now_ms - CHANGES_KEEP_MS)
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            client.script_load(_WRITE_IF_NEWER)  # a restarted (or new) Redis: load it, write again (idempotent)
+            continue
+        return sum(replies[: len(rows)])
+    raise AssertionError("unreachable")
 
 
 def features_via_feast(settings: Settings, view: str, ids: list[str]) -> dict[str, dict[str, Any]]:

@@ -3,13 +3,12 @@
 It lives at this layer because it reaches every store below it: the outcomes store (DuckDB), the
 offline store's parquet files (training sets), Feast's online rows and the consumer's state in Redis.
 What it removes:
-- the consumer's state `adloop:state:user:<id>` (streaming.state_store), from which the features
+- the consumer's state `adloop:{<topic>/<partition>}:user:<id>` (streaming.state_store), from which the features
   would otherwise be re-derived;
 - the user's Feast online row (features.online layout: one hash per entity key and project);
 - the user's rows in the offline store (`<feast data>/offline/user_activity/*.parquet`), rewritten
   without them;
-- the user's events in the outcomes store (impressions, clicks, conversions);
-- seen event ids are kept: their keys are event ids, not per user, and hold no user data.
+- the user's events in the outcomes store (impressions, clicks, conversions).
 Then it writes the tombstone (features.tombstones) that training sets and the outcomes store honour
 for data still on its way. The report says what was removed; running it twice is harmless.
 """
@@ -29,8 +28,9 @@ from features import tombstones
 from features.online import reference_key
 from features.store import JOIN_KEYS, USER_VIEW
 from outcomes.store import OutcomeStore
+from streaming.consumer import GROUP
+from streaming.state_store import StateStore
 
-STATE_PREFIX = "adloop:state:user:"  # streaming.state_store's default prefix + its user-state key
 FEAST_PROJECT = b"adloop"  # features/repo/feature_store.yaml's project
 
 
@@ -40,13 +40,17 @@ def forget_user(settings: Settings, client: Any, user_id: str) -> dict[str, Any]
     erased_at = datetime.fromtimestamp(erased_at_ms / 1000, tz=UTC)
     online_key = feast_user_key(user_id)
     removed = {
-        "consumer_state": int(client.delete(STATE_PREFIX + user_id)),
+        "consumer_state": consumer_state(settings, client).forget_users([user_id], range(settings.event_partitions)),
         "online_feature_rows": int(client.delete(online_key)),
         "offline_feature_rows": _forget_offline(settings.feast_data_dir / "offline" / USER_VIEW, user_id),
         "outcome_events": OutcomeStore(settings.outcomes_path).forget(user_id, erased_at),
-        "seen_event_ids": 0,  # keyed by event id, not by user: nothing personal to remove
     }
     return {"user_id": user_id, "erased_at": erased_at.isoformat(), "removed": removed, "tombstone": True}
+
+
+def consumer_state(settings: Settings, client: Any) -> StateStore:
+    """The feature consumer's state store, where a user's state may lie in any partition of the topic."""
+    return StateStore(client, group=GROUP, topic=settings.events_topic)
 
 
 def feast_user_key(user_id: str) -> bytes:

@@ -1,18 +1,21 @@
 """The feature consumer: Kafka micro-batches -> user and ad features in Feast (Redis online, parquet offline).
 
 One batch, in order (poll -> decode -> handle -> sink -> store offsets after the write):
-  1. decode each message; a bad one goes to the dead-letter topic with its reason, a repeated
-     event id is counted and skipped, a message at or below the partition's applied offset
-     (already applied before a crash or rebalance) is skipped, and so is an event of a user erased at or
-     after its time (features.tombstones: still in Kafka, it would bring the erased state back);
-  2. fold the events into the users' states (features.aggregates, pure);
+  1. decode each message; a bad one goes to the dead-letter topic with its reason, a message at or
+     below the partition's applied offset (already applied before a crash or rebalance) is skipped,
+     and so is an event of a user erased at or after its time (features.tombstones: still in Kafka,
+     it would bring the erased state back);
+  2. fold the events into the users' states (features.aggregates, pure); an event id the user's
+     state remembers is a repeat, counted and skipped (`repeat_of`);
   3. append the batch's rows to the offline store (one parquet file per view and batch, read by
      Feast): one row per user and ad touched, stamped with its latest event time (the rows
      serving reads online after this batch), plus a user's state just before each ad impression
      (what the ranker saw), so point-in-time training rows do not depend on batch sizes;
-  4. one atomic Redis write: states, seen ids, ad counters, the latest online rows in Feast's
-     own layout (features/online.py) and each partition's applied offset;
-  5. commit the Kafka offsets.
+  4. per partition, one atomic fenced Redis write under the partition's hash tag (streaming.state_store):
+     its users' states, its ad counters and its applied offset, one slot on Redis Cluster;
+  5. the online rows in Feast's own layout (features/online.py), each only over an older row: a crash
+     between 4 and 5 is mended by the partition's next owner, which rewrites the rows of its last batch;
+  6. commit the Kafka offsets.
 A crash anywhere replays from the last applied offset: nothing counts twice, nothing is lost.
 A batch whose dead letters the broker did not acknowledge, whose write another consumer fenced off
 (streaming.state_store) or that met Redis down or restarting is not committed: the consumer reads
@@ -38,11 +41,14 @@ from kafka.errors import KafkaError
 from adloop.settings import Settings
 from features import tombstones
 from features.aggregates import (
+    RECENT_IDS_N,
     ad_counter_fields,
     ad_features,
     add_counter,
     apply_user,
     prune,
+    remember,
+    repeat_of,
     stale_ad_counters,
     user_features,
 )
@@ -52,11 +58,13 @@ from features.store import AD_VIEW, USER_VIEW
 from streaming import dead_letters, kafka_clients, metrics
 from streaming.dead_letters import DeadLetters, DeadLetterUndelivered
 from streaming.events import DecodedEvent, EventType, InvalidEvent, decode_event
-from streaming.state_store import StaleWrite, StateStore
+from streaming.state_store import PartitionBatch, StaleWrite, StateStore
 
 log = logging.getLogger(__name__)
 GROUP = "adloop-features"
 RETRY_PAUSE_S = 1.0  # after a batch that could not commit, before reading it again
+_TOO_LATE = (f"event time {{ts}} is at or before an event of this user whose id was forgotten (the last "
+             f"{RECENT_IDS_N} ids are kept): it may be a repeat, so it is not applied")  # fmt: skip
 
 
 class OffsetsAheadOfTopic(RuntimeError):
@@ -95,11 +103,11 @@ class FeatureConsumer:
             session_timeout_ms=10_000,  # a crashed member's partitions move on after 10 s, not 45
             heartbeat_interval_ms=3_000,
         )
-        self.applied = self.state.applied_offsets()
+        self.partitions = self._topic_partitions()
+        self.applied = self.state.applied_offsets(self.partitions)
         self.layout = FeastLayout.from_settings(settings)
         self.touched_ads: set[str] = set()
         self.total = BatchReport()  # everything `run` has done so far
-        self.stale_counters: dict[str, list[str]] = {}  # ad -> counter fields outside every window
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
 
     def run(self, *, stop: Callable[[], bool] = lambda: False, idle_exit_s: float | None = None) -> BatchReport:
@@ -151,7 +159,7 @@ class FeatureConsumer:
     def _apply(self, batch: dict[TopicPartition, list[Any]]) -> BatchReport:
         started = time.perf_counter()
         report = BatchReport()
-        events: list[tuple[TopicPartition, int, DecodedEvent]] = []
+        events: list[tuple[int, Any, DecodedEvent]] = []  # (partition, record, event)
         last_offsets: dict[int, int] = {}
         for tp, records in batch.items():
             applied = self.applied.get(tp.partition, -1)
@@ -166,20 +174,26 @@ class FeatureConsumer:
                     event = decode_event(record.value, max_bytes=self.settings.max_event_bytes)
                     self._check_time(event)
                 except InvalidEvent as error:
-                    self.dead_letters.send(record, error)
-                    report.dead_lettered[error.reason] = report.dead_lettered.get(error.reason, 0) + 1
+                    self._dead_letter(record, error, report)
                     continue
-                events.append((tp, record.offset, event))
-        events = self._drop_duplicates(events, report)
+                events.append((tp.partition, record, event))
         events = self._drop_erased(events, report)
-        self.dead_letters.flush()  # dead letters are durable before their offsets are stored
 
-        users = self.state.user_states({e.user_id for _, _, e in events})
+        users = self.state.user_states({(p, e.user_id) for p, _, e in events})
+        parts = {p: PartitionBatch(offset=o, expected=self.applied.get(p))
+                 for p, o in last_offsets.items() if o > self.applied.get(p, -1)}  # fmt: skip
         ad_increments: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         ad_last: dict[str, int] = {}
         snapshots: dict[tuple[str, int], tuple[str, int, dict[str, Any]]] = {}
-        for _, _, event in events:
-            state = users[event.user_id]
+        for partition, record, event in events:
+            state = users[(partition, event.user_id)]
+            repeat = repeat_of(state, event)
+            if repeat == "duplicate":
+                report.duplicates += 1
+                continue
+            if repeat == "too_late":
+                self._dead_letter(record, InvalidEvent("too_late", _TOO_LATE.format(ts=event.ts.isoformat())), report)
+                continue
             seen_until = (event.user_id, state.last_ts)
             if (
                 event.event_type == EventType.ad_impression
@@ -189,37 +203,42 @@ class FeatureConsumer:
                 # What the ranker saw for this impression: a training row exact whatever the batch size.
                 snapshots[seen_until] = (event.user_id, state.last_ts, user_features(state))
             apply_user(state, event)
+            remember(state, event)
+            report.applied += 1
+            part = parts[partition]
+            part.states[event.user_id] = state
             counters = ad_counter_fields(event)
             if counters and event.ad_id:
                 for counter in counters:
                     ad_increments[event.ad_id][counter] += 1
+                    part.ad_increments.setdefault(event.ad_id, {}).setdefault(counter, 0)
+                    part.ad_increments[event.ad_id][counter] += 1
                 ad_last[event.ad_id] = max(ad_last.get(event.ad_id, 0), event.ts_ms)
-        for state in users.values():
-            prune(state)
-        user_rows = [(u, s.last_ts, user_features(s)) for u, s in users.items()]
-        ad_rows = self._ad_rows(ad_increments, ad_last)
+                part.ad_last[event.ad_id] = max(part.ad_last.get(event.ad_id, 0), event.ts_ms)
+        self.dead_letters.flush()  # dead letters are durable before their offsets are stored
+
+        user_rows: dict[int, list[tuple[str, int, dict[str, Any]]]] = {}
+        for partition, part in parts.items():
+            for state in part.states.values():
+                prune(state)
+            user_rows[partition] = [(u, s.last_ts, user_features(s)) for u, s in part.states.items()]
+        ad_rows, stale = self._ad_rows(ad_increments, ad_last)
         name = _batch_name(batch)
-        self.sink.write_offline(USER_VIEW, [*snapshots.values(), *user_rows], name=name)
+        self.sink.write_offline(USER_VIEW, [*snapshots.values(), *(r for rows in user_rows.values() for r in rows)],
+                                name=name)  # fmt: skip
         self.sink.write_offline(AD_VIEW, ad_rows, name=name)
 
-        def online(pipe: Any) -> None:
-            write_rows(pipe, self.layout, USER_VIEW, user_rows)
-            write_rows(pipe, self.layout, AD_VIEW, ad_rows)
-            self.state.drop_ad_counters(pipe, self.stale_counters)
-            self.stale_counters.clear()
-
-        self.state.commit_batch(
-            states=users,
-            seen_ids=[e.event_id for _, _, e in events],
-            ad_increments=ad_increments,
-            ad_last=ad_last,
-            offsets=last_offsets,
-            expected={p: self.applied.get(p) for p in last_offsets},
-            online=online,
-        )
-        for partition, offset in last_offsets.items():
-            self.applied[partition] = max(offset, self.applied.get(partition, -1))
-        self.touched_ads.update(ad_last)
+        committed, refused = self._commit(parts, stale)
+        # The online rows follow the commits (each only over an older row): a crash in between leaves the
+        # partitions' `written` lists, which their next owner rewrites (`_recover`).
+        write_rows(self.state.redis, self.layout, USER_VIEW, [r for p in committed for r in user_rows[p]])
+        if refused:  # the refused partitions' increments are not stored: rows from what is
+            ad_rows, _ = self._ad_rows({}, {ad: 0 for p in committed for ad in parts[p].ad_last})
+        else:
+            self.touched_ads.update(ad_last)
+        write_rows(self.state.redis, self.layout, AD_VIEW, ad_rows)
+        if refused:
+            raise StaleWrite(refused)
         try:
             self.consumer.commit(
                 {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1) for p, o in last_offsets.items()}
@@ -227,36 +246,72 @@ class FeatureConsumer:
         except KafkaError as error:  # the group moved on, or the broker is away: Redis holds the offsets that count
             log.warning("Kafka offset commit failed after the batch was stored (%s); the stored offsets hold", error)
 
-        report.applied = len(events)
         metrics.record_batch(report.applied, report.duplicates, report.dead_lettered, time.perf_counter() - started)
         return report
+
+    def _commit(
+        self, parts: dict[int, PartitionBatch], stale: dict[str, list[str]]
+    ) -> tuple[list[int], dict[int, tuple[int | None, int | None]]]:
+        """Commit each partition's batch (atomic per partition); returns the committed partitions and the
+        refused ones (partition -> (expected, stored offset))."""
+        committed: list[int] = []
+        refused: dict[int, tuple[int | None, int | None]] = {}
+        for partition, part in parts.items():
+            part.stale_counters = {ad: stale[ad] for ad in part.ad_last if stale.get(ad)}
+            part.ads_written = sorted(part.ad_last)
+            try:
+                self.state.commit(partition, part)
+            except StaleWrite as error:
+                refused.update(error.moved)
+                continue
+            committed.append(partition)
+            self.applied[partition] = part.offset
+        return committed, refused
+
+    def _recover(self, partitions: list[int]) -> None:
+        """Rewrite the online rows of each partition's last committed batch from the stored state: its
+        owner may have died between the commit and the rows (rows are only written over older ones)."""
+        users: list[tuple[int, str]] = []
+        ads: set[str] = set()
+        for partition in partitions:
+            batch_users, batch_ads = self.state.written(partition)
+            users += [(partition, u) for u in batch_users]
+            ads.update(batch_ads)
+        states = self.state.user_states(users)
+        rows = [(u, s.last_ts, user_features(s)) for (_, u), s in states.items() if s.last_ts]
+        write_rows(self.state.redis, self.layout, USER_VIEW, rows)
+        ad_rows, _ = self._ad_rows({}, dict.fromkeys(ads, 0))
+        write_rows(self.state.redis, self.layout, AD_VIEW, ad_rows)
 
     def refresh_ads(self) -> None:
         """Rewrite the online rows of ads touched since the last refresh from their counters.
 
-        Ad counters are shared by all consumers of the group (HINCRBY commutes); a row written by
-        one consumer may miss another's concurrent increment, so idle consumers rewrite theirs.
+        An ad's counters are the sum over all partitions, which other consumers of the group write; a
+        row written by one consumer may miss another's concurrent increment, so idle consumers rewrite theirs.
         """
         if not self.touched_ads:
             return
-        rows = self._ad_rows({}, dict.fromkeys(self.touched_ads, 0))
-        pipe = self.state.redis.pipeline(transaction=False)
-        write_rows(pipe, self.layout, AD_VIEW, rows)
-        pipe.execute()
+        rows, _ = self._ad_rows({}, dict.fromkeys(self.touched_ads, 0))
+        write_rows(self.state.redis, self.layout, AD_VIEW, rows)
         self.touched_ads.clear()
 
     def _ad_rows(
         self, increments: dict[str, dict[str, int]], last: dict[str, int]
-    ) -> list[tuple[str, int, dict[str, Any]]]:
-        """Ad rows from the stored counters plus this batch's increments (not yet written)."""
-        rows = []
-        for ad, (hours, fine, stored_last) in self.state.ad_counters(last).items():
+    ) -> tuple[list[tuple[str, int, dict[str, Any]]], dict[str, list[str]]]:
+        """Ad rows from the stored counters (all partitions) plus this batch's increments (not yet written),
+        and per ad the counter fields that no window reaches any more."""
+        rows, stale = [], {}
+        for ad, (hours, fine, stored_last) in self.state.ad_counters(last, self.partitions).items():
             for counter, amount in increments.get(ad, {}).items():
                 add_counter(hours, fine, counter, amount)
             ts = max(stored_last, last[ad])
             rows.append((ad, ts, ad_features(hours, fine, ts)))
-            self.stale_counters[ad] = stale_ad_counters(hours, fine, ts)
-        return rows
+            stale[ad] = stale_ad_counters(hours, fine, ts)
+        return rows, stale
+
+    def _dead_letter(self, record: Any, error: InvalidEvent, report: BatchReport) -> None:
+        self.dead_letters.send(record, error)
+        report.dead_lettered[error.reason] = report.dead_lettered.get(error.reason, 0) + 1
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
@@ -266,20 +321,32 @@ class FeatureConsumer:
         """A batch that stored nothing (or whose outcome is unknown): read its partitions again from the
         offsets stored in Redis, once Redis answers."""
         log.warning("batch not committed, read again from the stored offsets: %s", error)
+        owned = self.consumer.assignment()
         while True:
             time.sleep(RETRY_PAUSE_S)
             try:
-                self.applied = self.state.applied_offsets()
+                self.applied = self.state.applied_offsets(self.partitions)
+                self._recover(sorted(tp.partition for tp in batch if tp in owned))  # rows of what did commit
                 break
             except (redis.ConnectionError, redis.TimeoutError) as down:
                 log.warning("Redis unavailable (%s), retrying in %.1f s", down, RETRY_PAUSE_S)
                 if stop():
                     return
-        owned = self.consumer.assignment()
         for tp, records in batch.items():
             if tp in owned:  # a partition moved away is sought by the rebalance listener of its new owner
                 stored = self.applied.get(tp.partition)
                 self.consumer.seek(tp, records[0].offset if stored is None else stored + 1)
+
+    def _topic_partitions(self) -> list[int]:
+        """The topic's partitions (an ad's counters are summed over them); more than the settings' count is
+        refused: erasure and the tools look for a user's state in that many partitions."""
+        partitions = sorted(self.consumer.partitions_for_topic(self.topic))
+        if len(partitions) > self.settings.event_partitions:
+            raise ValueError(
+                f"topic {self.topic} has {len(partitions)} partitions, more than ADLOOP_EVENT_PARTITIONS="
+                f"{self.settings.event_partitions}: set it to the topic's partition count"
+            )
+        return partitions
 
     def _check_ahead(self, tp: TopicPartition, applied: int) -> None:
         """Records at or below the applied offset are a replay after a crash, unless the topic is shorter."""
@@ -288,8 +355,8 @@ class FeatureConsumer:
             raise OffsetsAheadOfTopic(
                 f"the applied offset stored for {tp.topic} partition {tp.partition} is {applied}, but the topic "
                 f"ends at {end}: was the topic recreated? Its new records would be skipped as already applied. "
-                "If so, `adloop consume --reset-offsets` forgets the stored offsets (features and seen event ids "
-                "are kept, so events seen before still count once)."
+                "If so, `adloop consume --reset-offsets` forgets the stored offsets (features and users' recent "
+                "event ids are kept, so events seen before still count once)."
             )
 
     def _check_time(self, event: DecodedEvent) -> None:
@@ -299,7 +366,7 @@ class FeatureConsumer:
                 "future_timestamp", f"ts {event.ts.isoformat()} is more than {self.settings.max_future_skew_s} s ahead"
             )
 
-    def _drop_erased(self, events: list[tuple[TopicPartition, int, DecodedEvent]], report: BatchReport) -> list:
+    def _drop_erased(self, events: list[tuple[int, Any, DecodedEvent]], report: BatchReport) -> list:
         """Events still in Kafka of a user erased since (`adloop users forget`) would bring their state back:
         skipped, counted. An event after the erasure is new activity and counts."""
         erased = tombstones.erased_among(self.state.redis, sorted({e.user_id for _, _, e in events}))
@@ -308,18 +375,6 @@ class FeatureConsumer:
         kept = [item for item in events if item[2].ts_ms > erased.get(item[2].user_id, -1)]
         report.erased += len(events) - len(kept)
         metrics.ERASED.inc(len(events) - len(kept))
-        return kept
-
-    def _drop_duplicates(self, events: list[tuple[TopicPartition, int, DecodedEvent]], report: BatchReport) -> list:
-        already = self.state.seen([e.event_id for _, _, e in events])
-        kept, ids = [], set()
-        for item in events:
-            event_id = item[2].event_id
-            if event_id in already or event_id in ids:
-                report.duplicates += 1
-                continue
-            ids.add(event_id)
-            kept.append(item)
         return kept
 
 
@@ -333,10 +388,13 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.owner.applied = self.owner.state.applied_offsets()  # another consumer may have moved them
+        owner = self.owner
+        owner.partitions = sorted(set(owner.partitions) | {tp.partition for tp in assigned})
+        owner.applied = owner.state.applied_offsets(owner.partitions)  # another consumer may have moved them
         for tp in assigned:
-            if tp.partition in self.owner.applied:
-                self.owner.consumer.seek(tp, self.owner.applied[tp.partition] + 1)
+            if tp.partition in owner.applied:
+                owner.consumer.seek(tp, owner.applied[tp.partition] + 1)
+        owner._recover(sorted(tp.partition for tp in assigned))
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
 

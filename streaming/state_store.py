@@ -1,40 +1,83 @@
-"""The consumer's state in Redis: user states, seen event ids, ad counters and applied offsets.
+"""The consumer's state in Redis, one hash tag per partition: user states, ad counters, applied offset.
 
-`commit_batch` writes everything a micro-batch produced, together with each partition's last
-applied offset, in one MULTI/EXEC: after a crash either all of a batch is there or none of it.
+Everything a Kafka partition's batch changes lives under that partition's hash tag
+(`adloop:{<topic>/<partition>}:`), so on Redis Cluster it sits on one slot, and `commit` writes it
+in one script: atomic on standalone Redis and on a cluster alike. After a crash either all of a
+partition's batch is there or none of it.
 
-Writers are fenced: the transaction WATCHes the offsets hash and applies only if each of the
-batch's partitions still has the applied offset the batch was computed from. A consumer that lost
-its partition (expelled from the group, paused) and wakes up with a batch read before its
-successor wrote gets `StaleWrite`; nothing of that batch is written, so no state is overwritten
-and no offset moves backwards. Stored offsets only ever move forwards.
-Keys (prefix `adloop:` by default):
-  state:user:<id>        JSON of features.aggregates.UserState
-  seen:<event_id>        a processed event id (expires after `seen_ttl_s`)
-  ad:<id>                hash: `h:<hour bucket>:<0 impressions|1 clicks>` and `f:<5-min bucket>:<0|1>` counters
-  ad_last                sorted set: ad id -> latest event time (ms), only ever raised (ZADD GT)
-  offsets:<group>:<topic> hash: partition -> last applied offset
+Writers are fenced: the script applies only if the partition's stored offset is still the one the
+batch was computed from. A consumer that lost its partition (expelled from the group, paused) and
+wakes up with a batch read before its successor wrote gets `StaleWrite`; nothing is written, so no
+state is overwritten and no offset moves backwards. The fence also makes a resent script harmless:
+a client that retries after a lost reply finds its own offset stored and gets `StaleWrite`, and the
+consumer reads on from the stored offset.
+
+Keys under the partition's tag `adloop:{<topic>/<p>}:` (all with an expiry or an owner):
+  user:<id>        JSON of features.aggregates.UserState (with its recent event ids), expires when idle
+  ad:<id>          hash: `h:<hour bucket>:<0 impressions|1 clicks>` and `f:<5-min bucket>:<0|1>`
+                   counters of this partition's events; an ad's counts are the sum over partitions
+  ad_last          sorted set: ad id -> latest event time (ms) in this partition, only ever raised
+  offset:<group>   the group's last applied offset of the partition
+  written:<group>  JSON {"users": [...], "ads": [...]} of the last batch: whose online rows follow the
+                   commit (features.online.write_rows_if_newer), so a consumer that takes the partition
+                   over rewrites them when the previous owner died between the two writes
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import redis
 from prometheus_client import Counter
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from features.aggregates import UserState, add_counter
 
 STALE_WRITES = Counter(
     "adloop_consumer_stale_writes_total", "Batches refused because another consumer had moved their partitions."
 )
-WATCH_ATTEMPTS = 20  # a WATCH fires on any partition's write: retry while ours are unchanged
+STATE_TTL_S = 30 * 86400  # a user idle this long is forgotten (Feast's views look back 7 days)
 log = logging.getLogger(__name__)
+
+# KEYS: offset, ad_last, written, users..., ad hashes...
+# ARGV: expected offset ('' = none stored), new offset, users count, ads count, state ttl, counter ttl,
+#       written blob, user blobs..., then per ad: increments count, deletions count, (field, amount)...,
+#       field..., and last the ad_last (ms, ad id) pairs.
+_COMMIT = """
+local stored = redis.call('GET', KEYS[1])
+if (stored or '') ~= ARGV[1] then return {0, stored or ''} end
+local users, ads, state_ttl, counter_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local a = 8
+for i = 1, users do
+  redis.call('SET', KEYS[3 + i], ARGV[a], 'EX', state_ttl)
+  a = a + 1
+end
+for i = 1, ads do
+  local key, increments, deletions = KEYS[3 + users + i], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  for _ = 1, increments do
+    redis.call('HINCRBY', key, ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+  for _ = 1, deletions do
+    redis.call('HDEL', key, ARGV[a])
+    a = a + 1
+  end
+  if increments > 0 then redis.call('EXPIRE', key, counter_ttl) end
+end
+local raised = a < #ARGV
+while a < #ARGV do
+  redis.call('ZADD', KEYS[2], 'GT', ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+if raised then redis.call('EXPIRE', KEYS[2], counter_ttl) end
+redis.call('SET', KEYS[3], ARGV[7])
+redis.call('SET', KEYS[1], ARGV[2])
+return {1}
+"""
+COUNTER_TTL_S = 8 * 86400  # an ad's counters outlive its 7-day window, then expire if the partition never sees it
 
 
 class StaleWrite(RuntimeError):
@@ -46,150 +89,130 @@ class StaleWrite(RuntimeError):
         self.moved = moved
 
 
-# `SET <key> 1 EX <ttl>` for every key in one command: a SET per event costs the client a command to
-# pack and a reply to parse per id.
-_MARK_SEEN = """
-for _, key in ipairs(KEYS) do
-  redis.call('SET', key, '1', 'EX', ARGV[1])
-end
-return #KEYS
-"""
+@dataclass
+class PartitionBatch:
+    """What one partition's batch writes: user states, ad counter increments and latest times, and the
+    counter fields that no window reaches any more."""
+
+    offset: int
+    expected: int | None  # the stored offset the batch was computed from
+    states: dict[str, UserState] = field(default_factory=dict)
+    ad_increments: dict[str, dict[str, int]] = field(default_factory=dict)
+    ad_last: dict[str, int] = field(default_factory=dict)
+    stale_counters: dict[str, list[str]] = field(default_factory=dict)
+    ads_written: list[str] = field(default_factory=list)  # ads whose online rows follow (all partitions' sums)
 
 
 class StateStore:
-    def __init__(
-        self, client: redis.Redis, *, group: str, topic: str, prefix: str = "adloop:", seen_ttl_s: int = 8 * 86400
-    ):
+    def __init__(self, client: Any, *, group: str, topic: str, prefix: str = "adloop:") -> None:
         self.redis = client
-        # The batch's MULTI/EXEC goes through a client that never retries: redis-py retries a pipeline after
-        # a connection error (3 times by default), and if the EXEC had applied but its reply was lost, the
-        # retry would apply the batch again (HINCRBY counts twice). Without retries the error stops the
-        # consumer; on restart the offsets stored with the batch say whether it applied.
-        pool = client.connection_pool
-        kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
-        self.transactions = redis.Redis(connection_pool=redis.ConnectionPool(pool.connection_class, **kwargs))
+        self.group = group
+        self.topic = topic
         self.prefix = prefix
-        self.offsets_key = f"{prefix}offsets:{group}:{topic}"
-        self.seen_ttl_s = seen_ttl_s
+        self._commit = client.register_script(_COMMIT)
+
+    def tag(self, partition: int) -> str:
+        return f"{self.prefix}{{{self.topic}/{partition}}}:"
+
+    def user_key(self, partition: int, user_id: str) -> str:
+        return f"{self.tag(partition)}user:{user_id}"
 
     # --- reads (one round trip each) --------------------------------------------------------
 
-    def applied_offsets(self) -> dict[int, int]:
-        return {int(p): int(o) for p, o in self.redis.hgetall(self.offsets_key).items()}
+    def applied_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
+        parts = sorted(partitions)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in parts:
+            pipe.get(f"{self.tag(p)}offset:{self.group}")
+        return {p: int(o) for p, o in zip(parts, pipe.execute(), strict=True) if o is not None}
 
-    def reset_offsets(self) -> dict[int, int]:
+    def reset_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
         """Forget the stored applied offsets (a recreated topic); returns what they were."""
-        offsets = self.applied_offsets()
-        self.redis.delete(self.offsets_key)
+        offsets = self.applied_offsets(partitions)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in offsets:
+            pipe.delete(f"{self.tag(p)}offset:{self.group}")
+        pipe.execute()
         return offsets
 
-    def seen(self, event_ids: list[str]) -> set[str]:
-        if not event_ids:
-            return set()
-        flags = self.redis.mget([f"{self.prefix}seen:{e}" for e in event_ids])
-        return {e for e, flag in zip(event_ids, flags, strict=True) if flag is not None}
-
-    def user_states(self, user_ids: Iterable[str]) -> dict[str, UserState]:
-        ids = list(user_ids)
-        if not ids:
-            return {}
-        blobs = self.redis.mget([f"{self.prefix}state:user:{u}" for u in ids])
-        return {u: UserState.from_json(orjson.loads(b)) if b else UserState() for u, b in zip(ids, blobs, strict=True)}
-
-    def ad_counters(self, ad_ids: Iterable[str]) -> dict[str, tuple[dict[str, list[int]], dict[str, list[int]], int]]:
-        """Per ad: (hour bucket -> [impressions, clicks], 5-min bucket -> [..], latest event ms)."""
-        ids = list(ad_ids)
+    def user_states(self, users: Iterable[tuple[int, str]]) -> dict[tuple[int, str], UserState]:
+        ids = list(users)
         if not ids:
             return {}
         pipe = self.redis.pipeline(transaction=False)
-        for ad in ids:
-            pipe.hgetall(f"{self.prefix}ad:{ad}")
-        pipe.zmscore(f"{self.prefix}ad_last", ids)
-        *hashes, lasts = pipe.execute()
-        result = {}
-        for ad, fields, last in zip(ids, hashes, lasts, strict=True):
-            hours: dict[str, list[int]] = {}
-            fine: dict[str, list[int]] = {}
-            for field, value in fields.items():
-                add_counter(hours, fine, field.decode(), int(value))
-            result[ad] = (hours, fine, int(last or 0))
+        for p, u in ids:
+            pipe.get(self.user_key(p, u))
+        blobs = pipe.execute()
+        return {k: UserState.from_json(orjson.loads(b)) if b else UserState() for k, b in zip(ids, blobs, strict=True)}
+
+    def written(self, partition: int) -> tuple[list[str], list[str]]:
+        """The users and ads of the partition's last committed batch (their online rows follow the commit)."""
+        blob = self.redis.get(f"{self.tag(partition)}written:{self.group}")
+        data = orjson.loads(blob) if blob else {}
+        return data.get("users", []), data.get("ads", [])
+
+    def ad_counters(
+        self, ad_ids: Iterable[str], partitions: Iterable[int]
+    ) -> dict[str, tuple[dict[str, list[int]], dict[str, list[int]], int]]:
+        """Per ad, summed over `partitions`: (hour bucket -> [impressions, clicks], 5-min bucket -> [..],
+        latest event ms)."""
+        ids, parts = list(ad_ids), sorted(partitions)
+        if not ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for p in parts:
+            tag = self.tag(p)
+            for ad in ids:
+                pipe.hgetall(f"{tag}ad:{ad}")
+            pipe.zmscore(f"{tag}ad_last", ids)
+        replies = iter(pipe.execute())
+        result = {ad: ({}, {}, 0) for ad in ids}
+        for _ in parts:
+            hashes = [next(replies) for _ in ids]
+            lasts = next(replies)
+            for ad, fields, last in zip(ids, hashes, lasts, strict=True):
+                hours, fine, latest = result[ad]
+                for name, value in fields.items():
+                    add_counter(hours, fine, name.decode(), int(value))
+                result[ad] = (hours, fine, max(latest, int(last or 0)))
         return result
 
     # --- writes -------------------------------------------------------------------------------
 
-    def drop_ad_counters(self, pipe: Any, stale: dict[str, list[str]]) -> None:
-        """Queue HDELs of counter fields that no window can reach any more (keeps ad hashes bounded)."""
-        for ad, fields in stale.items():
-            if fields:
-                pipe.hdel(f"{self.prefix}ad:{ad}", *fields)
-
-    def commit_batch(
-        self,
-        *,
-        states: dict[str, UserState],
-        seen_ids: list[str],
-        ad_increments: dict[str, dict[str, int]],
-        ad_last: dict[str, int],
-        offsets: dict[int, int],
-        expected: Mapping[int, int | None],
-        online: Callable[[Any], None],
-    ) -> None:
-        """One atomic write: states, seen ids, ad counters, the online feature rows (queued by `online`
-        on the transaction) and the partitions' applied offsets.
-
-        `expected`: each partition's applied offset when the batch read its state (None: none stored).
-        Raises `StaleWrite` (and writes nothing) when a partition's stored offset differs from it.
-        """
-        forward = {p: o for p, o in offsets.items() if expected.get(p) is None or o > expected[p]}
-        for _ in range(WATCH_ATTEMPTS):
-            with self.transactions.pipeline(transaction=True) as pipe:
-                pipe.watch(self.offsets_key)
-                self._check_fence(pipe, offsets, expected)
-                pipe.multi()
-                self._queue(pipe, states, seen_ids, ad_increments, ad_last, forward, online)
-                try:
-                    pipe.execute()
-                    return
-                except redis.WatchError:
-                    # some consumer stored an offset meanwhile, or the connection broke (the EXEC may have
-                    # applied): check ours again, which also tells the two cases apart
-                    continue
-        raise StaleWrite({p: (expected.get(p), None) for p in offsets})  # never settled: treat as lost
-
-    def _check_fence(self, pipe: Any, offsets: dict[int, int], expected: Mapping[int, int | None]) -> None:
-        partitions = sorted(offsets)
-        if not partitions:
-            return
-        stored = [None if s is None else int(s) for s in pipe.hmget(self.offsets_key, [str(p) for p in partitions])]
-        moved = {p: (expected.get(p), s) for p, s in zip(partitions, stored, strict=True) if s != expected.get(p)}
-        if moved:
-            pipe.reset()
+    def commit(self, partition: int, batch: PartitionBatch) -> None:
+        """One atomic, fenced write of a partition's batch; `StaleWrite` (nothing written) when the
+        partition's stored offset is not `batch.expected`."""
+        tag = self.tag(partition)
+        users = list(batch.states)
+        ads = sorted(set(batch.ad_increments) | set(batch.stale_counters))
+        keys = [f"{tag}offset:{self.group}", f"{tag}ad_last", f"{tag}written:{self.group}"]
+        keys += [f"{tag}user:{u}" for u in users] + [f"{tag}ad:{ad}" for ad in ads]
+        written = orjson.dumps({"users": users, "ads": batch.ads_written})
+        args: list[Any] = ["" if batch.expected is None else batch.expected, batch.offset, len(users), len(ads),
+                           STATE_TTL_S, COUNTER_TTL_S, written]  # fmt: skip
+        args += [orjson.dumps(batch.states[u].to_json()) for u in users]
+        for ad in ads:
+            increments = batch.ad_increments.get(ad, {})
+            stale = [f for f in batch.stale_counters.get(ad, ()) if f not in increments]
+            args += [len(increments), len(stale)]
+            for name, amount in increments.items():
+                args += [name, amount]
+            args += stale
+        for ad, ms in batch.ad_last.items():
+            args += [ms, ad]
+        reply = self._commit(keys=keys, args=args)
+        if reply[0] != 1:
+            stored = int(reply[1]) if reply[1] else None
             STALE_WRITES.inc()
-            error = StaleWrite(moved)
-            log.warning("%s: another consumer owns them now, or this batch's own write applied and its reply was lost",
+            error = StaleWrite({partition: (batch.expected, stored)})
+            log.warning("%s: another consumer owns it now, or this batch's own write applied and its reply was lost",
                         error)  # fmt: skip
             raise error
 
-    def _queue(
-        self,
-        pipe: Any,
-        states: dict[str, UserState],
-        seen_ids: list[str],
-        ad_increments: dict[str, dict[str, int]],
-        ad_last: dict[str, int],
-        offsets: dict[int, int],
-        online: Callable[[Any], None],
-    ) -> None:
-        if states:
-            pipe.mset({f"{self.prefix}state:user:{u}": orjson.dumps(s.to_json()) for u, s in states.items()})
-        if seen_ids:
-            keys = [f"{self.prefix}seen:{event_id}" for event_id in seen_ids]
-            pipe.register_script(_MARK_SEEN)(keys=keys, args=[self.seen_ttl_s], client=pipe)
-        for ad, fields in ad_increments.items():
-            for field, amount in fields.items():
-                pipe.hincrby(f"{self.prefix}ad:{ad}", field, amount)
-        if ad_last:
-            pipe.zadd(f"{self.prefix}ad_last", ad_last, gt=True)
-        online(pipe)
-        if offsets:
-            pipe.hset(self.offsets_key, mapping={str(p): o for p, o in offsets.items()})
+    def forget_users(self, user_ids: Iterable[str], partitions: Iterable[int]) -> int:
+        """Delete these users' states in every partition (erasure); returns how many keys existed."""
+        pipe = self.redis.pipeline(transaction=False)
+        for p in partitions:
+            for u in user_ids:
+                pipe.delete(self.user_key(p, u))
+        return sum(pipe.execute())

@@ -58,7 +58,7 @@ def cluster_stack(local_stack: Settings, tmp_path_factory: pytest.TempPathFactor
     settings = local_stack.model_copy(
         update={
             "stack_dir": tmp_path_factory.mktemp("redis-cluster"),
-            "redis_url": "redis://127.0.0.1:%d/0" % ports[0],
+            "redis_url": f"redis://127.0.0.1:{ports[0]}/0",
             "redis_cluster_nodes": ",".join(f"127.0.0.1:{p}" for p in ports),
         }
     )

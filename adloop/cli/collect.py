@@ -32,7 +32,8 @@ def consume(
     settings = get_settings()
     client = open_redis(settings)
     if reset_offsets:
-        forgotten = StateStore(client, group=GROUP, topic=settings.events_topic).reset_offsets()
+        store = StateStore(client, group=GROUP, topic=settings.events_topic)
+        forgotten = store.reset_offsets(range(settings.event_partitions))
         console.print(f"forgot the applied offsets of {settings.events_topic}: {dict(sorted(forgotten.items()))}")
     start_http_server(settings.consumer_metrics_port if metrics_port is None else metrics_port, addr="127.0.0.1")
     consumer = FeatureConsumer(settings, redis_client=client)

@@ -28,7 +28,7 @@ from streaming.consumer import FeatureConsumer
 from tests.faults.conftest import start, stop, wait_redis
 from tests.streaming.test_consumer import assert_online_equals_batch
 from tests.support.events import synthetic_events
-from tests.support.stack import adloop_env, produce
+from tests.support.stack import adloop_env, applied_events, produce, stored_offsets
 
 pytestmark = pytest.mark.integration
 OUTAGE_S = 5.0  # the issue suggests 15 s; 5 s is as real an outage to the clients and keeps the suite short
@@ -49,8 +49,7 @@ def fault_settings(fault_stack: Settings, tmp_path: Path) -> Iterator[Settings]:
 
 def _applied(settings: Settings, group: str = "adloop-features") -> int:
     """Events stored as applied (sum over partitions of last applied offset + 1); Redis must answer."""
-    client = redis.Redis.from_url(settings.redis_url)
-    return sum(int(v) + 1 for v in client.hvals(f"adloop:offsets:{group}:{settings.events_topic}"))
+    return applied_events(settings, group)
 
 
 def _wait_for(condition, timeout_s: float, what: str) -> None:
@@ -102,18 +101,16 @@ def test_a_frozen_consumer_resumed_after_its_partitions_moved_regresses_nothing(
     events = synthetic_events(6000, users=90, seed=22)
     env = {**os.environ, **adloop_env(fault_settings)}
     command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "4", "--metrics-port", "0"]
-    client = redis.Redis.from_url(fault_settings.redis_url)
-    offsets_key = f"adloop:offsets:adloop-features:{fault_settings.events_topic}"
     regressions: list[str] = []
     watching = threading.Event()
 
     def watch_offsets() -> None:  # samples every partition's stored offset: it must never decrease
-        highest: dict[bytes, int] = {}
+        highest: dict[int, int] = {}
         while not watching.is_set():
-            for partition, offset in client.hgetall(offsets_key).items():
-                if int(offset) < highest.get(partition, -1):
-                    regressions.append(f"partition {partition.decode()}: {highest[partition]} -> {int(offset)}")
-                highest[partition] = max(int(offset), highest.get(partition, -1))
+            for partition, offset in stored_offsets(fault_settings).items():
+                if offset < highest.get(partition, -1):
+                    regressions.append(f"partition {partition}: {highest[partition]} -> {offset}")
+                highest[partition] = max(offset, highest.get(partition, -1))
             time.sleep(0.01)
 
     watcher = threading.Thread(target=watch_offsets, daemon=True)

@@ -13,7 +13,7 @@ import redis
 from typer.testing import CliRunner
 
 from features import tombstones
-from outcomes.erasure import STATE_PREFIX, feast_user_key, forget_user
+from outcomes.erasure import consumer_state, feast_user_key, forget_user
 from outcomes.store import OutcomeStore
 from streaming.events import Event
 from tests.serving.conftest import bundle, catalog_file, catalog_rows  # noqa: F401  (fixtures)
@@ -39,8 +39,9 @@ def test_forget_removes_the_user_everywhere_and_leaves_a_tombstone(feature_setti
     settings = feature_settings.model_copy(update={"stack_dir": tmp_path / "stack"})
     client = redis.Redis.from_url(settings.redis_url)
     user, other = f"u-{uuid.uuid4().hex[:8]}", f"o-{uuid.uuid4().hex[:8]}"
-    client.set(STATE_PREFIX + user, b"{}")
-    client.set(STATE_PREFIX + other, b"{}")
+    state = consumer_state(settings, client)
+    client.set(state.user_key(0, user), b"{}")
+    client.set(state.user_key(1, other), b"{}")
     client.hset(feast_user_key(user), "f", "v")
     offline = settings.feast_data_dir / "offline" / "user_activity"
     offline.mkdir(parents=True, exist_ok=True)
@@ -53,8 +54,8 @@ def test_forget_removes_the_user_everywhere_and_leaves_a_tombstone(feature_setti
     report = forget_user(settings, client, user)
 
     assert report["removed"] == {"consumer_state": 1, "online_feature_rows": 1, "offline_feature_rows": 2,
-                                 "outcome_events": 2, "seen_event_ids": 0}  # fmt: skip
-    assert client.get(STATE_PREFIX + user) is None and client.get(STATE_PREFIX + other) is not None
+                                 "outcome_events": 2}  # fmt: skip
+    assert client.get(state.user_key(0, user)) is None and client.get(state.user_key(1, other)) is not None
     assert pq.read_table(offline / "batch-1.parquet").column("user_id").to_pylist() == [other]
     assert store.outcomes()[0]["impressions"] == 1
     # data still on its way is dropped where it lands: a late event of before the erasure; a new one counts
@@ -93,7 +94,8 @@ def test_the_cli_and_the_route_erase_and_report(feature_settings, make_app, monk
 
     settings = feature_settings.model_copy(update={"stack_dir": tmp_path / "stack"})
     client = redis.Redis.from_url(settings.redis_url)
-    client.set(STATE_PREFIX + "cli-user", b"{}")
+    state = consumer_state(settings, client)
+    client.set(state.user_key(2, "cli-user"), b"{}")
     for name, value in {"REDIS_URL": settings.redis_url, "STACK_DIR": str(settings.stack_dir),
                         "FEAST_DATA_DIR": str(settings.feast_data_dir),
                         "OUTCOMES_PATH": str(settings.outcomes_path)}.items():  # fmt: skip
@@ -105,13 +107,13 @@ def test_the_cli_and_the_route_erase_and_report(feature_settings, make_app, monk
         get_settings.cache_clear()
     assert result.exit_code == 0, result.output
     assert orjson.loads(result.output)["removed"]["consumer_state"] == 1
-    client.set(STATE_PREFIX + "api-user", b"{}")
+    client.set(state.user_key(3, "api-user"), b"{}")
     app, _ = make_app(redis_url=settings.redis_url, stack_dir=settings.stack_dir,
                       feast_data_dir=settings.feast_data_dir, outcomes_path=settings.outcomes_path)  # fmt: skip
     with TestClient(app) as api:
         answer = api.delete("/v1/users/api-user", headers={"Authorization": "Bearer secret"})
     assert answer.status_code == 200 and answer.json()["removed"]["consumer_state"] == 1
-    assert client.get(STATE_PREFIX + "api-user") is None
+    assert client.get(state.user_key(3, "api-user")) is None
 
 
 def test_the_consumer_skips_an_erased_users_events_still_in_kafka(feature_settings) -> None:
@@ -135,6 +137,7 @@ def test_the_consumer_skips_an_erased_users_events_still_in_kafka(feature_settin
     produce(settings, [*replayed, later])
     report = consume_all(settings, len(replayed) + 1, group="test-features")
     assert (report.erased, report.applied) == (5, 1)
-    assert client.get(STATE_PREFIX + user) is not None  # rebuilt from the new event only
+    state = consumer_state(settings, client)
+    assert sum(client.exists(state.user_key(p, user)) for p in range(settings.event_partitions)) == 1  # the new event
     online = features_via_feast(settings, USER_VIEW, [user, other])
     assert online[user]["impressions_total"] == 1 and online[other]["impressions_total"] == 1

@@ -92,7 +92,7 @@ def test_the_refresher_thread_reads_changes_every_interval_and_everything_less_o
 
 @pytest.mark.integration
 def test_online_ad_writes_are_indexed_for_changed_ad_reads(feature_settings, catalog_rows) -> None:
-    """`write_rows` stamps ad rows in the changed-ads index (in the caller's pipeline); serving reads back
+    """`write_rows` stamps ad rows in the changed-ads index; serving reads back
     exactly those through `OnlineFeatureReader`, Feast's own layout."""
     client = redis.Redis.from_url(feature_settings.redis_url)
     layout = FeastLayout.from_settings(feature_settings)
@@ -102,10 +102,8 @@ def test_online_ad_writes_are_indexed_for_changed_ad_reads(feature_settings, cat
     first, second = catalog.ad_ids[:2]
 
     def write(ad_id: str, clicks: int) -> None:
-        pipe = client.pipeline()
         hours = {str(now // 3_600_000): [100, clicks]}
-        write_rows(pipe, layout, AD_VIEW, [(ad_id, now, ad_features(hours, {}, now))])
-        pipe.execute()
+        write_rows(client, layout, AD_VIEW, [(ad_id, now, ad_features(hours, {}, now))])
 
     write(first, 5)
     stats = AdStats(catalog)

@@ -190,10 +190,8 @@ def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, ca
     natives = [r for r in catalog_rows if r["formats"] == "native" and r["end_date"] > "2027"][:4]
     capped = natives[0]
     cap = int(capped["freq_cap_ad"]) or 1
-    pipe = client_redis.pipeline()  # the user's row in Feast's own layout, as the consumer writes it
     row = {**TECH, "freq_ad_ids": [capped["ad_id"]], "freq_ad_impressions_24h": [cap + 1]}
-    write_rows(pipe, layout, "user_activity", [("u-9", 1, row)])
-    pipe.execute()
+    write_rows(client_redis, layout, "user_activity", [("u-9", 1, row)])  # Feast's layout, as the consumer writes
     assert reader.user("u-9")["freq_ad_ids"] == [capped["ad_id"]]  # == Feast's read: tests/streaming
     app, _ = make_app(reader=None, redis_url=feature_settings.redis_url, feast_data_dir=feature_settings.feast_data_dir)
     with TestClient(app) as client:
@@ -325,13 +323,11 @@ def test_live_outcomes_come_from_the_consumers_ad_counters_in_redis(make_app, fe
         return ad_features(hours, fine, last_ts)
 
     fresh, earlier, stale = (r["ad_id"] for r in catalog_rows[:3])
-    pipe = redis.Redis.from_url(feature_settings.redis_url).pipeline()
-    write_rows(pipe, layout, "ad_performance", [
+    write_rows(redis.Redis.from_url(feature_settings.redis_url), layout, "ad_performance", [
         (fresh, now - 600_000, row(now - 600_000, 10, 2)),  # 10 min ago: in the last hour and day
         (earlier, now - 3 * 3_600_000, row(now - 3 * 3_600_000, 5, 1)),  # 3 h ago: the day only
         (stale, now - 3 * 86_400_000, row(now - 3 * 86_400_000, 7, 7)),  # 3 days ago: neither
     ])  # fmt: skip
-    pipe.execute()
     app, _ = make_app(reader=None, redis_url=feature_settings.redis_url, feast_data_dir=feature_settings.feast_data_dir)
     with TestClient(app) as client:
         live = client.get("/v1/outcomes/live").json()

@@ -25,7 +25,7 @@ from streaming.dead_letters import describe
 from streaming.events import Event
 from tests.support import batch_features
 from tests.support.events import synthetic_events
-from tests.support.stack import adloop_env, consume_all, produce, shared_data
+from tests.support.stack import adloop_env, applied_events, consume_all, produce, shared_data
 
 pytestmark = pytest.mark.integration
 
@@ -37,17 +37,17 @@ def assert_online_equals_batch(settings: Settings, events: list[Event]) -> None:
         batch_features.assert_features_equal(features, online[user], user)
 
 
-def test_online_and_offline_features_equal_a_batch_recomputation(feature_settings: Settings) -> None:
+def test_online_and_offline_features_equal_a_batch_recomputation(any_feature_settings: Settings) -> None:
     events = synthetic_events(2000, users=30)
-    produce(feature_settings, events)
-    report = consume_all(feature_settings, len(events))
+    produce(any_feature_settings, events)
+    report = consume_all(any_feature_settings, len(events))
     assert report.applied == len(events)
-    assert_online_equals_batch(feature_settings, events)
+    assert_online_equals_batch(any_feature_settings, events)
 
     # Ad performance: impressions and clicks per ad over the last 7 days of each ad's events.
     table = batch_features.frame(events)
     ads = sorted(table["ad_id"].dropna().unique())
-    online_ads = features_via_feast(feature_settings, AD_VIEW, ads)
+    online_ads = features_via_feast(any_feature_settings, AD_VIEW, ads)
     for ad in ads:
         mine = table[table["ad_id"] == ad]
         assert online_ads[ad]["ad_impressions_7d"] == int((mine["type"] == "ad_impression").sum())
@@ -63,7 +63,7 @@ def test_online_and_offline_features_equal_a_batch_recomputation(feature_setting
             "event_timestamp": pd.to_datetime(sample["ts"], unit="ms", utc=True),
         }
     )
-    joined = point_in_time(feature_settings, rows, views=(USER_VIEW,))
+    joined = point_in_time(any_feature_settings, rows, views=(USER_VIEW,))
     assert joined["last_seen_ms"].notna().sum() >= 3
     for n, (_, event) in enumerate(sample.iterrows()):
         seen_until = joined.iloc[n]["last_seen_ms"]
@@ -77,12 +77,12 @@ def test_online_and_offline_features_equal_a_batch_recomputation(feature_setting
 
     # The latest offline row of each user is the row served online.
     latest = point_in_time(
-        feature_settings,
+        any_feature_settings,
         pd.DataFrame({"user_id": sorted(expected_users := set(table["user_id"])), "ad_id": "none",
                       "event_timestamp": pd.Timestamp(int(table["ts"].max()) + 1, unit="ms", tz="UTC")}),
         views=(USER_VIEW,),
     )  # fmt: skip
-    online = features_via_feast(feature_settings, USER_VIEW, sorted(expected_users))
+    online = features_via_feast(any_feature_settings, USER_VIEW, sorted(expected_users))
     for _, row in latest.iterrows():
         assert row["last_seen_ms"] == online[row["user_id"]]["last_seen_ms"]
         assert row["add_to_cart_7d"] == online[row["user_id"]]["add_to_cart_7d"]
@@ -123,30 +123,28 @@ def test_bad_events_go_to_the_dead_letter_topic_with_their_reason(feature_settin
     assert_online_equals_batch(feature_settings, good)
 
 
-def test_a_crash_mid_replay_changes_no_feature(feature_settings: Settings) -> None:
+def test_a_crash_mid_replay_changes_no_feature(any_feature_settings: Settings) -> None:
     events = synthetic_events(6000, users=60, seed=3)
-    produce(feature_settings, events)
-    env = {**os.environ, **adloop_env(feature_settings), "ADLOOP_CONSUMER_BATCH_SIZE": "100"}
+    produce(any_feature_settings, events)
+    env = {**os.environ, **adloop_env(any_feature_settings), "ADLOOP_CONSUMER_BATCH_SIZE": "100"}
     command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "10", "--metrics-port", "0"]
-    offsets_key = f"adloop:offsets:adloop-features:{feature_settings.events_topic}"
-    client = redis.Redis.from_url(feature_settings.redis_url)
     victim = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
-    while sum(int(v) + 1 for v in client.hvals(offsets_key)) < 1500 and time.monotonic() < deadline:
+    while applied_events(any_feature_settings) < 1500 and time.monotonic() < deadline:
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=10)
-    applied_before_crash = sum(int(v) + 1 for v in client.hvals(offsets_key))
+    applied_before_crash = applied_events(any_feature_settings)
     assert 0 < applied_before_crash < len(events), "the kill must land mid-replay"
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert_online_equals_batch(feature_settings, events)
+    assert_online_equals_batch(any_feature_settings, events)
 
 
-def test_two_consumers_in_one_group_share_the_partitions(feature_settings: Settings) -> None:
+def test_two_consumers_in_one_group_share_the_partitions(any_feature_settings: Settings) -> None:
     events = synthetic_events(4000, users=80, seed=5)
-    env = {**os.environ, **adloop_env(feature_settings)}
+    env = {**os.environ, **adloop_env(any_feature_settings)}
     command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "10", "--metrics-port", "0"]
     runs = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -160,19 +158,19 @@ def test_two_consumers_in_one_group_share_the_partitions(feature_settings: Setti
     for reader in readers:
         reader.start()
     deadline = time.monotonic() + 60
-    while sorted(p for log in logs for p in _last_assignment(log)) != list(range(6)) or not all(
-        map(_last_assignment, logs)
-    ):
+    while sorted(p for log in logs for p in _last_assignment(log)) != list(
+        range(any_feature_settings.event_partitions)
+    ) or not all(map(_last_assignment, logs)):
         assert time.monotonic() < deadline, f"both consumers never held partitions: {logs}"
         time.sleep(0.2)
-    produce(feature_settings, events)  # only now, so that both members share the work
+    produce(any_feature_settings, events)  # only now, so that both members share the work
     for run, reader in zip(runs, readers, strict=True):
         run.wait(timeout=120)
         reader.join(timeout=10)
     applied = [int("".join(log).split("applied ")[-1].split(",")[0]) for log in logs]
     assert sum(applied) == len(events), logs
     assert all(n > 0 for n in applied), f"one consumer applied nothing: {applied} {logs}"
-    assert_online_equals_batch(feature_settings, events)
+    assert_online_equals_batch(any_feature_settings, events)
 
 
 def _last_assignment(log: list[str]) -> list[int]:
@@ -191,6 +189,19 @@ def test_taobao_replay_features_equal_a_pandas_recomputation(feature_settings: S
     assert_online_equals_batch(settings, events)  # all 66,454 users, through Feast's get_online_features
 
 
+def test_a_taobao_prefix_replayed_on_redis_cluster_equals_a_pandas_recomputation(cluster_stack: Settings,
+                                                                                 tmp_path) -> None:  # fmt: skip
+    """The same check on Redis Cluster, over a prefix (the whole file is replayed on standalone above)."""
+    from adloop.runs.isolated import isolated_settings
+    from streaming.replay import taobao
+
+    events = list(taobao.read(shared_data("taobao", "UserBehavior_timeslice.csv")))[:20_000]
+    with isolated_settings(cluster_stack, tmp_path, redis_db=0, consumer_batch_size=5000) as settings:
+        produce(settings, events)
+        assert consume_all(settings, len(events)).applied == len(events)
+        assert_online_equals_batch(settings, events)
+
+
 def test_feast_layout_read_and_write_match_feast(feature_settings: Settings) -> None:
     """Rows written in Feast's layout, and the request path's HMGET read, equal Feast's own push and read."""
     from features.online import FeastLayout, OnlineFeatureReader, write_rows
@@ -205,9 +216,7 @@ def test_feast_layout_read_and_write_match_feast(feature_settings: Settings) -> 
     FeastSink(feature_settings).write_online(USER_VIEW, [(f"pushed-{u}", ts, f) for u, (ts, f) in rows.items()])
     layout = FeastLayout.from_settings(feature_settings)
     client = redis.Redis.from_url(feature_settings.redis_url)
-    pipe = client.pipeline()
-    write_rows(pipe, layout, USER_VIEW, [(f"direct-{u}", ts, f) for u, (ts, f) in rows.items()])
-    pipe.execute()
+    write_rows(client, layout, USER_VIEW, [(f"direct-{u}", ts, f) for u, (ts, f) in rows.items()])
 
     ids = [f"{kind}-{u}" for u in rows for kind in ("pushed", "direct")]
     via_feast = features_via_feast(feature_settings, USER_VIEW, [*ids, "nobody"])

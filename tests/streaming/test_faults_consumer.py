@@ -18,8 +18,9 @@ from prometheus_client import REGISTRY
 from adloop.settings import Settings
 from streaming.consumer import GROUP, FeatureConsumer, OffsetsAheadOfTopic
 from streaming.dead_letters import describe
+from streaming.state_store import PartitionBatch, StateStore
 from tests.support.events import synthetic_events
-from tests.support.stack import adloop_env, produce
+from tests.support.stack import adloop_env, produce, stored_offsets
 
 pytestmark = pytest.mark.integration
 
@@ -72,12 +73,13 @@ def test_offsets_beyond_a_recreated_topic_stop_the_consumer_until_reset(feature_
     events = synthetic_events(40, users=8, seed=9)
     produce(feature_settings, events)
     client = redis.Redis.from_url(feature_settings.redis_url)
-    offsets_key = f"adloop:offsets:{GROUP}:{feature_settings.events_topic}"
-    client.hset(offsets_key, mapping={str(p): 5_000 for p in range(6)})  # left by the topic's former life
+    store = StateStore(client, group=GROUP, topic=feature_settings.events_topic)
+    for p in range(feature_settings.event_partitions):  # left by the topic's former life
+        store.commit(p, PartitionBatch(offset=5_000, expected=None))
     consumer = FeatureConsumer(feature_settings, redis_client=client)
     with pytest.raises(OffsetsAheadOfTopic, match=r"topic recreated\? .*adloop consume --reset-offsets"):
         consumer.run(idle_exit_s=10)
-    assert client.hgetall(offsets_key) == {str(p).encode(): b"5000" for p in range(6)}  # nothing skipped or moved
+    assert stored_offsets(feature_settings) == dict.fromkeys(range(feature_settings.event_partitions), 5_000)
 
     env = {**os.environ, **adloop_env(feature_settings)}
     command = [

@@ -89,6 +89,19 @@ def _redis_port(settings: Settings) -> int:
     return redis.Redis.from_url(settings.redis_url).connection_pool.connection_kwargs.get("port", 6379)
 
 
+def stored_offsets(settings: Settings, group: str = "adloop-features") -> dict[int, int]:
+    """The consumer's applied offsets stored in Redis, per partition of the settings' events topic."""
+    from streaming.state_store import StateStore
+
+    store = StateStore(redis_client(settings), group=group, topic=settings.events_topic)
+    return store.applied_offsets(range(settings.event_partitions))
+
+
+def applied_events(settings: Settings, group: str = "adloop-features") -> int:
+    """Records stored as applied (sum over partitions of last applied offset + 1); Redis must answer."""
+    return sum(o + 1 for o in stored_offsets(settings, group).values())
+
+
 def consume_all(settings: Settings, expected: int, group: str = "test-features") -> Any:
     """Run a consumer until `expected` messages are accounted for (or 30 s pass with none arriving)."""
     consumer = FeatureConsumer(settings, redis_client=redis_client(settings), group=group)
