@@ -139,11 +139,18 @@ class StateStore:
         ids = list(users)
         if not ids:
             return {}
-        pipe = self.redis.pipeline(transaction=False)
+        by_partition: dict[int, list[str]] = {}
         for p, u in ids:
-            pipe.get(self.user_key(p, u))
-        blobs = pipe.execute()
-        return {k: UserState.from_json(orjson.loads(b)) if b else UserState() for k, b in zip(ids, blobs, strict=True)}
+            by_partition.setdefault(p, []).append(u)
+        pipe = self.redis.pipeline(transaction=False)
+        for p, users_of_p in by_partition.items():  # one MGET per partition: its users share a slot
+            # (execute_command: redis-py's cluster pipeline refuses `mget()` but routes a one-slot MGET)
+            pipe.execute_command("MGET", *[self.user_key(p, u) for u in users_of_p])
+        states = {}
+        for (p, users_of_p), blobs in zip(by_partition.items(), pipe.execute(), strict=True):
+            for u, blob in zip(users_of_p, blobs, strict=True):
+                states[(p, u)] = UserState.from_json(orjson.loads(blob)) if blob else UserState()
+        return states
 
     def written(self, partition: int) -> tuple[list[str], list[str]]:
         """The users and ads of the partition's last committed batch (their online rows follow the commit)."""
