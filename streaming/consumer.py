@@ -103,7 +103,9 @@ class FeatureConsumer:
             session_timeout_ms=10_000,  # a crashed member's partitions move on after 10 s, not 45
             heartbeat_interval_ms=3_000,
         )
-        self.partitions = self._topic_partitions()
+        # An ad's counters are summed over these, and erasure and the tools look for a user's state in them:
+        # a topic with more partitions is refused (`_apply`).
+        self.partitions = list(range(settings.event_partitions))
         self.applied = self.state.applied_offsets(self.partitions)
         self.layout = FeastLayout.from_settings(settings)
         self.touched_ads: set[str] = set()
@@ -162,6 +164,11 @@ class FeatureConsumer:
         events: list[tuple[int, Any, DecodedEvent]] = []  # (partition, record, event)
         last_offsets: dict[int, int] = {}
         for tp, records in batch.items():
+            if tp.partition >= len(self.partitions):
+                raise ValueError(
+                    f"topic {self.topic} has a partition {tp.partition}, beyond ADLOOP_EVENT_PARTITIONS="
+                    f"{len(self.partitions)}: set it to the topic's partition count"
+                )
             applied = self.applied.get(tp.partition, -1)
             if records[0].offset <= applied:
                 self._check_ahead(tp, applied)
@@ -337,17 +344,6 @@ class FeatureConsumer:
                 stored = self.applied.get(tp.partition)
                 self.consumer.seek(tp, records[0].offset if stored is None else stored + 1)
 
-    def _topic_partitions(self) -> list[int]:
-        """The topic's partitions (an ad's counters are summed over them); more than the settings' count is
-        refused: erasure and the tools look for a user's state in that many partitions."""
-        partitions = sorted(self.consumer.partitions_for_topic(self.topic))
-        if len(partitions) > self.settings.event_partitions:
-            raise ValueError(
-                f"topic {self.topic} has {len(partitions)} partitions, more than ADLOOP_EVENT_PARTITIONS="
-                f"{self.settings.event_partitions}: set it to the topic's partition count"
-            )
-        return partitions
-
     def _check_ahead(self, tp: TopicPartition, applied: int) -> None:
         """Records at or below the applied offset are a replay after a crash, unless the topic is shorter."""
         end = self.consumer.end_offsets([tp])[tp]
@@ -389,7 +385,6 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         owner = self.owner
-        owner.partitions = sorted(set(owner.partitions) | {tp.partition for tp in assigned})
         owner.applied = owner.state.applied_offsets(owner.partitions)  # another consumer may have moved them
         for tp in assigned:
             if tp.partition in owner.applied:

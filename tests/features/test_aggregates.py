@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from features.aggregates import UserState, ad_features, apply_user, prune, user_features
+from features.aggregates import (
+    RECENT_IDS_N,
+    UserState,
+    ad_features,
+    apply_user,
+    prune,
+    remember,
+    repeat_of,
+    user_features,
+)
 from streaming.events import Event
 from tests.support import batch_features
 from tests.support.events import T0, synthetic_events
@@ -67,3 +76,20 @@ def test_stale_ad_counters_are_outside_every_window() -> None:
     kept_hours = {b: c for b, c in hours.items() if f"h:{b}:0" not in stale}
     kept_fine = {b: c for b, c in fines.items() if f"f:{b}:0" not in stale}
     assert ad_features(kept_hours, kept_fine, now) == ad_features(hours, fines, now)
+
+
+def test_a_users_recent_event_ids_catch_repeats_and_stay_bounded() -> None:
+    state = UserState()
+    events = synthetic_events(RECENT_IDS_N + 10, users=1, seed=4)
+    for event in events:
+        assert repeat_of(state, event) is None
+        apply_user(state, event)
+        remember(state, event)
+    assert len(state.recent_ids) == RECENT_IDS_N  # bounded per user, whatever the user's volume
+    assert repeat_of(state, events[-1]) == "duplicate"  # remembered
+    assert repeat_of(state, events[-RECENT_IDS_N]) == "duplicate"
+    # forgotten: at or before the newest forgotten id's time it might be a repeat, so it is not applied
+    assert repeat_of(state, events[0]) == "too_late" and repeat_of(state, events[9]) == "too_late"
+    later = events[-1].model_copy(update={"event_id": "new", "ts": events[-1].ts})
+    assert repeat_of(state, later) is None  # a new id after the forgotten ones' time is new
+    assert UserState.from_json(state.to_json()) == state  # stored and read back as is

@@ -97,6 +97,7 @@ def test_the_cli_and_the_route_erase_and_report(feature_settings, make_app, monk
     state = consumer_state(settings, client)
     client.set(state.user_key(2, "cli-user"), b"{}")
     for name, value in {"REDIS_URL": settings.redis_url, "STACK_DIR": str(settings.stack_dir),
+                        "EVENTS_TOPIC": settings.events_topic,
                         "FEAST_DATA_DIR": str(settings.feast_data_dir),
                         "OUTCOMES_PATH": str(settings.outcomes_path)}.items():  # fmt: skip
         monkeypatch.setenv(f"ADLOOP_{name}", value)
@@ -108,7 +109,7 @@ def test_the_cli_and_the_route_erase_and_report(feature_settings, make_app, monk
     assert result.exit_code == 0, result.output
     assert orjson.loads(result.output)["removed"]["consumer_state"] == 1
     client.set(state.user_key(3, "api-user"), b"{}")
-    app, _ = make_app(redis_url=settings.redis_url, stack_dir=settings.stack_dir,
+    app, _ = make_app(redis_url=settings.redis_url, stack_dir=settings.stack_dir, events_topic=settings.events_topic,
                       feast_data_dir=settings.feast_data_dir, outcomes_path=settings.outcomes_path)  # fmt: skip
     with TestClient(app) as api:
         answer = api.delete("/v1/users/api-user", headers={"Authorization": "Bearer secret"})

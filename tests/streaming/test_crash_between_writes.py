@@ -17,12 +17,16 @@ from tests.support.stack import adloop_env, applied_events, produce
 
 pytestmark = pytest.mark.integration
 
-# `adloop consume` whose process kills itself (SIGKILL) when it first writes online rows: after its first
-# batch's partitions committed, before any of their rows.
+# `adloop consume` whose process kills itself (SIGKILL) as soon as its first batch's partitions committed,
+# before any of their online rows.
 _DIES_BETWEEN_THE_WRITES = """
 import os, signal, sys
-import streaming.consumer
-streaming.consumer.write_rows = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+from streaming.consumer import FeatureConsumer
+commit = FeatureConsumer._commit
+def commit_then_die(self, *args, **kwargs):
+    commit(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+FeatureConsumer._commit = commit_then_die
 from adloop.cli import app
 app(sys.argv[1:])
 """
