@@ -63,6 +63,9 @@ from streaming.state_store import PartitionBatch, StaleWrite, StateStore
 log = logging.getLogger(__name__)
 GROUP = "adloop-features"
 RETRY_PAUSE_S = 1.0  # after a batch that could not commit, before reading it again
+# Without partitions this long after starting, a consumer is idle, not joining: more members than partitions,
+# or a topic deleted under it (its `idle_exit_s` then counts, so it does not wait forever).
+JOIN_WAIT_S = 60.0
 _TOO_LATE = (f"event time {{ts}} is at or before an event of this user whose id was forgotten (the last "
              f"{RECENT_IDS_N} ids are kept): it may be a repeat, so it is not applied")  # fmt: skip
 
@@ -119,7 +122,7 @@ class FeatureConsumer:
         # collections that polling still sets off skip them.
         # Unfrozen at the end, so that they are collected as usual afterwards (and at exit).
         gc.freeze()
-        idle_since = time.monotonic()
+        started = idle_since = time.monotonic()
         try:
             while not stop():
                 batch = self.consumer.poll(
@@ -127,7 +130,7 @@ class FeatureConsumer:
                 )
                 if not batch:
                     self.refresh_ads()
-                    if not self.consumer.assignment():
+                    if not self.consumer.assignment() and time.monotonic() - started < JOIN_WAIT_S:
                         idle_since = time.monotonic()  # still joining the group: not idle yet
                     elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                         break
