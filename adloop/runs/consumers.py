@@ -233,6 +233,7 @@ def _child(settings: Settings, idle_exit_s: float | None, folder: str, level: in
     """A child's life: one FeatureConsumer until SIGTERM/SIGINT (the batch in hand is finished) or idle."""
     stopping = threading.Event()
     _install_signals(stopping)
+    _stop_with_parent(stopping)
     # prometheus_client opens this process's files on its first count (a pid of its own) in the folder the
     # environment names then: this supervisor's, even from a fork server started by an earlier one.
     os.environ.update(dict.fromkeys(MULTIPROC_VARS, folder))
@@ -250,6 +251,21 @@ def _child(settings: Settings, idle_exit_s: float | None, folder: str, level: in
         sys.exit(EXIT_FATAL)
     log.info("applied %d, duplicates %d, replayed %d, erased %d, dead-lettered %d", report.applied,
              report.duplicates, report.replayed, report.erased, sum(report.dead_lettered.values()))  # fmt: skip
+
+
+def _stop_with_parent(stopping: threading.Event) -> None:
+    """Stop when the supervisor ends, however it ends: killed outright (SIGKILL, OOM), it leaves no consumer
+    behind. The parent's sentinel (a pipe the supervisor holds open) reads as ready once the supervisor is gone."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        log.warning("the supervisor is gone: stopping")
+        stopping.set()
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 @contextmanager

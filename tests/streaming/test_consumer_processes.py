@@ -12,10 +12,11 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 
 from adloop.runs.isolated import isolated_settings
 from adloop.settings import PROJECT_ROOT, Settings
@@ -69,7 +70,7 @@ class Consume:
                 latest[who] = json.loads(line.split("partitions assigned: ")[1])
         return latest
 
-    def wait_assigned(self, members: int, partitions: int = PARTITIONS, timeout_s: float = 60, since: int = 0) -> None:
+    def wait_assigned(self, members: int, partitions: int = PARTITIONS, timeout_s: float = 90, since: int = 0) -> None:
         """Until `members` of this command hold all `partitions` between them (assigned from line `since` on)."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -150,93 +151,110 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def test_two_processes_apply_every_event_once_and_one_endpoint_sums_them(settings12: Settings) -> None:
-    events = synthetic_events(3000, users=60, seed=21)
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (not zombies)."""
+    running = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.add(pid)
+        except OSError:
+            pass
+    return running
+
+
+def test_two_processes_apply_every_event_once_a_dead_one_comes_back_and_sigterm_stops_all(settings12: Settings) -> None:
+    events = synthetic_events(4000, users=60, seed=21)
+    first, later = events[:3000], events[3000:]
     run = Consume(settings12, "--processes", "2")
     try:
         run.wait_assigned(members=2)
-        produce(settings12, events)  # only now, so that both children share the work
-        run.wait_metric("adloop_consumer_events_applied_total", len(events))
+        produce(settings12, first)  # only now, so that both children share the work
+        run.wait_metric("adloop_consumer_events_applied_total", len(first))  # one endpoint, both children summed
         assert run.metrics()["adloop_consumer_processes"] == 2
-    finally:
-        run.stop()
-    assert run.process.returncode == 0, run.output()
-    applied = [int(line.split("applied ")[1].split(",")[0]) for line in run.lines if "consumer-" in line
-               and " applied " in line]  # fmt: skip
-    assert len(applied) == 2 and sum(applied) == len(events) and min(applied) > 0, run.output()
-    assert f"applied {len(events)}, duplicates 0, restarts 0" in run.output()
-    assert_applied_once(settings12, events)
 
-
-def test_scaling_from_one_to_two_processes_while_events_flow_loses_and_repeats_nothing(settings12: Settings) -> None:
-    events = synthetic_events(20_000, users=80, seed=22)
-    sent = 0
-    flowing = threading.Event()
-    flowing.set()
-
-    def flow() -> None:  # 100 events every 0.1 s until told to stop: the group changes while they flow
-        nonlocal sent
-        while flowing.is_set() and sent < len(events):
-            produce(settings12, events[sent : sent + 100])
-            sent += 100
-            time.sleep(0.1)
-
-    # The first member: a consumer of this process (no start-up import to wait for).
-    single = FeatureConsumer(settings12, redis_client=redis_client(settings12))
-    single_stop = threading.Event()
-    single_run = threading.Thread(target=lambda: single.run(stop=single_stop.is_set), daemon=True)
-    single_run.start()
-    producer = threading.Thread(target=flow, daemon=True)
-    producer.start()
-    scaled = Consume(settings12, "--processes", "2")  # the group grows from 1 to 3 members...
-    try:
-        deadline = time.monotonic() + 60
-        while sum(map(bool, scaled.assignments().values())) < 2:
-            assert time.monotonic() < deadline and scaled.process.poll() is None, scaled.output()
-            time.sleep(0.2)
-        time.sleep(1.0)
-        assert single.total.applied > 0 and sent < len(events)
-        single_stop.set()  # ...and shrinks to 2 (it finishes its batch and leaves the group)
-        single_run.join(15)
-        assert not single_run.is_alive()
-        scaled.wait_assigned(members=2)
-        time.sleep(1.0)
-        flowing.clear()
-        producer.join(10)
-        store = StateStore(redis_client(settings12), group=GROUP, topic=settings12.events_topic)
-        deadline = time.monotonic() + 30
-        while sum(o + 1 for o in store.applied_offsets().values()) < sent:
-            assert time.monotonic() < deadline, scaled.output()
-            time.sleep(0.2)
-    finally:
-        flowing.clear()
-        single_stop.set()
-        scaled.stop()
-    assert scaled.process.returncode == 0, scaled.output()
-    assert_applied_once(settings12, events[:sent])
-
-
-def test_a_killed_child_is_restarted_and_sigterm_stops_every_child(settings12: Settings) -> None:
-    run = Consume(settings12, "--processes", "2")
-    try:
-        run.wait_assigned(members=2)
-        children = descendants(run.process.pid)
         victim = int(re.search(r"consumer 1 started \(pid (\d+)\)", run.output()).group(1))
-        assert victim in children
+        assert victim in descendants(run.process.pid)
         killed_at = len(run.lines)
         os.kill(victim, signal.SIGKILL)
         run.wait_metric("adloop_consumer_restarts_total", 1)
         run.wait_metric("adloop_consumer_processes", 2)
-        run.wait_assigned(members=2, since=killed_at)  # the new child holds partitions again
+        run.wait_assigned(members=2, since=killed_at)  # its successor holds partitions again
+        produce(settings12, later)
+        run.wait_metric("adloop_consumer_events_applied_total", len(events))  # the dead child's count stays
         children = descendants(run.process.pid)
     finally:
         seconds = run.stop()
     assert run.process.returncode == 0, run.output()
     assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert f"consumer 1 (pid {victim}) died (signal SIGKILL); restarting it" in run.output()
-    # Both children ended their run (closing their Kafka consumer): the restarted one and the other.
-    assert sum("consumer-" in line and " applied 0, " in line for line in run.lines) == 2, run.output()
-    deadline = time.monotonic() + 5
-    while any(Path(f"/proc/{pid}").exists() for pid in children):  # the fork server leaves on its own
-        assert time.monotonic() < deadline, f"still alive: {[p for p in children if Path(f'/proc/{p}').exists()]}"
+    # Both live children ended their run (finishing their batch, closing their Kafka consumer).
+    applied = [int(line.split("applied ")[1].split(",")[0]) for line in run.lines[killed_at:]
+               if "consumer-" in line and " applied " in line]  # fmt: skip
+    assert len(applied) == 2 and min(applied) > 0, run.output()
+    assert f"applied {len(events)}, duplicates 0, restarts 1" in run.output()
+    wait_for(lambda: not alive(children), run, timeout_s=5, running=False)  # the fork server leaves on its own
+    assert_applied_once(settings12, events)
+
+
+def test_scaling_from_one_to_two_processes_while_events_flow_loses_and_repeats_nothing(settings12: Settings) -> None:
+    events = synthetic_events(12_000, users=80, seed=22)
+    sent = 500
+    flowing = threading.Event()
+
+    def flow() -> None:  # 50 events every 0.1 s while `flowing`: the group changes while they arrive
+        nonlocal sent
+        producer = KafkaProducer(bootstrap_servers=settings12.kafka_bootstrap_servers, acks="all", linger_ms=5)
+        while flowing.is_set() and sent < len(events):
+            for event in events[sent : sent + 50]:
+                producer.send(settings12.events_topic, key=event.user_id.encode(), value=event.to_bytes())
+            producer.flush(10)
+            sent += 50
+            time.sleep(0.1)
+        producer.close()
+
+    # The first member: a consumer of this process (no start-up import to wait for), with work done.
+    single = FeatureConsumer(settings12, redis_client=redis_client(settings12))
+    single_stop = threading.Event()
+    single_run = threading.Thread(target=lambda: single.run(stop=single_stop.is_set), daemon=True)
+    single_run.start()
+    produce(settings12, events[:sent])
+    scaled = Consume(settings12, "--processes", "2")
+    producer = threading.Thread(target=flow, daemon=True)
+    try:
+        wait_for(lambda: "consumer 1 started" in scaled.output(), scaled)  # its children are about to join
+        assert single.total.applied == sent
+        flowing.set()
+        producer.start()
+        wait_for(lambda: sum(map(bool, scaled.assignments().values())) == 2, scaled)  # the group grew 1 -> 3
+        time.sleep(1.0)
+        single_stop.set()  # and shrinks to 2: it finishes its batch and leaves the group
+        single_run.join(15)
+        assert not single_run.is_alive()
+        scaled.wait_assigned(members=2)
+        time.sleep(1.0)
+        flowing.clear()
+        producer.join(10)
+        assert single.total.applied > 500 and sent < len(events)
+        store = StateStore(redis_client(settings12), group=GROUP, topic=settings12.events_topic)
+        wait_for(lambda: sum(o + 1 for o in store.applied_offsets().values()) == sent, scaled)
+        # The supervisor killed outright: its children see it gone and stop by themselves, none is left behind.
+        children = descendants(scaled.process.pid)
+        scaled.process.kill()
+        scaled.process.wait(10)
+        wait_for(lambda: not alive(children), scaled, timeout_s=20, running=False)
+        assert sum("the supervisor is gone: stopping" in line for line in scaled.lines) == 2, scaled.output()
+    finally:
+        flowing.clear()
+        single_stop.set()
+        if scaled.process.poll() is None:
+            scaled.stop()
+    assert_applied_once(settings12, events[:sent])
+
+
+def wait_for(condition: Callable[[], bool], run: Consume, timeout_s: float = 60, running: bool = True) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert not running or run.process.poll() is None, run.output()
+        assert time.monotonic() < deadline, run.output()
         time.sleep(0.1)
