@@ -301,7 +301,10 @@ def _serve_metrics(folder: Path, port: int) -> _Metrics:
     # the folder was set (a caller of `supervise` in a process that already counts), the supervisor's own
     # metrics are registered directly instead of through their files.
     own = None if values.ValueClass is not values.MutexValue else registry
-    restarts = Counter("adloop_consumer_restarts_total", "Consumer processes restarted after dying.", registry=own)
+    restarts = Counter(
+        "adloop_consumer_restarts_total", "Consumer processes that died unexpectedly (restarted after a back-off).",
+        registry=own,
+    )  # fmt: skip
     alive = Gauge(
         "adloop_consumer_processes", "Consumer processes running under the supervisor.", registry=own,
         multiprocess_mode="livesum",
@@ -314,7 +317,7 @@ def _serve_metrics(folder: Path, port: int) -> _Metrics:
 
 
 def _report(metrics: _Metrics, exit_code: int) -> SupervisorReport:
-    totals = sample_totals(metrics.registry)
+    totals = _sample_totals(metrics.registry)
     return SupervisorReport(
         exit_code=exit_code,
         applied=totals.get("adloop_consumer_events_applied_total", 0.0),
@@ -323,7 +326,7 @@ def _report(metrics: _Metrics, exit_code: int) -> SupervisorReport:
     )
 
 
-def sample_totals(registry: Any) -> dict[str, float]:
+def _sample_totals(registry: Any) -> dict[str, float]:
     """Sample name -> value summed over labels, of what `registry` exposes."""
     totals: dict[str, float] = {}
     for metric in registry.collect():
