@@ -222,7 +222,7 @@ def test_scaling_from_one_to_two_processes_while_events_flow_loses_and_repeats_n
     scaled = Consume(settings12, "--processes", "2")
     producer = threading.Thread(target=flow, daemon=True)
     try:
-        wait_for(lambda: "consumer 1 started" in scaled.output(), scaled)  # its children are about to join
+        wait_for(lambda: "consumer 1 started" in scaled.output(), scaled, timeout_s=120)  # its children join next
         assert single.total.applied == sent
         flowing.set()
         producer.start()
