@@ -124,8 +124,11 @@ def _supervise(
     slots = [_Slot(i) for i in range(processes)]
     exit_code = 0
     try:
-        for slot in slots:
-            _start(context, slot, settings, idle_exit_s, metrics)
+        with _interruptible(stopping):
+            for slot in slots:
+                if stopping.is_set():
+                    break
+                _start(context, slot, settings, idle_exit_s, metrics)
         exit_code = _watch(context, slots, settings, idle_exit_s, metrics, stopping, backoff)
     finally:
         _stop_all(slots, grace_s, metrics)
@@ -266,6 +269,33 @@ def _stop_with_parent(stopping: threading.Event) -> None:
         stopping.set()
 
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
+class _StopDuringStart(Exception):
+    """Raised by the signal handler while the first children start: `process.start()` waits for the fork
+    server's imports (seconds, minutes on a loaded machine), and a stop must not wait for them."""
+
+
+@contextmanager
+def _interruptible(stopping: threading.Event) -> Iterator[None]:
+    """A SIGTERM/SIGINT meanwhile abandons the start. A child the fork server forks afterwards finds the
+    supervisor gone (`_stop_with_parent`) and stops at once; the fork server ends once it has no client."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+        raise _StopDuringStart
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except _StopDuringStart:
+        log.info("stop requested while the consumers started")
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 @contextmanager
