@@ -22,23 +22,41 @@ def consume(
     reset_offsets: bool = typer.Option(
         False, "--reset-offsets", help="First forget the applied offsets stored in Redis (after recreating the topic)."
     ),
+    processes: int = typer.Option(
+        1, min=1, help="Consumer processes in the group, under one supervisor with one /metrics (1: in this process)."
+    ),
 ) -> None:
     """Run the feature consumer: adloop.events -> user and ad features in Feast (Redis online, parquet offline)."""
-    from prometheus_client import start_http_server
-
-    from streaming.consumer import GROUP, FeatureConsumer, OffsetsAheadOfTopic
-    from streaming.state_store import StateStore
-
     settings = get_settings()
-    client = open_redis(settings)
+    port = settings.consumer_metrics_port if metrics_port is None else metrics_port
     if reset_offsets:
-        store = StateStore(client, group=GROUP, topic=settings.events_topic)
+        from streaming.consumer import GROUP
+        from streaming.state_store import StateStore
+
+        store = StateStore(open_redis(settings), group=GROUP, topic=settings.events_topic)
         forgotten = store.reset_offsets(range(settings.event_partitions))
         console.print(f"forgot the applied offsets of {settings.events_topic}: {dict(sorted(forgotten.items()))}")
-    start_http_server(settings.consumer_metrics_port if metrics_port is None else metrics_port, addr="127.0.0.1")
+    if processes > 1:
+        # Before anything here imports prometheus_client: the supervisor sets its multiprocess folder.
+        from adloop.runs.consumers import supervise
+
+        summary = supervise(settings, processes, metrics_port=port, idle_exit_s=idle_exit)
+        console.print(
+            f"{processes} processes: applied {summary.applied:.0f}, duplicates {summary.duplicates:.0f}, "
+            f"restarts {summary.restarts}"
+        )
+        raise typer.Exit(summary.exit_code)
+    from prometheus_client import start_http_server
+
+    from adloop.runs.consumers import stop_signals
+    from streaming.consumer import FeatureConsumer, OffsetsAheadOfTopic
+
+    client = open_redis(settings)
+    start_http_server(port, addr="127.0.0.1")
     consumer = FeatureConsumer(settings, redis_client=client)
     try:
-        report = consumer.run(idle_exit_s=idle_exit)
+        with stop_signals() as stopping:  # SIGTERM too ends the batch in hand, then leaves the group
+            report = consumer.run(stop=stopping.is_set, idle_exit_s=idle_exit)
     except OffsetsAheadOfTopic as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from error
