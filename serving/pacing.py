@@ -9,9 +9,11 @@ clearing price of the OpenRTB billing notice), a CPC ad when its tracked click a
 
 Each process charges its in-memory counters at once (the request path never waits for Redis) and,
 every `ADLOOP_PACING_SYNC_S` from a background thread (`Pacer.sync`), adds what it charged since to
-the day's hash `adloop:spend:<day>` (field = ad id; HINCRBYFLOAT, expiring after two days) and to the
-lifetime hash `adloop:spend:lifetime`, and reads both back, in one script call: so uvicorn workers and
-replicas pace one budget together.
+the day's hash `adloop:{spend}:<day>` (field = ad id; HINCRBYFLOAT, expiring after two days) and to the
+lifetime hash `adloop:{spend}:lifetime`, and reads both back, in one script call: so uvicorn workers and
+replicas pace one budget together. On Redis Cluster a script's keys must share a hash slot: the `{spend}`
+tag puts both hashes on one slot (one node). That is no hot spot: each process calls the script once per
+sync interval, and the hashes hold one field per ad that spent.
 The read costs in proportion to the ads that spent today, not to the catalog: a sync holds the
 serving process's GIL (commands and keys per ad cost 11-14 ms a second with 7,500 budgeted ads, one
 script call 2.5-3.4 ms: `python -m bench.select_path`). Between syncs a process does not see the
@@ -32,7 +34,8 @@ from serving.catalog import Catalog
 
 DAY_S = 86_400
 KEY_TTL_S = 2 * DAY_S
-LIFETIME_KEY = "adloop:spend:lifetime"  # field = ad id, USD charged since the ad's first charge
+SPEND_TAG = "adloop:{spend}:"  # the hash tag: one slot for the day's and the lifetime hash (one script call)
+LIFETIME_KEY = SPEND_TAG + "lifetime"  # field = ad id, USD charged since the ad's first charge; kept for good
 
 
 # KEYS[1] = the day's hash, KEYS[2] = the lifetime hash; ARGV = ttl, then ad id, amount, ...;
@@ -49,7 +52,7 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
 
 def spend_key(day: int) -> str:
     """The hash of a UTC day's spend in USD, one field per ad id, shared by every serving process."""
-    return f"adloop:spend:{day}"
+    return f"{SPEND_TAG}{day}"
 
 
 class Pacer:

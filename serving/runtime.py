@@ -19,12 +19,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import redis
 import threadpoolctl
 import torch
 
 from adloop.settings import Settings
-from features.redis_client import redis_client as open_redis
 from serving import metrics
 from serving.catalog import Catalog, load_catalog
 from serving.features_access import AdStats, GuardedReader, NoFeatures, request_path_redis, run_refresher
@@ -33,7 +31,8 @@ from serving.model_follow import ModelFollower
 from serving.pacing import Pacer
 from serving.pipeline import RequestPipeline
 from serving.protocols import FeatureReader, ModelRegistry
-from serving.redis_async import AsyncRedis
+from serving.redis_async import AsyncRedis, AsyncRedisCluster, async_redis_client
+from serving.redis_lazy import open_redis
 from serving.selection import Selector
 from serving.selection_types import SelectionConfig
 from serving.serving_state import ServingState
@@ -41,6 +40,7 @@ from serving.signing import secret_of
 from serving.tracking import Touch, TouchStore, encode_token
 
 log = logging.getLogger(__name__)
+AsyncClient = AsyncRedis | AsyncRedisCluster
 
 
 class Runtime:
@@ -61,8 +61,8 @@ class Runtime:
         # with `python -m bench.select_path --batch 16`).
         threadpoolctl.threadpool_limits(1, user_api="blas")
         budget_s = settings.request_budget_ms / 1000
-        self.redis = request_path_redis(settings.redis_url, timeout_s=budget_s)
-        self.async_redis = AsyncRedis(settings.redis_url, timeout_s=budget_s)  # the routes' user reads
+        self.redis = request_path_redis(settings, timeout_s=budget_s)  # standalone or cluster, by the settings
+        self.async_redis = async_redis_client(settings, timeout_s=budget_s)  # the routes' user reads
         self._default_reader = feature_reader is None  # only the default one is rebuilt when it is missing
         self.reader = feature_reader or default_reader(self.redis, settings, self.async_redis)
         self.reader_error: str | None = _missing_reader_reason(self.reader)
@@ -337,7 +337,7 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def default_reader(client: redis.Redis, settings: Settings, async_client: AsyncRedis | None = None) -> FeatureReader:
+def default_reader(client: Any, settings: Settings, async_client: AsyncClient | None = None) -> FeatureReader:
     """Feast's Redis layout read directly (features/online.py), or `NoFeatures` (with its reason) while
     the Feast registry is missing."""
     try:
@@ -348,7 +348,7 @@ def default_reader(client: redis.Redis, settings: Settings, async_client: AsyncR
         return NoFeatures(f"no Feast registry: {type(error).__name__}: {error}")
 
 
-def feast_reader(client: redis.Redis, settings: Settings, async_client: AsyncRedis | None = None) -> FeatureReader:
+def feast_reader(client: Any, settings: Settings, async_client: AsyncClient | None = None) -> FeatureReader:
     """The reader of Feast's Redis layout; the layout comes from the Feast registry (raises without one)."""
     from features.online import FeastLayout, OnlineFeatureReader
 

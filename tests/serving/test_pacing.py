@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import redis
 
+from features.redis_client import redis_client
 from serving.catalog import build_catalog
 from serving.pacing import DAY_S, Pacer, spend_key
 from tests.support.serving import free_port
@@ -22,8 +23,9 @@ def budgeted(catalog_rows):
     return build_catalog(rows, version="budgeted")
 
 
-def test_two_replicas_pace_one_budget_through_redis(feature_settings, budgeted) -> None:
-    client = redis.Redis.from_url(feature_settings.redis_url)
+def test_two_replicas_pace_one_budget_through_redis(any_feature_settings, budgeted) -> None:
+    """On standalone Redis and on Redis Cluster (the script's two hashes share the `{spend}` hash tag)."""
+    client = redis_client(any_feature_settings, retries=False)
     day, ad = int(time.time() // DAY_S), budgeted.ad_ids[0]
     # slack 1: the whole budget is spendable at any time of day, so the test does not depend on the clock
     first, second = Pacer(budgeted, slack=1.0), Pacer(budgeted, slack=1.0)
