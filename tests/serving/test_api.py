@@ -9,10 +9,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from features.online import FeastLayout, OnlineFeatureReader, write_rows
+from features.redis_client import redis_client
 from models.testing import EmptyRegistry, ProjectionBundle, StaticRegistry
 from serving.catalog import generate_catalog, write_catalog
 from serving.schemas import SelectResponse
@@ -21,6 +21,12 @@ from tests.support.serving import MemoryReader, free_port
 SLOTS = [{"slot_id": "top", "format": "banner_728x90"}, {"slot_id": "feed", "format": "native", "count": 2}]
 ADMIN = {"Authorization": "Bearer secret"}  # conftest's admin token
 TECH = {"top_categories": ["tech"], "top_category_scores": [1.0]}
+
+
+def _redis_of(settings) -> dict:
+    """The make_app settings that point an app at the Redis (standalone or cluster) and Feast repo of `settings`."""
+    return {"redis_url": settings.redis_url, "redis_cluster_nodes": settings.redis_cluster_nodes,
+            "feast_data_dir": settings.feast_data_dir}  # fmt: skip
 
 
 def select(client: TestClient, **body):
@@ -182,9 +188,11 @@ def test_slow_redis_is_cut_by_the_budget(make_app, feature_settings) -> None:
 
 
 @pytest.mark.integration
-def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, catalog_rows) -> None:
-    """Through the app's own reader (Feast's layout in Redis)."""
-    client_redis = redis.Redis.from_url(feature_settings.redis_url)
+def test_real_redis_features_drive_frequency_caps(make_app, any_feature_settings, catalog_rows) -> None:
+    """Through the app's own readers (Feast's layout in Redis; the routes' async HMGET), on standalone Redis and
+    on Redis Cluster."""
+    feature_settings = any_feature_settings
+    client_redis = redis_client(feature_settings)
     layout = FeastLayout.from_settings(feature_settings)
     reader = OnlineFeatureReader(client_redis, layout)
     natives = [r for r in catalog_rows if r["formats"] == "native" and r["end_date"] > "2027"][:4]
@@ -193,7 +201,7 @@ def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, ca
     row = {**TECH, "freq_ad_ids": [capped["ad_id"]], "freq_ad_impressions_24h": [cap + 1]}
     write_rows(client_redis, layout, "user_activity", [("u-9", 1, row)])  # Feast's layout, as the consumer writes
     assert reader.user("u-9")["freq_ad_ids"] == [capped["ad_id"]]  # == Feast's read: tests/streaming
-    app, _ = make_app(reader=None, redis_url=feature_settings.redis_url, feast_data_dir=feature_settings.feast_data_dir)
+    app, _ = make_app(reader=None, **_redis_of(feature_settings))
     with TestClient(app) as client:
         body = client.post(
             "/v1/select",
@@ -311,9 +319,11 @@ def test_the_serving_heap_is_frozen_out_of_the_cyclic_gc(make_app) -> None:
 
 
 @pytest.mark.integration
-def test_live_outcomes_come_from_the_consumers_ad_counters_in_redis(make_app, feature_settings, catalog_rows) -> None:
+def test_live_outcomes_come_from_the_consumers_ad_counters_in_redis(make_app, any_feature_settings, catalog_rows):
+    """Ad rows read back pipelined (a redis-py ClusterPipeline on a cluster: one batch per node)."""
     from features.aggregates import COARSE_BUCKET_MS, FINE_BUCKET_MS, ad_features
 
+    feature_settings = any_feature_settings
     layout = FeastLayout.from_settings(feature_settings)
     now = int(time.time() * 1000)
 
@@ -323,12 +333,12 @@ def test_live_outcomes_come_from_the_consumers_ad_counters_in_redis(make_app, fe
         return ad_features(hours, fine, last_ts)
 
     fresh, earlier, stale = (r["ad_id"] for r in catalog_rows[:3])
-    write_rows(redis.Redis.from_url(feature_settings.redis_url), layout, "ad_performance", [
+    write_rows(redis_client(feature_settings), layout, "ad_performance", [
         (fresh, now - 600_000, row(now - 600_000, 10, 2)),  # 10 min ago: in the last hour and day
         (earlier, now - 3 * 3_600_000, row(now - 3 * 3_600_000, 5, 1)),  # 3 h ago: the day only
         (stale, now - 3 * 86_400_000, row(now - 3 * 86_400_000, 7, 7)),  # 3 days ago: neither
     ])  # fmt: skip
-    app, _ = make_app(reader=None, redis_url=feature_settings.redis_url, feast_data_dir=feature_settings.feast_data_dir)
+    app, _ = make_app(reader=None, **_redis_of(feature_settings))
     with TestClient(app) as client:
         live = client.get("/v1/outcomes/live").json()
         one = client.get("/v1/outcomes/live", params={"campaign_id": catalog_rows[1]["campaign_id"]}).json()
