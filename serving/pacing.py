@@ -49,6 +49,30 @@ if #ARGV > 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
 """
 
+LEGACY_PREFIX = "adloop:spend:"  # the hashes' names before the hash tag (standalone only: a cluster refused them)
+
+# KEYS[1] = a hash of the old name, KEYS[2] = its new name; ARGV[1] = the expiry to give the new one if it has
+# none (0: none). Adds every field of the old to the new, drops the old; returns the fields merged.
+MERGE_SCRIPT = """
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do redis.call('HINCRBYFLOAT', KEYS[2], flat[i], flat[i + 1]) end
+if #flat > 0 and tonumber(ARGV[1]) > 0 and redis.call('TTL', KEYS[2]) < 0 then
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+redis.call('DEL', KEYS[1])
+return #flat / 2
+"""
+
+
+def adopt_legacy_spend(client: Any, day: int) -> int:
+    """Merge what a serving version from before the `{spend}` tag recorded (`adloop:spend:<day>`,
+    `adloop:spend:lifetime`) into the tagged hashes, so an upgrade neither forgets today's spend nor resets
+    lifetime budgets. Each process
+    runs it once at start on standalone Redis; spend an old replica records later, during a rolling upgrade, is
+    merged by the next process to start. Returns the fields merged."""
+    merged = client.eval(MERGE_SCRIPT, 2, LEGACY_PREFIX + "lifetime", LIFETIME_KEY, 0)
+    return int(merged) + int(client.eval(MERGE_SCRIPT, 2, f"{LEGACY_PREFIX}{day}", spend_key(day), KEY_TTL_S))
+
 
 def spend_key(day: int) -> str:
     """The hash of a UTC day's spend in USD, one field per ad id, shared by every serving process."""

@@ -179,12 +179,14 @@ class AsyncRedis:
 
 
 # Commands without a key: any node answers them.
+_KEY_FIRST = frozenset({"HMGET", "HGETALL", "GET", "SET", "HSET"})
 KEYLESS = frozenset({"PING", "ECHO", "INFO", "TIME", "CLUSTER", "CLIENT", "SCRIPT", "DBSIZE", "COMMAND"})
 
 
 class AsyncRedisCluster:
     """`await client.execute("HMGET", key, *fields)` on Redis Cluster: the command goes to the master owning
-    the slot of its key (the argument after the command; EVAL's first key), over that node's `AsyncRedis`."""
+    the slot of its key (the argument after the command; EVAL's first key), over that node's `AsyncRedis`. A
+    command with several keys must keep them in one slot (Redis answers CROSSSLOT otherwise)."""
 
     def __init__(self, url: str, nodes: list[tuple[str, int]], *, timeout_s: float):
         if not nodes:
@@ -278,6 +280,8 @@ def async_redis_client(settings: Settings, *, timeout_s: float) -> AsyncRedis | 
 
 def _key_of(args: tuple) -> Any:
     """The key a command's slot is computed from; None for a command without one."""
+    if args[0] in _KEY_FIRST:  # the request path's commands as it spells them: no case folding per read
+        return args[1]
     name = str(args[0]).upper() if not isinstance(args[0], bytes) else args[0].decode().upper()
     if name in ("EVAL", "EVALSHA", "FCALL", "FCALL_RO"):
         return args[3] if len(args) > 3 and int(args[2]) > 0 else None

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,13 @@ import threadpoolctl
 import torch
 
 from adloop.settings import Settings
+from features.redis_client import is_cluster
 from serving import metrics
 from serving.catalog import Catalog, load_catalog
 from serving.features_access import AdStats, GuardedReader, NoFeatures, request_path_redis, run_refresher
 from serving.impressions import ImpressionLogger, kafka_producer
 from serving.model_follow import ModelFollower
-from serving.pacing import Pacer
+from serving.pacing import DAY_S, Pacer, adopt_legacy_spend
 from serving.pipeline import RequestPipeline
 from serving.protocols import FeatureReader, ModelRegistry
 from serving.redis_async import AsyncRedis, AsyncRedisCluster, async_redis_client
@@ -295,6 +297,12 @@ class Runtime:
         """Share this process's spend with the other replicas (serving/pacing.py); its own Redis client, with
         a timeout for a background job, not the request path's budget."""
         client = open_redis(self.settings, timeout_s=2.0)
+        if not is_cluster(self.settings):  # a cluster never held the untagged ledger (its script was refused)
+            try:
+                if merged := adopt_legacy_spend(client, int(time.time() // DAY_S)):
+                    log.info("pacing: %d spend fields of the untagged ledger merged into adloop:{spend}:*", merged)
+            except Exception as error:
+                log.warning("pacing: the untagged spend ledger could not be merged (%s); retried at next start", error)
         failing = False
         while not self._stop.wait(self.settings.pacing_sync_s):
             try:

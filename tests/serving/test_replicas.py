@@ -71,18 +71,20 @@ def _served(client: TestClient, user: str | None = None, only: str | None = None
 
 def test_spend_charged_on_one_replica_stops_the_other_when_the_budget_runs_out(replicas) -> None:
     (_, on_a), (b, on_b) = replicas[0]
+    runtime = b.state.runtime
+    assert runtime.pacer.allowed(runtime.state.catalog).all()  # B may serve the campaign to begin with
     served = 0
     while ads := _served(on_a):  # a alone spends: $1 a CPM impression (the CPC ad costs only when clicked)
         served += sum(ad["ad_id"].endswith("-0") for ad in ads)
         assert served <= BUDGET + 1, "replica A never stopped"
     assert served == BUDGET
-    stopped = time.monotonic()
-    while _served(on_b):  # b charged nothing itself: it stops on A's spend, read back by its pacing sync
-        assert time.monotonic() - stopped < 2.0, "replica B kept serving the spent campaign"
+    campaign = runtime.state.catalog.campaign_ids[0]
+    deadline = time.monotonic() + 10.0  # B's pacing sync (every 0.1 s) reads A's spend back; slow on a busy host
+    while runtime.pacer.allowed(runtime.state.catalog).any():  # asked without serving: B spends nothing itself
+        assert time.monotonic() < deadline, "replica B never saw the spend charged on A"
         time.sleep(0.05)
-    runtime = b.state.runtime
-    lifetime = runtime.pacer.campaign_spent(runtime.state.catalog.campaign_ids[0])[1]
-    assert lifetime == pytest.approx(BUDGET, abs=1.0)  # A's $3, plus at most B's one impression before it synced
+    assert runtime.pacer.campaign_spent(campaign)[1] == pytest.approx(BUDGET)  # A's, through Redis
+    assert not _served(on_b)  # B does not serve the spent campaign
     assert not _served(on_a)
 
 
@@ -127,7 +129,7 @@ def test_a_billing_notice_delivered_to_both_replicas_charges_once(replicas) -> N
 def _shared_spend(apps, ad_id: str, amount: float) -> list[float]:
     """Each replica's view of an ad's spend today, once the pacing syncs (every 0.1 s) shared `amount` of it:
     charged twice, it would read twice `amount`."""
-    deadline = time.monotonic() + 3.0
+    deadline = time.monotonic() + 10.0  # a busy host delays the sync threads
     while True:
         seen = [app.state.runtime.pacer.spent(ad_id) for app in apps]
         if min(seen) >= amount * 0.999 or time.monotonic() > deadline:
