@@ -178,9 +178,8 @@ class AsyncRedis:
         return replies
 
 
-# Commands without a key: any node answers them.
-_KEY_FIRST = frozenset({"HMGET", "HGETALL", "GET", "SET", "HSET"})
-KEYLESS = frozenset({"PING", "ECHO", "INFO", "TIME", "CLUSTER", "CLIENT", "SCRIPT", "DBSIZE", "COMMAND"})
+_KEY_FIRST = frozenset({"HMGET", "HGETALL", "GET", "SET", "HSET"})  # their key follows the command
+KEYLESS = frozenset({"PING", "ECHO", "INFO", "TIME", "CLUSTER", "CLIENT", "SCRIPT", "DBSIZE", "COMMAND"})  # any node
 
 
 class AsyncRedisCluster:
@@ -196,6 +195,7 @@ class AsyncRedisCluster:
         self._timeout_s = timeout_s
         self._nodes: dict[tuple[str, int], AsyncRedis] = {}
         self._slots: list[AsyncRedis | None] | None = None  # slot -> its master; None: read the map first
+        self._masters: list[tuple[str, int]] = []  # of the last map read: asked first for the next one
         self._refreshing: asyncio.Task | None = None
 
     @property
@@ -252,9 +252,8 @@ class AsyncRedisCluster:
 
     async def _read_map(self) -> list[AsyncRedis | None]:
         """`CLUSTER SLOTS` from the first node that answers: the known masters, then the seeds."""
-        known = [(n.host, n.port) for n in dict.fromkeys(n for n in self._slots or () if n is not None)]
         error: Exception | None = None
-        for address in dict.fromkeys(known + self.seeds):
+        for address in dict.fromkeys(self._masters + self.seeds):
             asked = self._node(*address)
             try:
                 ranges = await asked.execute("CLUSTER", "SLOTS")
@@ -267,6 +266,7 @@ class AsyncRedisCluster:
                 node = self._node(host or asked.host, int(master[1]))  # "": the node asked
                 slots[start : end + 1] = [node] * (end - start + 1)
             self._slots = slots
+            self._masters = [(n.host, n.port) for n in dict.fromkeys(n for n in slots if n is not None)]
             return slots
         raise redis.ConnectionError(f"no Redis Cluster node answers CLUSTER SLOTS (seeds {self.seeds}): {error}")
 
