@@ -230,10 +230,12 @@ def test_real_redis_features_drive_frequency_caps(make_app, any_feature_settings
             },
         ).json()
         features = client.get("/v1/users/u-9/features", headers=ADMIN).json()
+        redis_check = client.get("/readyz").json()["checks"]["redis"]  # a cluster's PING goes to every node
     assert body["fallback"] is False
     served = {a["ad_id"] for a in body["slots"][0]["ads"]}
     assert capped["ad_id"] not in served and len(served) == 3
     assert features["known"] is True and features["features"]["freq_ad_ids"] == [capped["ad_id"]]
+    assert redis_check == {"ok": True, "reason": None}
 
 
 def test_admin_reload_needs_the_token(make_app) -> None:
