@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from adloop.settings import Settings
 from features.aggregates import CTR_PRIOR
+from features.redis_client import AnyRedis
 from serving.catalog import Catalog
 from serving.protocols import AD_STAT_COLUMNS, FeatureReader
+from serving.redis_lazy import REDIS_DOWN, LazyRedis, open_redis
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,12 @@ REFRESH_CHUNK = 50  # ads per round trip of an ad-stats refresh (~1 ms of Python
 REFRESH_GIL_SHARE = 0.2  # the most of the GIL an ad-stats refresh holds while it runs
 
 
-def request_path_redis(url: str, *, timeout_s: float, max_connections: int = 64) -> redis.Redis:
-    """A Redis client for the request path: the socket timeout is the time budget, and no retries
-    (redis-py 7 retries 3 times with up to seconds of back-off by default: wrong for a 20 ms budget)."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        max_connections=max_connections,
-    )
+def request_path_redis(settings: Settings, *, timeout_s: float, max_connections: int = 64) -> AnyRedis | LazyRedis:
+    """A Redis client for the request path, standalone or cluster by the settings: the socket timeout is the
+    time budget, and no retries (redis-py 7 retries 3 times with up to seconds of back-off by default: wrong
+    for a 20 ms budget). On a cluster `max_connections` is per node, and the client is opened at its first
+    command (serving.redis_lazy: a process starts while the cluster is down)."""
+    return open_redis(settings, timeout_s=timeout_s, retries=False, max_connections=max_connections)
 
 
 class NoFeatures:
@@ -112,7 +109,7 @@ class GuardedReader:
         if isinstance(error, redis.TimeoutError):
             self._timeouts += 1
             return self._skip("redis_slow", self.slow_skip_s) if self._timeouts >= 2 else "redis_slow"
-        if isinstance(error, (redis.ConnectionError, OSError)):  # BusyLoadingError (LOADING) included
+        if isinstance(error, REDIS_DOWN):  # BusyLoadingError (LOADING) and a cluster's CLUSTERDOWN included
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 log.warning("Redis unavailable for user features (%s): serving without them, retrying every %g s",

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from serving import signing
 
@@ -62,7 +63,7 @@ class NoticeLedger:
         """True for the first delivery of `event_id`, False for a retry."""
         try:
             claimed = bool(self.client.set(self.prefix + event_id, 1, nx=True, ex=LEDGER_TTL_S))
-        except (redis.RedisError, OSError) as error:
+        except (redis.RedisError, RedisClusterException, OSError) as error:  # the last: no cluster node answers
             log.warning("notice ledger: Redis unavailable (%s); deduplicating in process", type(error).__name__)
             claimed = None
         with self._lock:

@@ -9,9 +9,11 @@ clearing price of the OpenRTB billing notice), a CPC ad when its tracked click a
 
 Each process charges its in-memory counters at once (the request path never waits for Redis) and,
 every `ADLOOP_PACING_SYNC_S` from a background thread (`Pacer.sync`), adds what it charged since to
-the day's hash `adloop:spend:<day>` (field = ad id; HINCRBYFLOAT, expiring after two days) and to the
-lifetime hash `adloop:spend:lifetime`, and reads both back, in one script call: so uvicorn workers and
-replicas pace one budget together.
+the day's hash `adloop:{spend}:<day>` (field = ad id; HINCRBYFLOAT, expiring after two days) and to the
+lifetime hash `adloop:{spend}:lifetime`, and reads both back, in one script call: so uvicorn workers and
+replicas pace one budget together. On Redis Cluster a script's keys must share a hash slot: the `{spend}`
+tag puts both hashes on one slot (one node). That is no hot spot: each process calls the script once per
+sync interval, and the hashes hold one field per ad that spent.
 The read costs in proportion to the ads that spent today, not to the catalog: a sync holds the
 serving process's GIL (commands and keys per ad cost 11-14 ms a second with 7,500 budgeted ads, one
 script call 2.5-3.4 ms: `python -m bench.select_path`). Between syncs a process does not see the
@@ -32,7 +34,8 @@ from serving.catalog import Catalog
 
 DAY_S = 86_400
 KEY_TTL_S = 2 * DAY_S
-LIFETIME_KEY = "adloop:spend:lifetime"  # field = ad id, USD charged since the ad's first charge
+SPEND_TAG = "adloop:{spend}:"  # the hash tag: one slot for the day's and the lifetime hash (one script call)
+LIFETIME_KEY = SPEND_TAG + "lifetime"  # field = ad id, USD charged since the ad's first charge; kept for good
 
 
 # KEYS[1] = the day's hash, KEYS[2] = the lifetime hash; ARGV = ttl, then ad id, amount, ...;
@@ -46,10 +49,34 @@ if #ARGV > 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
 """
 
+LEGACY_PREFIX = "adloop:spend:"  # the hashes' names before the hash tag (standalone only: a cluster refused them)
+
+# KEYS[1] = a hash of the old name, KEYS[2] = its new name; ARGV[1] = the expiry to give the new one if it has
+# none (0: none). Adds every field of the old to the new, drops the old; returns the fields merged.
+MERGE_SCRIPT = """
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do redis.call('HINCRBYFLOAT', KEYS[2], flat[i], flat[i + 1]) end
+if #flat > 0 and tonumber(ARGV[1]) > 0 and redis.call('TTL', KEYS[2]) < 0 then
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+redis.call('DEL', KEYS[1])
+return #flat / 2
+"""
+
+
+def adopt_legacy_spend(client: Any, day: int) -> int:
+    """Merge what a serving version from before the `{spend}` tag recorded (`adloop:spend:<day>`,
+    `adloop:spend:lifetime`) into the tagged hashes, so an upgrade neither forgets today's spend nor resets
+    lifetime budgets. Each process
+    runs it once at start on standalone Redis; spend an old replica records later, during a rolling upgrade, is
+    merged by the next process to start. Returns the fields merged."""
+    merged = client.eval(MERGE_SCRIPT, 2, LEGACY_PREFIX + "lifetime", LIFETIME_KEY, 0)
+    return int(merged) + int(client.eval(MERGE_SCRIPT, 2, f"{LEGACY_PREFIX}{day}", spend_key(day), KEY_TTL_S))
+
 
 def spend_key(day: int) -> str:
     """The hash of a UTC day's spend in USD, one field per ad id, shared by every serving process."""
-    return f"adloop:spend:{day}"
+    return f"{SPEND_TAG}{day}"
 
 
 class Pacer:

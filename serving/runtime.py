@@ -16,24 +16,25 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-import redis
 import threadpoolctl
 import torch
 
 from adloop.settings import Settings
-from features.redis_client import redis_client as open_redis
+from features.redis_client import is_cluster
 from serving import metrics
 from serving.catalog import Catalog, load_catalog
 from serving.features_access import AdStats, GuardedReader, NoFeatures, request_path_redis, run_refresher
 from serving.impressions import ImpressionLogger, kafka_producer
 from serving.model_follow import ModelFollower
-from serving.pacing import Pacer
+from serving.pacing import DAY_S, Pacer, adopt_legacy_spend
 from serving.pipeline import RequestPipeline
 from serving.protocols import FeatureReader, ModelRegistry
-from serving.redis_async import AsyncRedis
+from serving.redis_async import AsyncRedis, AsyncRedisCluster, async_redis_client
+from serving.redis_lazy import open_redis
 from serving.selection import Selector
 from serving.selection_types import SelectionConfig
 from serving.serving_state import ServingState
@@ -41,6 +42,7 @@ from serving.signing import secret_of
 from serving.tracking import Touch, TouchStore, encode_token
 
 log = logging.getLogger(__name__)
+AsyncClient = AsyncRedis | AsyncRedisCluster
 
 
 class Runtime:
@@ -61,8 +63,8 @@ class Runtime:
         # with `python -m bench.select_path --batch 16`).
         threadpoolctl.threadpool_limits(1, user_api="blas")
         budget_s = settings.request_budget_ms / 1000
-        self.redis = request_path_redis(settings.redis_url, timeout_s=budget_s)
-        self.async_redis = AsyncRedis(settings.redis_url, timeout_s=budget_s)  # the routes' user reads
+        self.redis = request_path_redis(settings, timeout_s=budget_s)  # standalone or cluster, by the settings
+        self.async_redis = async_redis_client(settings, timeout_s=budget_s)  # the routes' user reads
         self._default_reader = feature_reader is None  # only the default one is rebuilt when it is missing
         self.reader = feature_reader or default_reader(self.redis, settings, self.async_redis)
         self.reader_error: str | None = _missing_reader_reason(self.reader)
@@ -295,6 +297,12 @@ class Runtime:
         """Share this process's spend with the other replicas (serving/pacing.py); its own Redis client, with
         a timeout for a background job, not the request path's budget."""
         client = open_redis(self.settings, timeout_s=2.0)
+        if not is_cluster(self.settings):  # a cluster never held the untagged ledger (its script was refused)
+            try:
+                if merged := adopt_legacy_spend(client, int(time.time() // DAY_S)):
+                    log.info("pacing: %d spend fields of the untagged ledger merged into adloop:{spend}:*", merged)
+            except Exception as error:
+                log.warning("pacing: the untagged spend ledger could not be merged (%s); retried at next start", error)
         failing = False
         while not self._stop.wait(self.settings.pacing_sync_s):
             try:
@@ -337,7 +345,7 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def default_reader(client: redis.Redis, settings: Settings, async_client: AsyncRedis | None = None) -> FeatureReader:
+def default_reader(client: Any, settings: Settings, async_client: AsyncClient | None = None) -> FeatureReader:
     """Feast's Redis layout read directly (features/online.py), or `NoFeatures` (with its reason) while
     the Feast registry is missing."""
     try:
@@ -348,7 +356,7 @@ def default_reader(client: redis.Redis, settings: Settings, async_client: AsyncR
         return NoFeatures(f"no Feast registry: {type(error).__name__}: {error}")
 
 
-def feast_reader(client: redis.Redis, settings: Settings, async_client: AsyncRedis | None = None) -> FeatureReader:
+def feast_reader(client: Any, settings: Settings, async_client: AsyncClient | None = None) -> FeatureReader:
     """The reader of Feast's Redis layout; the layout comes from the Feast registry (raises without one)."""
     from features.online import FeastLayout, OnlineFeatureReader
 

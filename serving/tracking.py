@@ -35,14 +35,6 @@ log = logging.getLogger(__name__)
 TOUCH_FIELDS = ("request_id", "ad_id", "campaign_id", "arm", "model_version", "propensity", "user_id", "slot_id",
                 "ts_ms")  # fmt: skip
 ARMS = ("targeted", "control")
-# KEYS[1] = the click's touch, KEYS[2] = the user's last click; ARGV = ttl s, touch JSON. 1: new, 0: seen.
-RECORD_CLICK = """
-if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
-  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
-  return 1
-end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -109,10 +101,22 @@ class TouchStore:
         self._wake = threading.Event()
 
     def record_click(self, touch: Touch) -> bool:
-        """Remember a click (its touch with the click's time); False if this impression was clicked already."""
+        """Remember a click (its touch with the click's time); False if this impression was clicked already.
+
+        Two single-key commands, not one script: the click's key is found by click id alone (a postback
+        may name only the click) and the user's by user id alone, so on Redis Cluster they lie in two
+        slots, and one hash tag for every touch would put all clicks and conversion lookups on one node.
+        The claim (`SET NX`) alone decides that a click counts and is charged once, on every replica; a
+        crash between the two leaves the user's last click one click older (the click itself stays
+        attributable by its id)."""
         value = orjson.dumps(asdict(touch))
-        keys = (f"adloop:touch:click:{touch.click_id}", f"adloop:touch:user:click:{touch.user_id}")
-        return bool(self.client.eval(RECORD_CLICK, 2, *keys, self.ttl, value))
+        if not self.client.set(f"adloop:touch:click:{touch.click_id}", value, nx=True, ex=self.ttl):
+            return False
+        try:
+            self.client.set(f"adloop:touch:user:click:{touch.user_id}", value, ex=self.ttl)
+        except Exception as error:  # claimed: it counts and is charged; only the user's pointer is missed
+            log.warning("click %s counted, but the user's last click was not updated (%s)", touch.click_id, error)
+        return True
 
     def last(self, *, user_id: str | None, click: str | None, model: str) -> Touch | None:
         """The touch a conversion goes to: the named click, else the user's last click (or impression)."""

@@ -8,10 +8,10 @@ import redis
 from fastapi import APIRouter, Depends, HTTPException, Path, status
 from starlette.concurrency import run_in_threadpool
 
-from features.redis_client import redis_client
 from outcomes.erasure import forget_user
 from serving.deps import TOKEN_RESPONSES, RuntimeDep, SettingsDep, require_admin, require_users_reader
 from serving.http import JSONRoute
+from serving.redis_lazy import open_redis
 from serving.selection_types import arm_of
 
 router = APIRouter(prefix="/v1", tags=["users"], route_class=JSONRoute, responses=TOKEN_RESPONSES)
@@ -39,7 +39,7 @@ def user_features(runtime: RuntimeDep, user_id: UserId) -> dict:
 async def forget(settings: SettingsDep, user_id: UserId) -> dict[str, Any]:
     """Erase the user (online state, feature rows, outcome events) and leave a tombstone; says what was removed."""
     # A client of its own: the request path's has a budget of milliseconds and no retries.
-    client = redis_client(settings, timeout_s=5.0)
+    client = open_redis(settings, timeout_s=5.0)  # on a cluster: opened in the thread, its failure a 503
     try:  # off the event loop: it rewrites files and waits on DuckDB's lock
         return await run_in_threadpool(forget_user, settings, client, user_id)
     except (redis.RedisError, OSError) as error:

@@ -7,10 +7,10 @@ import time
 
 import numpy as np
 import pytest
-import redis
 
 from features.aggregates import ad_features
 from features.online import FeastLayout, OnlineFeatureReader, write_rows
+from features.redis_client import redis_client
 from features.store import AD_VIEW
 from serving.catalog import build_catalog
 from serving.features_access import AdStats, run_refresher
@@ -91,11 +91,12 @@ def test_the_refresher_thread_reads_changes_every_interval_and_everything_less_o
 
 
 @pytest.mark.integration
-def test_online_ad_writes_are_indexed_for_changed_ad_reads(feature_settings, catalog_rows) -> None:
+def test_online_ad_writes_are_indexed_for_changed_ad_reads(any_feature_settings, catalog_rows) -> None:
     """`write_rows` stamps ad rows in the changed-ads index; serving reads back
-    exactly those through `OnlineFeatureReader`, Feast's own layout."""
-    client = redis.Redis.from_url(feature_settings.redis_url)
-    layout = FeastLayout.from_settings(feature_settings)
+    exactly those through `OnlineFeatureReader`, Feast's own layout (standalone, and Redis Cluster: the ads'
+    rows through a ClusterPipeline)."""
+    client = redis_client(any_feature_settings)
+    layout = FeastLayout.from_settings(any_feature_settings)
     reader = OnlineFeatureReader(client, layout)
     catalog = build_catalog(catalog_rows, version="t")
     now = int(time.time() * 1000)

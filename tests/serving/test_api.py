@@ -9,10 +9,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from features.online import FeastLayout, OnlineFeatureReader, write_rows
+from features.redis_client import redis_client
 from models.testing import EmptyRegistry, ProjectionBundle, StaticRegistry
 from serving.catalog import generate_catalog, write_catalog
 from serving.schemas import SelectResponse
@@ -21,6 +21,12 @@ from tests.support.serving import MemoryReader, free_port
 SLOTS = [{"slot_id": "top", "format": "banner_728x90"}, {"slot_id": "feed", "format": "native", "count": 2}]
 ADMIN = {"Authorization": "Bearer secret"}  # conftest's admin token
 TECH = {"top_categories": ["tech"], "top_category_scores": [1.0]}
+
+
+def _redis_of(settings) -> dict:
+    """The make_app settings that point an app at the Redis (standalone or cluster) and Feast repo of `settings`."""
+    return {"redis_url": settings.redis_url, "redis_cluster_nodes": settings.redis_cluster_nodes,
+            "feast_data_dir": settings.feast_data_dir}  # fmt: skip
 
 
 def select(client: TestClient, **body):
@@ -164,6 +170,24 @@ def test_redis_unreachable_falls_back_fast(make_app) -> None:
     assert user.status_code == 503
 
 
+def test_a_redis_cluster_down_at_start_is_served_flagged_and_fast(make_app, feature_settings) -> None:
+    """No node of the cluster answers: the app still starts (its cluster clients open at first use) and answers."""
+    ports = [free_port() for _ in range(3)]
+    app, _ = make_app(reader=None, redis_url=f"redis://127.0.0.1:{ports[0]}/0", request_budget_ms=50,
+                      redis_cluster_nodes=",".join(f"127.0.0.1:{p}" for p in ports),
+                      feast_data_dir=feature_settings.feast_data_dir)  # fmt: skip
+    with TestClient(app) as client:
+        started = time.perf_counter()
+        bodies = [select(client).json() for _ in range(5)]
+        elapsed = time.perf_counter() - started
+        ready = client.get("/readyz")
+        user = client.get("/v1/users/u-1/features", headers=ADMIN)
+    assert all(b["fallback_reason"] == "redis_down" and b["slots"][1]["ads"] for b in bodies)
+    assert elapsed < 2.0
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"]["ok"] is False
+    assert user.status_code == 503
+
+
 def test_slow_redis_is_cut_by_the_budget(make_app, feature_settings) -> None:
     feast_settings = feature_settings
     with socket.socket() as silent:  # accepts connections (kernel backlog), never answers
@@ -182,9 +206,11 @@ def test_slow_redis_is_cut_by_the_budget(make_app, feature_settings) -> None:
 
 
 @pytest.mark.integration
-def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, catalog_rows) -> None:
-    """Through the app's own reader (Feast's layout in Redis)."""
-    client_redis = redis.Redis.from_url(feature_settings.redis_url)
+def test_real_redis_features_drive_frequency_caps(make_app, any_feature_settings, catalog_rows) -> None:
+    """Through the app's own readers (Feast's layout in Redis; the routes' async HMGET), on standalone Redis and
+    on Redis Cluster."""
+    feature_settings = any_feature_settings
+    client_redis = redis_client(feature_settings)
     layout = FeastLayout.from_settings(feature_settings)
     reader = OnlineFeatureReader(client_redis, layout)
     natives = [r for r in catalog_rows if r["formats"] == "native" and r["end_date"] > "2027"][:4]
@@ -193,7 +219,7 @@ def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, ca
     row = {**TECH, "freq_ad_ids": [capped["ad_id"]], "freq_ad_impressions_24h": [cap + 1]}
     write_rows(client_redis, layout, "user_activity", [("u-9", 1, row)])  # Feast's layout, as the consumer writes
     assert reader.user("u-9")["freq_ad_ids"] == [capped["ad_id"]]  # == Feast's read: tests/streaming
-    app, _ = make_app(reader=None, redis_url=feature_settings.redis_url, feast_data_dir=feature_settings.feast_data_dir)
+    app, _ = make_app(reader=None, **_redis_of(feature_settings))
     with TestClient(app) as client:
         body = client.post(
             "/v1/select",
@@ -204,10 +230,12 @@ def test_real_redis_features_drive_frequency_caps(make_app, feature_settings, ca
             },
         ).json()
         features = client.get("/v1/users/u-9/features", headers=ADMIN).json()
+        redis_check = client.get("/readyz").json()["checks"]["redis"]  # a cluster's PING goes to every node
     assert body["fallback"] is False
     served = {a["ad_id"] for a in body["slots"][0]["ads"]}
     assert capped["ad_id"] not in served and len(served) == 3
     assert features["known"] is True and features["features"]["freq_ad_ids"] == [capped["ad_id"]]
+    assert redis_check == {"ok": True, "reason": None}
 
 
 def test_admin_reload_needs_the_token(make_app) -> None:
@@ -311,9 +339,11 @@ def test_the_serving_heap_is_frozen_out_of_the_cyclic_gc(make_app) -> None:
 
 
 @pytest.mark.integration
-def test_live_outcomes_come_from_the_consumers_ad_counters_in_redis(make_app, feature_settings, catalog_rows) -> None:
+def test_live_outcomes_come_from_the_consumers_ad_counters_in_redis(make_app, any_feature_settings, catalog_rows):
+    """Ad rows read back pipelined (a redis-py ClusterPipeline on a cluster: one batch per node)."""
     from features.aggregates import COARSE_BUCKET_MS, FINE_BUCKET_MS, ad_features
 
+    feature_settings = any_feature_settings
     layout = FeastLayout.from_settings(feature_settings)
     now = int(time.time() * 1000)
 
@@ -323,12 +353,12 @@ def test_live_outcomes_come_from_the_consumers_ad_counters_in_redis(make_app, fe
         return ad_features(hours, fine, last_ts)
 
     fresh, earlier, stale = (r["ad_id"] for r in catalog_rows[:3])
-    write_rows(redis.Redis.from_url(feature_settings.redis_url), layout, "ad_performance", [
+    write_rows(redis_client(feature_settings), layout, "ad_performance", [
         (fresh, now - 600_000, row(now - 600_000, 10, 2)),  # 10 min ago: in the last hour and day
         (earlier, now - 3 * 3_600_000, row(now - 3 * 3_600_000, 5, 1)),  # 3 h ago: the day only
         (stale, now - 3 * 86_400_000, row(now - 3 * 86_400_000, 7, 7)),  # 3 days ago: neither
     ])  # fmt: skip
-    app, _ = make_app(reader=None, redis_url=feature_settings.redis_url, feast_data_dir=feature_settings.feast_data_dir)
+    app, _ = make_app(reader=None, **_redis_of(feature_settings))
     with TestClient(app) as client:
         live = client.get("/v1/outcomes/live").json()
         one = client.get("/v1/outcomes/live", params={"campaign_id": catalog_rows[1]["campaign_id"]}).json()

@@ -79,9 +79,9 @@ def test_the_async_reader_authenticates(protected_redis) -> None:
 
 def test_the_sync_clients_authenticate(protected_redis) -> None:
     url = f"redis://:{PASSWORD.replace('@', '%40')}@127.0.0.1:{protected_redis}/0"
-    assert request_path_redis(url, timeout_s=1.0).ping()
+    assert request_path_redis(Settings(redis_url=url), timeout_s=1.0).ping()
     with pytest.raises(redis.AuthenticationError):
-        request_path_redis(f"redis://:nope@127.0.0.1:{protected_redis}/0", timeout_s=1.0).ping()
+        request_path_redis(Settings(redis_url=f"redis://:nope@127.0.0.1:{protected_redis}/0"), timeout_s=1.0).ping()
 
 
 def test_tls_urls_make_a_tls_context() -> None:

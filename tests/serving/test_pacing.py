@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import redis
 
+from features.redis_client import redis_client
 from serving.catalog import build_catalog
-from serving.pacing import DAY_S, Pacer, spend_key
+from serving.pacing import DAY_S, LEGACY_PREFIX, LIFETIME_KEY, Pacer, adopt_legacy_spend, spend_key
 from tests.support.serving import free_port
 
 pytestmark = pytest.mark.integration
@@ -22,8 +23,9 @@ def budgeted(catalog_rows):
     return build_catalog(rows, version="budgeted")
 
 
-def test_two_replicas_pace_one_budget_through_redis(feature_settings, budgeted) -> None:
-    client = redis.Redis.from_url(feature_settings.redis_url)
+def test_two_replicas_pace_one_budget_through_redis(any_feature_settings, budgeted) -> None:
+    """On standalone Redis and on Redis Cluster (the script's two hashes share the `{spend}` hash tag)."""
+    client = redis_client(any_feature_settings, retries=False)
     day, ad = int(time.time() // DAY_S), budgeted.ad_ids[0]
     # slack 1: the whole budget is spendable at any time of day, so the test does not depend on the clock
     first, second = Pacer(budgeted, slack=1.0), Pacer(budgeted, slack=1.0)
@@ -52,3 +54,20 @@ def test_spend_survives_a_redis_outage(feature_settings, budgeted) -> None:
     pacer.sync(live)  # the spend charged during the outage reaches the shared counter
     assert float(live.hget(spend_key(int(time.time() // DAY_S)), budgeted.ad_ids[1])) == pytest.approx(30.0)
     assert pacer.spent(budgeted.ad_ids[1]) == pytest.approx(30.0)  # not counted twice
+
+
+def test_spend_recorded_before_the_hash_tag_is_merged_once(feature_settings, budgeted) -> None:
+    """An upgrade keeps today's spend and the lifetime ledger of the untagged hashes (standalone Redis)."""
+    client = redis_client(feature_settings)
+    day, ad = int(time.time() // DAY_S), budgeted.ad_ids[0]
+    client.hset(f"{LEGACY_PREFIX}{day}", ad, 40.0)
+    client.hset(f"{LEGACY_PREFIX}lifetime", ad, 90.0)
+    client.hset(LIFETIME_KEY, ad, 10.0)  # a replica already upgraded has charged since
+    assert adopt_legacy_spend(client, day) == 2
+    assert adopt_legacy_spend(client, day) == 0  # merged once: the old hashes are gone
+    assert float(client.hget(spend_key(day), ad)) == pytest.approx(40.0)
+    assert 0 < client.ttl(spend_key(day)) <= 2 * DAY_S
+    assert float(client.hget(LIFETIME_KEY, ad)) == pytest.approx(100.0) and client.ttl(LIFETIME_KEY) == -1
+    pacer = Pacer(budgeted, slack=1.0)
+    pacer.sync(client)
+    assert pacer.spent(ad) == pytest.approx(40.0)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
+import uuid
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import orjson
 import pytest
 from fastapi.testclient import TestClient
 
+from features.redis_client import redis_client
 from serving import signing
 from serving.routes.conversions import sign_postback
-from serving.tracking import InvalidToken, Touch, click_id, decode_token, encode_token
+from serving.tracking import InvalidToken, Touch, TouchStore, click_id, decode_token, encode_token
 from tests.support.serving import MemoryReader
 
 SECRET = b"test-secret"
@@ -65,3 +70,27 @@ def test_forged_clicks_and_conversions_are_refused_and_log_nothing(make_app) -> 
         headers = {**json_type, "X-Adloop-Signature": sign_postback(euros, runtime.secret)}
         assert client.post("/v1/conversions", content=euros, headers=headers).status_code == 422
         assert good  # a correct signature is accepted: tests/outcomes/test_money.py
+
+
+@pytest.mark.integration
+def test_touches_are_shared_through_either_topology(any_feature_settings) -> None:
+    """A click claimed once for every replica; the user's last click and last impression (the batch writer's
+    pipeline: a ClusterPipeline on a cluster) readable by any of them."""
+    first, second = (TouchStore(redis_client(any_feature_settings), window_s=60) for _ in range(2))
+    clicked = replace(TOUCH, user_id=f"u-{uuid.uuid4().hex[:8]}")
+    assert first.record_click(clicked) and not second.record_click(clicked)
+    assert second.last(user_id=clicked.user_id, click=None, model="click") == clicked
+    assert second.last(user_id=None, click=clicked.click_id, model="click") == clicked
+    shown = [replace(TOUCH, user_id=f"u-{uuid.uuid4().hex[:8]}", request_id=f"req-{i}") for i in range(20)]
+    first.remember_impressions(shown)
+    stop = threading.Event()
+    writer = threading.Thread(target=first.run, args=(stop, 0.01))
+    writer.start()
+    deadline = time.monotonic() + 10
+    while second.last(user_id=shown[-1].user_id, click=None, model="impression") is None:
+        assert time.monotonic() < deadline, "the impression touches were not written"
+        time.sleep(0.02)
+    stop.set()
+    writer.join()
+    assert [second.last(user_id=t.user_id, click=None, model="impression") for t in shown] == shown
+    assert 0 < first.client.ttl(f"adloop:touch:user:impression:{shown[0].user_id}") <= 60

@@ -145,7 +145,8 @@ def test_a_crash_mid_replay_changes_no_feature(any_feature_settings: Settings) -
 def test_two_consumers_in_one_group_share_the_partitions(any_feature_settings: Settings) -> None:
     events = synthetic_events(4000, users=80, seed=5)
     env = {**os.environ, **adloop_env(any_feature_settings)}
-    command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "10", "--metrics-port", "0"]
+    # idle long enough for the later of two starting processes to join (a process start imports Feast)
+    command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "25", "--metrics-port", "0"]
     runs = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
