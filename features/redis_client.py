@@ -2,15 +2,16 @@
 
 Topology: `ADLOOP_REDIS_CLUSTER_NODES` (host:port,...) set means Redis Cluster, else the standalone
 server of `ADLOOP_REDIS_URL`. Credentials and TLS come from `ADLOOP_REDIS_URL` in both cases
-(`rediss://` for TLS, `redis://user:password@...`): a cluster takes its scheme and password, its
-nodes from the list, and has only database 0. Feast's connection string is built here too, so
-the consumer, serving and Feast always reach the same Redis the same way.
+(`redis://user:password@...`; `rediss://` for TLS, with redis-py's `?ssl_ca_certs=<CA file>` and
+`?ssl_cert_reqs=none`): a cluster takes its scheme and password, its nodes from the list, and has
+only database 0. Feast's connection string is built here too, so the consumer, serving and Feast
+always reach the same Redis the same way.
 """
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import redis
 from redis.backoff import NoBackoff
@@ -48,6 +49,11 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
         kwargs["password"] = unquote(url.password)
     if url.scheme == "rediss":
         kwargs["ssl"] = True
+        options = {k: v[-1] for k, v in parse_qs(url.query).items()}  # redis-py's URL options for TLS
+        if "ssl_ca_certs" in options:
+            kwargs["ssl_ca_certs"] = options["ssl_ca_certs"]
+        if "ssl_cert_reqs" in options:
+            kwargs["ssl_cert_reqs"] = options["ssl_cert_reqs"].lower()
     if not is_cluster(settings):
         kwargs.update(host=url.hostname or "127.0.0.1", port=url.port or 6379, db=int((url.path or "/0")[1:] or 0))
     return kwargs

@@ -45,3 +45,9 @@ def test_the_standalone_client_reaches_the_configured_database() -> None:
     client.set("adloop:test:factory", "1")
     assert redis.Redis(db=TEST_REDIS_DB).get("adloop:test:factory") == b"1"
     client.delete("adloop:test:factory")
+
+
+def test_tls_options_of_the_url_reach_the_client() -> None:
+    settings = Settings(redis_url="rediss://h:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=none")
+    kwargs = connection_kwargs(settings)
+    assert (kwargs["ssl"], kwargs["ssl_ca_certs"], kwargs["ssl_cert_reqs"]) == (True, "/etc/ca.pem", "none")
