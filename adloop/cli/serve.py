@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import typer
 
@@ -28,7 +29,9 @@ def serve(
     settings = get_settings()
     port = port or settings.api_port
     if workers > 1:  # each worker counts in files there and /metrics sums them (serving/metrics.py)
-        folder = settings.stack_dir / f"prometheus-{port}"
+        # Per host too: replicas sharing one stack folder (docker compose --scale api=N on one volume) listen on
+        # the same port, and each would empty the others' folder at start.
+        folder = settings.stack_dir / f"prometheus-{socket.gethostname()}-{port}"
         shutil.rmtree(folder, ignore_errors=True)  # an earlier run's counts would add to this one's
         folder.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ["ADLOOP_METRICS_DIR"] = str(folder)

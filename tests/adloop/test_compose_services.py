@@ -60,7 +60,7 @@ def test_each_compose_service_runs_and_becomes_healthy_on_the_local_stack(local_
     services = _services()
     topic = f"adloop.test.compose.{uuid.uuid4().hex[:8]}"
     admin = KafkaAdminClient(bootstrap_servers=local_stack.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
-    admin.create_topics([NewTopic(topic, 6, 1), NewTopic(topic + ".dlq", 1, 1)])  # kafka-topics' job
+    admin.create_topics([NewTopic(topic, 12, 1), NewTopic(topic + ".dlq", 1, 1)])  # kafka-topics' job
     redis_url = re.sub(r"/\d+$", "/13", local_stack.redis_url)
     redis.Redis.from_url(redis_url).flushdb()
     ports = {container: str(free_port()) for container in PORT_SETTINGS}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,7 +56,7 @@ def test_two_workers_answer_one_metrics_view(local_stack: Settings, tmp_path) ->
             line = next(x for x in text.splitlines() if x.startswith('adloop_request_seconds_count{route="select"}'))
             counts.add(float(line.split()[-1]))
         assert counts == {float(REQUESTS)}  # every scrape sums both workers
-        assert (tmp_path / "stack" / f"prometheus-{port}").is_dir()
+        assert (tmp_path / "stack" / f"prometheus-{socket.gethostname()}-{port}").is_dir()
     finally:
         server.send_signal(signal.SIGINT)
         try:
