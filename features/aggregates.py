@@ -27,7 +27,8 @@ EVENT_TYPES = [t.value for t in EventType]
 RECENT_N = 20  # last items / categories kept for the embedding model
 # Event ids remembered per user, for effect-once against repeats (a producer's retry, a file replayed
 # twice): bounded per user instead of a key per event. A repeat of a forgotten id is caught by time: an
-# unknown id at or before the newest forgotten one's time is `too_late` (dead-lettered, not applied).
+# unknown id before the newest forgotten one's time is `too_late` (dead-lettered, not applied). Not "at":
+# a burst of events at one time (a MIND history, Taobao's whole seconds) is new, not a repeat.
 RECENT_IDS_N = 64
 TOP_CATEGORIES_N = 10
 AFFINITY_HALF_LIFE_MS = 6 * HOUR_MS
@@ -57,7 +58,7 @@ class UserState:
     impressions_total: int = 0
     clicks_total: int = 0
     recent_ids: list[list[Any]] = field(default_factory=list)  # [event id, ms] of the last RECENT_IDS_N applied
-    forgot_until: int = 0  # ms: the latest time of a forgotten id (repeats up to it cannot be told apart)
+    forgot_until: int = 0  # ms: the latest time of a forgotten id (repeats before it cannot be told apart)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)  # fields hold only JSON types (dataclasses.asdict deep-copies: 10x slower)
@@ -68,11 +69,11 @@ class UserState:
 
 
 def repeat_of(state: UserState, event: Event | DecodedEvent) -> str | None:
-    """Why the event must not be applied again: "duplicate" (its id was applied), "too_late" (at or before
+    """Why the event must not be applied again: "duplicate" (its id was applied), "too_late" (before
     the time of an id forgotten since, so it may be one), or None (new)."""
     if any(seen == event.event_id for seen, _ in state.recent_ids):
         return "duplicate"
-    if event.ts_ms <= state.forgot_until:
+    if event.ts_ms < state.forgot_until:
         return "too_late"
     return None
 

@@ -64,9 +64,10 @@ log = logging.getLogger(__name__)
 GROUP = "adloop-features"
 RETRY_PAUSE_S = 1.0  # after a batch that could not commit, before reading it again
 # Without partitions this long after starting, a consumer is idle, not joining: more members than partitions,
-# or a topic deleted under it (its `idle_exit_s` then counts, so it does not wait forever).
-JOIN_WAIT_S = 60.0
-_TOO_LATE = (f"event time {{ts}} is at or before an event of this user whose id was forgotten (the last "
+# or a topic deleted under it (its `idle_exit_s` then counts, so it does not wait forever). Not less than
+# a rebalance may take: the group waits up to a member's max.poll.interval.ms (300 s) for it to rejoin.
+JOIN_WAIT_S = 300.0
+_TOO_LATE = (f"event time {{ts}} is before an event of this user whose id was forgotten (the last "
              f"{RECENT_IDS_N} ids are kept): it may be a repeat, so it is not applied")  # fmt: skip
 
 
