@@ -63,10 +63,16 @@ from streaming.state_store import PartitionBatch, StaleWrite, StateStore
 log = logging.getLogger(__name__)
 GROUP = "adloop-features"
 RETRY_PAUSE_S = 1.0  # after a batch that could not commit, before reading it again
+# A rebalance waits this long for every member to rejoin (Kafka's rebalance timeout is the members'
+# max.poll.interval.ms): a member frozen mid-rebalance (a GC pause, a paused VM) holds the whole group up
+# to it, so it is 60 s, not Kafka's 300 s. A batch takes well under a second; a member stuck retrying an
+# unreachable Redis longer than this leaves the group and rejoins when it polls again (offsets are fenced
+# in Redis, so nothing is counted twice).
+MAX_POLL_INTERVAL_MS = 60_000
 # Without partitions this long after starting, a consumer is idle, not joining: more members than partitions,
-# or a topic deleted under it (its `idle_exit_s` then counts, so it does not wait forever). Not less than
-# a rebalance may take: the group waits up to a member's max.poll.interval.ms (300 s) for it to rejoin.
-JOIN_WAIT_S = 300.0
+# or a topic deleted under it (its `idle_exit_s` then counts, so it does not wait forever). Longer than a
+# rebalance may take.
+JOIN_WAIT_S = MAX_POLL_INTERVAL_MS / 1000 + 30.0
 _TOO_LATE = (f"event time {{ts}} is before an event of this user whose id was forgotten (the last "
              f"{RECENT_IDS_N} ids are kept): it may be a repeat, so it is not applied")  # fmt: skip
 
@@ -106,6 +112,7 @@ class FeatureConsumer:
             max_poll_records=settings.consumer_batch_size,
             session_timeout_ms=10_000,  # a crashed member's partitions move on after 10 s, not 45
             heartbeat_interval_ms=3_000,
+            max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
         )
         # An ad's counters are summed over these, and erasure and the tools look for a user's state in them:
         # a topic with more partitions is refused (`_apply`).

@@ -97,7 +97,9 @@ def test_a_restart_during_consumption_changes_no_feature(fault_settings: Setting
     assert_online_equals_batch(fault_settings, events)
 
 
-def test_a_frozen_consumer_resumed_after_its_partitions_moved_regresses_nothing(fault_settings: Settings) -> None:
+def test_a_frozen_consumer_resumed_after_its_partitions_moved_regresses_nothing(
+    fault_settings: Settings, tmp_path: Path
+) -> None:
     events = synthetic_events(6000, users=90, seed=22)
     env = {**os.environ, **adloop_env(fault_settings)}
     command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "4", "--metrics-port", "0"]
@@ -117,7 +119,11 @@ def test_a_frozen_consumer_resumed_after_its_partitions_moved_regresses_nothing(
     watcher.start()
     producer = threading.Thread(target=lambda: [produce(fault_settings, events[i : i + 500]) or time.sleep(0.25)
                                                 for i in range(0, len(events), 500)])  # fmt: skip
-    frozen = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # output to files, not pipes: a pipe nobody reads until the end would block a talkative process
+    launch = lambda name: subprocess.Popen(command, env=env, stdout=(tmp_path / f"{name}.log").open("w"),  # noqa: E731
+                                           stderr=subprocess.STDOUT)  # fmt: skip
+    printed = lambda name: (tmp_path / f"{name}.log").read_text()  # noqa: E731
+    frozen = launch("frozen")
     successor = None
     try:
         producer.start()
@@ -125,15 +131,20 @@ def test_a_frozen_consumer_resumed_after_its_partitions_moved_regresses_nothing(
             _wait_for(lambda: _applied(fault_settings) >= 1000 or frozen.poll() is not None, 120, "the first batches")
         except AssertionError:
             frozen.kill()
-            raise AssertionError(
-                f"the first consumer applied {_applied(fault_settings)}: {frozen.stdout.read()}"
-            ) from None
-        assert frozen.poll() is None, frozen.stdout.read()
+            applied = _applied(fault_settings)
+            raise AssertionError(f"the first consumer applied {applied}: {printed('frozen')}") from None
+        assert frozen.poll() is None, printed("frozen")
         frozen.send_signal(signal.SIGSTOP)  # e.g. a long GC pause or a paused VM, mid-batch or between batches
         at_freeze = _applied(fault_settings)
-        successor = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        successor = launch("successor")
         # the group expels the frozen member after its session timeout (10 s); its partitions move on
-        _wait_for(lambda: _applied(fault_settings) >= at_freeze + 1500, 150, "the successor to take over")
+        try:
+            _wait_for(lambda: _applied(fault_settings) >= at_freeze + 1500 or successor.poll() is not None, 150,
+                      "the successor to take over")  # fmt: skip
+        except AssertionError as error:
+            raise AssertionError(f"{error}: {_applied(fault_settings)} applied, {at_freeze} at the freeze; "
+                                 f"the successor printed: {printed('successor')}") from None  # fmt: skip
+        assert successor.poll() is None, f"the successor exited early: {printed('successor')}"
         frozen.send_signal(signal.SIGCONT)
         producer.join(timeout=60)
         _wait_for(lambda: _applied(fault_settings) == len(events), 90, "every event applied")
@@ -146,5 +157,5 @@ def test_a_frozen_consumer_resumed_after_its_partitions_moved_regresses_nothing(
                 process.send_signal(signal.SIGCONT)
                 process.kill()
     assert regressions == []
-    assert frozen.returncode == 0 and successor.returncode == 0, frozen.stdout.read() + successor.stdout.read()
+    assert frozen.returncode == 0 and successor.returncode == 0, printed("frozen") + printed("successor")
     assert_online_equals_batch(fault_settings, events)
