@@ -1,7 +1,9 @@
 """Scale: the feature consumer with 1 and 2 processes on standalone Redis and on a 3-master Redis Cluster.
 
     python -m bench.scale [--events 100000] [--processes 1,2] [--repeats 2] [--skip-cluster] [--skip-serve]
-                          [--serve-seconds 5] [--serve-rates 250,500,750] [--budget-s 900]
+                          [--serve-seconds 5] [--serve-rates 100,200,400] [--budget-s 900]
+
+(`--repeats 0`: no consumer run, only the select sweeps.)
 
 On the local stack (`adloop stack up`), reading the Globo clicks through the project's replay reader
 (`$ADLOOP_SHARED_DATA/globo/clicks.csv.gz`):
@@ -21,7 +23,8 @@ On the local stack (`adloop stack up`), reading the Globo clicks through the pro
 - after the replay: Redis used_memory growth and DBSIZE summed over the nodes, per distinct user and
   per event, and one user's state + Feast row (MEMORY USAGE of both keys, sampled);
 - select capacity with 1 and 2 API workers: `python -m bench.serve --targets select` (one short rate
-  sweep) as a subprocess, parsed; on the cluster too, "not measured: <reason>" where it fails.
+  sweep) as a subprocess, parsed, on both topologies (on the cluster its rows are seeded and read there);
+  "not measured: <reason>" where it fails.
 Everything is bounded (events, repeats, per-run and whole-bench time limits) and cleans up after itself.
 
 The standalone server is the stack's, shared with whatever else runs: its CPU and memory growth include
@@ -467,7 +470,8 @@ def _serve(topology: str, workers: int, args: Any, cluster_nodes: str | None, de
         # the cluster takes only the scheme and credentials of this URL.
         env["ADLOOP_REDIS_URL"] = "redis://127.0.0.1:9/0"
     command = [sys.executable, "-m", "bench.serve", "--targets", "select", "--workers", str(workers),
-               "--seconds", str(args.serve_seconds), "--rates", args.serve_rates]  # fmt: skip
+               "--seconds", str(args.serve_seconds), "--rates", args.serve_rates,
+               *(["--own-cluster"] if cluster_nodes else [])]  # fmt: skip
     try:
         done = subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True,
                               timeout=min(600, budget))  # fmt: skip
@@ -487,9 +491,9 @@ def _serve(topology: str, workers: int, args: Any, cluster_nodes: str | None, de
 @contextmanager
 def local_cluster(folder: Path) -> Iterator[str]:
     """A 3-master Redis Cluster on loopback (adloop.stack.redis_cluster), stopped afterwards."""
-    from adloop.stack.redis_cluster import start_cluster, stop_cluster
+    from adloop.stack.redis_cluster import free_cluster_ports, start_cluster, stop_cluster
 
-    ports = free_ports(3, CLUSTER_FIRST_PORT)
+    ports = free_cluster_ports(3, CLUSTER_FIRST_PORT)
     nodes = ",".join(f"127.0.0.1:{p}" for p in ports)
     settings = Settings(stack_dir=folder / "stack", redis_cluster_nodes=nodes)
     try:
@@ -497,24 +501,6 @@ def local_cluster(folder: Path) -> Iterator[str]:
         yield nodes
     finally:
         stop_cluster(settings)
-
-
-def free_ports(n: int, first: int) -> list[int]:
-    """`n` loopback ports from `first` that are free, with their cluster bus (port + 10000) free too."""
-    import socket
-
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-        return True
-
-    ports = [p for p in range(first, first + 100) if free(p) and free(p + 10_000)][:n]
-    if len(ports) < n:
-        raise RuntimeError(f"no {n} free ports from {first}")
-    return ports
 
 
 def consumer_main(group: str) -> None:
@@ -539,7 +525,7 @@ def main() -> None:
     parser.add_argument("--skip-cluster", action="store_true", help="standalone Redis only")
     parser.add_argument("--skip-serve", action="store_true", help="no select capacity")
     parser.add_argument("--serve-seconds", type=float, default=5.0)
-    parser.add_argument("--serve-rates", default="250,500,750")
+    parser.add_argument("--serve-rates", default="100,200,400")
     parser.add_argument("--serve-workers", default="1,2")
     parser.add_argument("--run-timeout-s", type=float, default=180.0, help="limit of one consumer run")
     parser.add_argument("--budget-s", type=float, default=900.0, help="limit of the whole bench")
@@ -549,7 +535,7 @@ def main() -> None:
         consumer_main(args.as_consumer)
         return
     args.processes = [int(p) for p in args.processes.split(",")]
-    assert 0 < args.events <= 500_000 and args.repeats <= 5 and max(args.processes) <= PARTITIONS, "bounded bench"
+    assert 0 < args.events <= 500_000 and 0 <= args.repeats <= 5 and max(args.processes) <= PARTITIONS, "bounded bench"
     if not GLOBO.exists():
         sys.exit(f"{GLOBO} is missing: set ADLOOP_SHARED_DATA to the shared data folder")
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so that the cluster nodes are stopped and the topics deleted
@@ -575,7 +561,7 @@ def main() -> None:
                 cluster = base.model_copy(update={"redis_cluster_nodes": nodes})
                 runs += run_topology("cluster", cluster, Path(root) / "cluster", args, messages, users, deadline)
                 if not args.skip_serve:  # consumers first: the serving sweeps are the part that may be cut short
-                    serves += [serve("cluster", w, args, nodes, deadline) for w in workers[:1]]
+                    serves += [serve("cluster", w, args, nodes, deadline) for w in workers]
         if not args.skip_serve:
             serves = [serve("standalone", w, args, None, deadline) for w in workers] + serves
     print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}, on {os.cpu_count()} cores")

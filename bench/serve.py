@@ -11,7 +11,9 @@ What runs (all on 127.0.0.1, bounded in count and time):
   at load: `train_bench_model`, on a synthetic log over that catalog) and the default feature reader
   (`OnlineFeatureReader`: one HMGET per request in Feast's own Redis layout); 2,000 users'
   `user_activity` rows and the ads' `ad_performance` rows are written in that layout to Redis db 7
-  (emptied before and after) with a Feast registry applied in a temporary folder; impressions are
+  (emptied before and after; on a Redis Cluster, `ADLOOP_REDIS_CLUSTER_NODES`, which has only db 0, the
+  whole cluster is emptied, so `--own-cluster` must say that it is the bench's own) with a Feast registry
+  applied in a temporary folder; impressions are
   logged to a fresh Kafka topic (deleted afterwards); each request is one native slot of 2 ads, so
   200 candidates are ranked;
 - a FastAPI endpoint returning a constant, under the same uvicorn settings;
@@ -197,6 +199,8 @@ def main() -> None:
     )
     parser.add_argument("--large-ads", type=int, default=0, help="also serve a catalog of this many ads (at 100/s)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes of every server (same for all)")
+    parser.add_argument("--own-cluster", action="store_true",
+                        help="on Redis Cluster: the cluster is this bench's own, emptied before and after")  # fmt: skip
     parser.add_argument("--connections", type=int, default=10,
                         help="keep-alive connections the client rotates over; more open when all are busy")  # fmt: skip
     args = parser.parse_args()
@@ -206,14 +210,16 @@ def main() -> None:
     if args.large_ads:
         chosen.append("select-large")
 
-    import redis
     from kafka.admin import KafkaAdminClient, NewTopic
 
     from adloop.settings import get_settings
     from features import store
+    from features.redis_client import is_cluster, redis_client
     from serving.catalog import generate_catalog, write_catalog
 
     base = get_settings()
+    if is_cluster(base) and not args.own_cluster:
+        parser.error("on Redis Cluster the bench empties the whole cluster: pass --own-cluster if it is the bench's")
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="adloop-bench-"))
     topic = f"adloop.bench.{uuid.uuid4().hex[:8]}"
@@ -234,7 +240,7 @@ def main() -> None:
             row["ad_id"] = "l" + row["ad_id"]
         write_catalog(large, work / "ads-large.csv")
         del large
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)  # the topology the served app uses (ADLOOP_REDIS_CLUSTER_NODES or the URL)
     client.flushdb()
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, bootstrap_timeout_ms=5000)
     admin.create_topics([NewTopic(topic, 3, 1)])

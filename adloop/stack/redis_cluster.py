@@ -9,6 +9,7 @@ what it started, `status` shows each node's slots. Node data lives in `<stack_di
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 
@@ -38,6 +39,27 @@ def nodes(settings: Settings) -> list[tuple[str, int]]:
     if not settings.redis_cluster_nodes:
         raise StackError("no Redis Cluster configured: set ADLOOP_REDIS_CLUSTER_NODES=127.0.0.1:7000,...")
     return cluster_nodes(settings)
+
+
+def free_cluster_ports(n: int, first: int) -> list[int]:
+    """`n` free loopback ports from `first` whose cluster bus (port + 10000) is free too (a node's port must
+    be 55535 or less): for a cluster started on the side (the tests', a bench's)."""
+    ports: list[int] = []
+    for port in range(first, first + 800):
+        if _bindable(port) and _bindable(port + 10_000):
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    raise StackError(f"no {n} free ports for a Redis Cluster from {first}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def start_cluster(settings: Settings) -> None:

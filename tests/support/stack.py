@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from adloop.settings import Settings
+from adloop.stack import redis_cluster
 from features.redis_client import redis_client
 from streaming.consumer import FeatureConsumer
 from streaming.events import Event
@@ -63,26 +63,10 @@ def adloop_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def free_cluster_ports(n: int, first: int | None = None) -> list[int]:
-    """`n` free loopback ports whose cluster bus (port + 10000) is free too (a node's port must be 55535 or
-    less). Two suites side by side set ADLOOP_TEST_CLUSTER_PORT apart: a cluster has one database, emptied per test."""
-    start = first or int(os.environ.get("ADLOOP_TEST_CLUSTER_PORT", "17100"))
-    ports: list[int] = []
-    for port in range(start, start + 800):
-        if all(_free(p) for p in (port, port + 10_000)):
-            ports.append(port)
-            if len(ports) == n:
-                return ports
-    raise RuntimeError(f"no {n} free ports for a test cluster from {start}")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def free_cluster_ports(n: int) -> list[int]:
+    """Ports for a test cluster. Two suites side by side set ADLOOP_TEST_CLUSTER_PORT apart: a cluster has
+    one database, emptied per test."""
+    return redis_cluster.free_cluster_ports(n, int(os.environ.get("ADLOOP_TEST_CLUSTER_PORT", "17100")))
 
 
 def _redis_port(settings: Settings) -> int:
