@@ -11,6 +11,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from adloop.settings import Settings
 from adloop.stack.processes import (
@@ -211,6 +212,7 @@ def create_topics(settings: Settings) -> None:
                 if missing:
                     with contextlib.suppress(TopicAlreadyExistsError):  # another process raced us
                         admin.create_topics([NewTopic(t, wanted[t], 1) for t in sorted(missing)])
+                _check_partitions(admin, settings)
                 return
             finally:
                 admin.close()
@@ -221,6 +223,21 @@ def create_topics(settings: Settings) -> None:
                     "Is the broker up? `adloop stack status`."
                 ) from error
             time.sleep(0.5)
+
+
+def _check_partitions(admin: Any, settings: Settings) -> None:
+    """An events topic left with another partition count would be refused by every consumer (a user's
+    state lives under its partition): say so now, and how to fix it. Growing the topic would move users
+    between partitions, so it is not done here."""
+    (topic,) = admin.describe_topics([settings.events_topic])
+    count = len(topic["partitions"])
+    if count and count != settings.event_partitions:
+        raise StackError(
+            f"topic {settings.events_topic} has {count} partitions, but ADLOOP_EVENT_PARTITIONS="
+            f"{settings.event_partitions}: set ADLOOP_EVENT_PARTITIONS={count}, or, to start over losing the "
+            f"topic's events, `adloop stack down`, remove {settings.stack_dir / 'kafka' / 'data'} and "
+            "`adloop stack up`."
+        )
 
 
 def _kafka_answers(bootstrap_servers: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,22 @@ def test_up_creates_the_topics(local_stack: Settings) -> None:
         admin.close()
     assert len(topics[local_stack.events_topic]["partitions"]) == local_stack.event_partitions
     assert len(topics[local_stack.dlq_topic]["partitions"]) >= 1
+
+
+def test_up_refuses_an_events_topic_with_another_partition_count(local_stack: Settings) -> None:
+    from kafka.admin import KafkaAdminClient
+
+    settings = local_stack.model_copy(update={"events_topic": f"adloop-test-partitions-{uuid.uuid4().hex[:8]}",
+                                              "event_partitions": 3})  # fmt: skip
+    stack.create_topics(settings)
+    try:
+        stack.create_topics(settings)  # the same count again: fine
+        with pytest.raises(stack.StackError, match=r"has 3 partitions, but ADLOOP_EVENT_PARTITIONS=4"):
+            stack.create_topics(settings.model_copy(update={"event_partitions": 4}))
+    finally:
+        admin = KafkaAdminClient(bootstrap_servers=local_stack.kafka_bootstrap_servers)
+        admin.delete_topics([settings.events_topic])
+        admin.close()
 
 
 def test_redis_round_trip(local_stack: Settings) -> None:
