@@ -8,7 +8,10 @@ What it removes:
 - the user's Feast online row (features.online layout: one hash per entity key and project);
 - the user's rows in the offline store (`<feast data>/offline/user_activity/*.parquet`), rewritten
   without them;
-- the user's events in the outcomes store (impressions, clicks, conversions).
+- the user's events in the outcomes store (impressions, clicks, conversions);
+- the user's last click and last impression kept for attribution (outcomes.touch_keys). A click's own
+  touch, found by click id, cannot be found by user without scanning every key: it expires with the
+  attribution window (`ADLOOP_ATTRIBUTION_WINDOW_S`).
 Then it writes the tombstone (features.tombstones) that training sets and the outcomes store honour
 for data still on its way. The report says what was removed; running it twice is harmless.
 """
@@ -28,6 +31,7 @@ from features import tombstones
 from features.online import reference_key
 from features.store import JOIN_KEYS, USER_VIEW
 from outcomes.store import OutcomeStore
+from outcomes.touch_keys import USER_TOUCH_MODELS, user_touch_key
 from streaming.consumer import GROUP
 from streaming.state_store import StateStore
 
@@ -44,6 +48,8 @@ def forget_user(settings: Settings, client: Any, user_id: str) -> dict[str, Any]
         "online_feature_rows": int(client.delete(online_key)),
         "offline_feature_rows": _forget_offline(settings.feast_data_dir / "offline" / USER_VIEW, user_id),
         "outcome_events": OutcomeStore(settings.outcomes_path).forget(user_id, erased_at),
+        # one key at a time: on a cluster they lie in two slots
+        "attribution_touches": sum(int(client.delete(user_touch_key(m, user_id))) for m in USER_TOUCH_MODELS),
     }
     return {"user_id": user_id, "erased_at": erased_at.isoformat(), "removed": removed, "tombstone": True}
 

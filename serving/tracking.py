@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from outcomes.touch_keys import click_touch_key, user_touch_key
 from serving import signing
 
 log = logging.getLogger(__name__)
@@ -110,17 +111,17 @@ class TouchStore:
         crash between the two leaves the user's last click one click older (the click itself stays
         attributable by its id)."""
         value = orjson.dumps(asdict(touch))
-        if not self.client.set(f"adloop:touch:click:{touch.click_id}", value, nx=True, ex=self.ttl):
+        if not self.client.set(click_touch_key(touch.click_id), value, nx=True, ex=self.ttl):
             return False
         try:
-            self.client.set(f"adloop:touch:user:click:{touch.user_id}", value, ex=self.ttl)
+            self.client.set(user_touch_key("click", touch.user_id), value, ex=self.ttl)
         except Exception as error:  # claimed: it counts and is charged; only the user's pointer is missed
             log.warning("click %s counted, but the user's last click was not updated (%s)", touch.click_id, error)
         return True
 
     def last(self, *, user_id: str | None, click: str | None, model: str) -> Touch | None:
         """The touch a conversion goes to: the named click, else the user's last click (or impression)."""
-        key = f"adloop:touch:click:{click}" if click else f"adloop:touch:user:{model}:{user_id}"
+        key = click_touch_key(click) if click else user_touch_key(model, user_id)
         raw = self.client.get(key)
         return None if raw is None else Touch(**orjson.loads(raw))
 
@@ -141,7 +142,7 @@ class TouchStore:
             try:
                 pipe = self.client.pipeline(transaction=False)
                 for touch in batch:
-                    pipe.set(f"adloop:touch:user:impression:{touch.user_id}", orjson.dumps(asdict(touch)), ex=self.ttl)
+                    pipe.set(user_touch_key("impression", touch.user_id), orjson.dumps(asdict(touch)), ex=self.ttl)
                 pipe.execute()
             except Exception as error:
                 log.warning("writing %d impression touches failed (%s); they are not attributable", len(batch), error)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from features import tombstones
 from outcomes.erasure import consumer_state, feast_user_key, forget_user
 from outcomes.store import OutcomeStore
+from outcomes.touch_keys import user_touch_key
 from streaming.events import Event
 from tests.serving.conftest import bundle, catalog_file, catalog_rows  # noqa: F401  (fixtures)
 from tests.serving.conftest import make_app as make_app
@@ -43,6 +44,9 @@ def test_forget_removes_the_user_everywhere_and_leaves_a_tombstone(feature_setti
     client.set(state.user_key(0, user), b"{}")
     client.set(state.user_key(1, other), b"{}")
     client.hset(feast_user_key(user), "f", "v")
+    for model in ("click", "impression"):
+        client.set(user_touch_key(model, user), b"{}", ex=60)
+    client.set(user_touch_key("click", other), b"{}", ex=60)
     offline = settings.feast_data_dir / "offline" / "user_activity"
     offline.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"user_id": [user, other, user], "x": [1, 2, 3]}), offline / "batch-1.parquet")
@@ -54,8 +58,9 @@ def test_forget_removes_the_user_everywhere_and_leaves_a_tombstone(feature_setti
     report = forget_user(settings, client, user)
 
     assert report["removed"] == {"consumer_state": 1, "online_feature_rows": 1, "offline_feature_rows": 2,
-                                 "outcome_events": 2}  # fmt: skip
+                                 "outcome_events": 2, "attribution_touches": 2}  # fmt: skip
     assert client.get(state.user_key(0, user)) is None and client.get(state.user_key(1, other)) is not None
+    assert client.get(user_touch_key("click", other)) is not None
     assert pq.read_table(offline / "batch-1.parquet").column("user_id").to_pylist() == [other]
     assert store.outcomes()[0]["impressions"] == 1
     # data still on its way is dropped where it lands: a late event of before the erasure; a new one counts
