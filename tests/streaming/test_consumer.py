@@ -25,7 +25,7 @@ from streaming.dead_letters import describe
 from streaming.events import Event
 from tests.support import batch_features
 from tests.support.events import synthetic_events
-from tests.support.stack import adloop_env, applied_events, consume_all, produce, shared_data
+from tests.support.stack import adloop_env, applied_events, consume_all, produce, shared_data, stop_when_applied
 
 pytestmark = pytest.mark.integration
 
@@ -137,16 +137,18 @@ def test_a_crash_mid_replay_changes_no_feature(any_feature_settings: Settings) -
     applied_before_crash = applied_events(any_feature_settings)
     assert 0 < applied_before_crash < len(events), "the kill must land mid-replay"
 
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stop_when_applied([done], any_feature_settings, len(events))
+    assert done.returncode == 0, done.stdout.read()
     assert_online_equals_batch(any_feature_settings, events)
 
 
 def test_two_consumers_in_one_group_share_the_partitions(any_feature_settings: Settings) -> None:
     events = synthetic_events(4000, users=80, seed=5)
     env = {**os.environ, **adloop_env(any_feature_settings)}
-    # idle long enough for the later of two starting processes to join (a process start imports Feast)
-    command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "25", "--metrics-port", "0"]
+    # idle long enough for the later of two starting processes to join (a process start imports Feast);
+    # both are stopped (SIGTERM) once every event is applied
+    command = [sys.executable, "-m", "adloop.cli", "consume", "--idle-exit", "60", "--metrics-port", "0"]
     runs = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
@@ -165,8 +167,8 @@ def test_two_consumers_in_one_group_share_the_partitions(any_feature_settings: S
         assert time.monotonic() < deadline, f"both consumers never held partitions: {logs}"
         time.sleep(0.2)
     produce(any_feature_settings, events)  # only now, so that both members share the work
-    for run, reader in zip(runs, readers, strict=True):
-        run.wait(timeout=120)
+    stop_when_applied(runs, any_feature_settings, len(events))
+    for reader in readers:
         reader.join(timeout=10)
     applied = [int("".join(log).split("applied ")[-1].split(",")[0]) for log in logs]
     assert sum(applied) == len(events), logs

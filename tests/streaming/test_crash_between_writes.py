@@ -13,7 +13,7 @@ from features.online import features_via_feast
 from features.store import USER_VIEW
 from tests.streaming.test_consumer import assert_online_equals_batch
 from tests.support.events import synthetic_events
-from tests.support.stack import adloop_env, applied_events, produce
+from tests.support.stack import adloop_env, applied_events, produce, stop_when_applied
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,8 @@ def test_a_kill_between_the_commit_and_the_rows_changes_no_feature(any_feature_s
     missing = [u for u in users if online[u]["last_seen_ms"] is None]
     assert committed > 0 and missing, "the kill must land after a commit, before its rows"
 
-    done = subprocess.run([sys.executable, "-m", "adloop.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.Popen([sys.executable, "-m", "adloop.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    stop_when_applied([done], settings, len(events))
+    assert done.returncode == 0, done.stdout.read()
     assert_online_equals_batch(settings, events)  # the committed batch's users too: their rows were rewritten

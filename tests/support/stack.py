@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,21 @@ def stored_offsets(settings: Settings, group: str = "adloop-features") -> dict[i
 def applied_events(settings: Settings, group: str = "adloop-features") -> int:
     """Records stored as applied (sum over partitions of last applied offset + 1); Redis must answer."""
     return sum(o + 1 for o in stored_offsets(settings, group).values())
+
+
+def stop_when_applied(processes: list[subprocess.Popen], settings: Settings, expected: int,
+                      timeout_s: float = 120.0) -> None:  # fmt: skip
+    """SIGTERM `adloop consume` processes once `expected` records are stored as applied (or one exited), then
+    wait for them: a graceful stop ends the batch in hand, so a test need not wait out an idle exit."""
+    deadline = time.monotonic() + timeout_s
+    while all(p.poll() is None for p in processes) and applied_events(settings) < expected:
+        assert time.monotonic() < deadline, f"{applied_events(settings)} of {expected} applied after {timeout_s} s"
+        time.sleep(0.1)
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        process.wait(timeout=60)
 
 
 def consume_all(settings: Settings, expected: int, group: str = "test-features") -> Any:
