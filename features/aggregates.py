@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from operator import add
 from typing import Any
 
+from features.article_flow import SESSION_ITEMS
 from streaming.events import DecodedEvent, Event, EventType
 
 MINUTE_MS = 60_000
@@ -59,6 +60,10 @@ class UserState:
     clicks_total: int = 0
     recent_ids: list[list[Any]] = field(default_factory=list)  # [event id, ms] of the last RECENT_IDS_N applied
     forgot_until: int = 0  # ms: the latest time of a forgotten id (repeats before it cannot be told apart)
+    session_id: str | None = None  # the session of the latest page view that named one
+    session_items: list[str] = field(default_factory=list)  # its last SESSION_ITEMS clicks, newest last
+    session_length: int = 0  # its clicks so far
+    session_last_ms: int = 0  # its latest click
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)  # fields hold only JSON types (dataclasses.asdict deep-copies: 10x slower)
@@ -86,6 +91,14 @@ def remember(state: UserState, event: Event | DecodedEvent) -> None:
         state.forgot_until = max(state.forgot_until, ts)
 
 
+def session_before(state: UserState, event: Event | DecodedEvent) -> list[str] | None:
+    """The earlier clicks (newest last) of the session this event is a click of, before it; None when the
+    event is not a click within a session (a page view of an item that names its session)."""
+    if event.event_type is not EventType.page_view or not event.item_id or not event.session_id:
+        return None
+    return list(state.session_items) if event.session_id == state.session_id else []
+
+
 def apply_user(state: UserState, event: Event | DecodedEvent) -> UserState:
     """Fold one event into the user's state (mutates and returns it)."""
     ts, kind = event.ts_ms, event.event_type.value
@@ -105,6 +118,13 @@ def apply_user(state: UserState, event: Event | DecodedEvent) -> UserState:
             state.recent_items = [*state.recent_items, event.item_id][-RECENT_N:]
         if event.category:
             state.recent_categories = [*state.recent_categories, event.category][-RECENT_N:]
+        if kind == "page_view" and event.item_id and event.session_id:
+            if event.session_id != state.session_id:
+                state.session_id, state.session_items, state.session_length, state.session_last_ms = (
+                    event.session_id, [], 0, 0)  # fmt: skip
+            state.session_items = [*state.session_items, event.item_id][-SESSION_ITEMS:]
+            state.session_length += 1
+            state.session_last_ms = max(state.session_last_ms, ts)
     if kind in ("ad_impression", "ad_click"):
         slot = 0 if kind == "ad_impression" else 1
         state.impressions_total += slot == 0
@@ -142,6 +162,10 @@ def user_features(state: UserState) -> dict[str, Any]:
     row["clicks_total"] = state.clicks_total
     row["user_ctr"] = smoothed_ctr(state.clicks_total, state.impressions_total)
     row["last_seen_ms"] = state.last_ts
+    row["session_id"] = state.session_id
+    row["session_items"] = list(state.session_items)
+    row["session_length"] = state.session_length
+    row["session_last_ms"] = state.session_last_ms
     return row
 
 

@@ -13,8 +13,10 @@ if TYPE_CHECKING:
 
 USER_VIEW = "user_activity"
 AD_VIEW = "ad_performance"
-JOIN_KEYS = {USER_VIEW: "user_id", AD_VIEW: "ad_id"}
-PUSH_SOURCES = {USER_VIEW: "user_activity_push", AD_VIEW: "ad_performance_push"}
+ARTICLE_VIEW = "article_activity"
+TRANSITION_VIEW = "article_transition"
+JOIN_KEYS = {USER_VIEW: "user_id", AD_VIEW: "ad_id", ARTICLE_VIEW: "article_id", TRANSITION_VIEW: "article_pair"}
+PUSH_SOURCES = {view: f"{view}_push" for view in JOIN_KEYS}
 
 
 def feast_environment(settings: Settings) -> dict[str, str]:
@@ -37,7 +39,7 @@ def open_store(settings: Settings) -> FeatureStore:
 def apply(settings: Settings) -> FeatureStore:
     """`feast apply` for this repo: register entities, sources and views (idempotent)."""
     os.environ.update(feast_environment(settings))
-    for view in (USER_VIEW, AD_VIEW):
+    for view in JOIN_KEYS:
         (settings.feast_data_dir / "offline" / view).mkdir(parents=True, exist_ok=True)
     import importlib
 
@@ -49,10 +51,16 @@ def apply(settings: Settings) -> FeatureStore:
         [
             definitions.user,
             definitions.ad,
+            definitions.article,
+            definitions.article_pair,
             definitions.user_activity_source,
             definitions.ad_performance_source,
+            definitions.article_activity_source,
+            definitions.article_transition_source,
             definitions.user_activity,
             definitions.ad_performance,
+            definitions.article_activity,
+            definitions.article_transition,
             definitions.ranker_v1,
         ]
     )

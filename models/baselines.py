@@ -2,11 +2,11 @@
 
 - random: a seeded uniform score per candidate.
 - popularity, last hour: the candidate's clicks in the hour before the event (the pool's own weights).
-- popularity, decayed: every earlier click weighs 2^(-age / half-life), half-life `probes.build_probes`'
-  `half_life_ms` (one hour by default).
+- popularity, decayed: every earlier click weighs 2^(-age / 1 h) (`features.article_flow`'s decayed clicks,
+  the last 24 hourly sums).
 - co-occurrence (session kNN): the session's last clicks vote for the articles that followed them in
   earlier sessions; the most recent click's transitions weigh 1, the two before 0.5 and 0.25
-  (`probes.VOTE_WEIGHTS`). Transitions are counted online, so the vote is always as of the event.
+  (`features.article_flow.VOTE_WEIGHTS`). Transitions are counted online, so the vote is always as of the event.
 - co-occurrence, last click: the same with the most recent click alone.
 """
 
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.probes import Probes
+from models.probes import POOL, Probes
 
 BASELINES = {
     "random": None,
-    "popularity, last hour": "pop_1h",
+    "popularity, last hour": POOL,
     "popularity, decayed (1 h half-life)": "pop_decayed",
     "co-occurrence (session kNN)": "cooc_vote",
     "co-occurrence, last click": "cooc_last",

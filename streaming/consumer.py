@@ -49,12 +49,28 @@ from features.aggregates import (
     prune,
     remember,
     repeat_of,
+    session_before,
     stale_ad_counters,
     user_features,
 )
+from features.article_flow import (
+    ARTICLE,
+    NEXT,
+    Counters,
+    article_row,
+    click_counters,
+    decay_fields,
+    followers,
+    merge_field,
+    pair_id,
+    stale_article_fields,
+    stale_transition_fields,
+    transition_fields,
+    transition_row,
+)
 from features.online import FeastLayout, write_rows
 from features.sink import FeastSink
-from features.store import AD_VIEW, USER_VIEW
+from features.store import AD_VIEW, ARTICLE_VIEW, TRANSITION_VIEW, USER_VIEW
 from streaming import dead_letters, kafka_clients, metrics
 from streaming.dead_letters import DeadLetters, DeadLetterUndelivered
 from streaming.events import DecodedEvent, EventType, InvalidEvent, decode_event
@@ -120,6 +136,7 @@ class FeatureConsumer:
         self.applied = self.state.applied_offsets(self.partitions)
         self.layout = FeastLayout.from_settings(settings)
         self.touched_ads: set[str] = set()
+        self.touched_flow: tuple[set[str], set[tuple[str, str]]] = (set(), set())  # articles, pairs
         self.total = BatchReport()  # everything `run` has done so far
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
 
@@ -137,7 +154,7 @@ class FeatureConsumer:
                     timeout_ms=self.settings.consumer_batch_ms, max_records=self.settings.consumer_batch_size
                 )
                 if not batch:
-                    self.refresh_ads()
+                    self.refresh_rows()
                     if not self.consumer.assignment() and time.monotonic() - started < JOIN_WAIT_S:
                         idle_since = time.monotonic()  # still joining the group: not idle yet
                     elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
@@ -148,6 +165,12 @@ class FeatureConsumer:
                     _merge(total, self.apply(batch))
                 except (DeadLetterUndelivered, StaleWrite, redis.ConnectionError, redis.TimeoutError) as error:
                     self._retry(batch, error, stop)
+            # Rows written while another consumer committed the same ads or articles may miss its counts:
+            # rewritten from the stored sums before leaving, as after every idle poll.
+            try:
+                self.refresh_rows()
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                log.warning("rows touched since the last refresh not rewritten before stopping: %s", error)
         finally:
             gc.unfreeze()
             self.close()
@@ -202,6 +225,7 @@ class FeatureConsumer:
                  for p, o in last_offsets.items() if o > self.applied.get(p, -1)}  # fmt: skip
         ad_increments: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         ad_last: dict[str, int] = {}
+        flow: Counters = {}  # the batch's article-flow increments, all partitions
         snapshots: dict[tuple[str, int], tuple[str, int, dict[str, Any]]] = {}
         for partition, record, event in events:
             state = users[(partition, event.user_id)]
@@ -220,11 +244,17 @@ class FeatureConsumer:
             ):
                 # What the ranker saw for this impression: a training row exact whatever the batch size.
                 snapshots[seen_until] = (event.user_id, state.last_ts, user_features(state))
+            previous = session_before(state, event)
             apply_user(state, event)
             remember(state, event)
             report.applied += 1
             part = parts[partition]
             part.states[event.user_id] = state
+            if previous is not None and event.item_id:
+                for key, fields in click_counters(previous, event.item_id, event.ts_ms).items():
+                    for target in (flow.setdefault(key, {}), part.flow.setdefault(key, {})):
+                        for name, value in fields.items():
+                            merge_field(target, name, value)
             counters = ad_counter_fields(event)
             if counters and event.ad_id:
                 for counter in counters:
@@ -241,20 +271,31 @@ class FeatureConsumer:
                 prune(state)
             user_rows[partition] = [(u, s.last_ts, user_features(s)) for u, s in part.states.items()]
         ad_rows, stale = self._ad_rows(ad_increments, ad_last)
+        articles, pairs = _flow_touched(flow)
+        article_rows, pair_rows, flow_stale = self._flow_rows(flow, articles, pairs)
         name = _batch_name(batch)
         self.sink.write_offline(USER_VIEW, [*snapshots.values(), *(r for rows in user_rows.values() for r in rows)],
                                 name=name)  # fmt: skip
         self.sink.write_offline(AD_VIEW, ad_rows, name=name)
+        self.sink.write_offline(ARTICLE_VIEW, article_rows, name=name)
+        self.sink.write_offline(TRANSITION_VIEW, pair_rows, name=name)
 
-        committed, refused = self._commit(parts, stale)
+        committed, refused = self._commit(parts, stale, flow_stale)
         # The online rows follow the commits (each only over an older row): a crash in between leaves the
         # partitions' `written` lists, which their next owner rewrites (`_recover`).
         write_rows(self.state.redis, self.layout, USER_VIEW, [r for p in committed for r in user_rows[p]])
         if refused:  # the refused partitions' increments are not stored: rows from what is
             ad_rows, _ = self._ad_rows({}, {ad: 0 for p in committed for ad in parts[p].ad_last})
+            articles = {a for p in committed for a in parts[p].articles_written}
+            pairs = {(a, b) for p in committed for a, b in parts[p].pairs_written}
+            article_rows, pair_rows, _ = self._flow_rows({}, articles, pairs)
         else:
             self.touched_ads.update(ad_last)
+            self.touched_flow[0].update(articles)
+            self.touched_flow[1].update(pairs)
         write_rows(self.state.redis, self.layout, AD_VIEW, ad_rows)
+        write_rows(self.state.redis, self.layout, ARTICLE_VIEW, article_rows)
+        write_rows(self.state.redis, self.layout, TRANSITION_VIEW, pair_rows)
         if refused:
             raise StaleWrite(refused)
         try:
@@ -268,7 +309,7 @@ class FeatureConsumer:
         return report
 
     def _commit(
-        self, parts: dict[int, PartitionBatch], stale: dict[str, list[str]]
+        self, parts: dict[int, PartitionBatch], stale: dict[str, list[str]], flow_stale: dict[tuple[str, str], list]
     ) -> tuple[list[int], dict[int, tuple[int | None, int | None]]]:
         """Commit each partition's batch (atomic per partition); returns the committed partitions and the
         refused ones (partition -> (expected, stored offset))."""
@@ -277,6 +318,9 @@ class FeatureConsumer:
         for partition, part in parts.items():
             part.stale_counters = {ad: stale[ad] for ad in part.ad_last if stale.get(ad)}
             part.ads_written = sorted(part.ad_last)
+            part.flow_stale = {key: flow_stale[key] for key in part.flow if flow_stale.get(key)}
+            articles, pairs = _flow_touched(part.flow)
+            part.articles_written, part.pairs_written = sorted(articles), sorted([a, b] for a, b in pairs)
             try:
                 self.state.commit(partition, part)
             except StaleWrite as error:
@@ -291,27 +335,83 @@ class FeatureConsumer:
         owner may have died between the commit and the rows (rows are only written over older ones)."""
         users: list[tuple[int, str]] = []
         ads: set[str] = set()
+        articles: set[str] = set()
+        pairs: set[tuple[str, str]] = set()
         for partition in partitions:
-            batch_users, batch_ads = self.state.written(partition)
-            users += [(partition, u) for u in batch_users]
-            ads.update(batch_ads)
+            written = self.state.written(partition)
+            users += [(partition, u) for u in written["users"]]
+            ads.update(written["ads"])
+            articles.update(written["articles"])
+            pairs.update((a, b) for a, b in written["pairs"])
         states = self.state.user_states(users)
         rows = [(u, s.last_ts, user_features(s)) for (_, u), s in states.items() if s.last_ts]
         write_rows(self.state.redis, self.layout, USER_VIEW, rows)
         ad_rows, _ = self._ad_rows({}, dict.fromkeys(ads, 0))
         write_rows(self.state.redis, self.layout, AD_VIEW, ad_rows)
+        self._write_flow(articles, pairs)
 
-    def refresh_ads(self) -> None:
-        """Rewrite the online rows of ads touched since the last refresh from their counters.
+    def refresh_rows(self) -> None:
+        """Rewrite the online rows of ads and articles (and pairs) touched since the last refresh from their
+        counters.
 
         An ad's counters are the sum over all partitions, which other consumers of the group write; a
         row written by one consumer may miss another's concurrent increment, so idle consumers rewrite theirs.
         """
-        if not self.touched_ads:
-            return
-        rows, _ = self._ad_rows({}, dict.fromkeys(self.touched_ads, 0))
-        write_rows(self.state.redis, self.layout, AD_VIEW, rows)
-        self.touched_ads.clear()
+        if self.touched_ads:
+            rows, _ = self._ad_rows({}, dict.fromkeys(self.touched_ads, 0))
+            write_rows(self.state.redis, self.layout, AD_VIEW, rows)
+            self.touched_ads.clear()
+        if self.touched_flow[0] or self.touched_flow[1]:
+            self._write_flow(*self.touched_flow)
+            self.touched_flow = (set(), set())
+
+    def _write_flow(self, articles: set[str], pairs: set[tuple[str, str]]) -> None:
+        """Rewrite these articles' and pairs' online rows from the stored counters (all partitions)."""
+        article_rows, pair_rows, _ = self._flow_rows({}, articles, pairs)
+        write_rows(self.state.redis, self.layout, ARTICLE_VIEW, article_rows)
+        write_rows(self.state.redis, self.layout, TRANSITION_VIEW, pair_rows)
+
+    def _flow_rows(
+        self, increments: Counters, articles: set[str], pairs: set[tuple[str, str]]
+    ) -> tuple[list[tuple[str, int, dict[str, Any]]], list[tuple[str, int, dict[str, Any]]], dict]:
+        """Article and transition rows (features.article_flow) from the stored counters of every partition plus
+        this batch's increments (not yet written), and per flow hash the fields that no row reads any more."""
+        if not articles and not pairs:
+            return [], [], {}
+        # Two reads: the counts and last follows, then the daily sums that each pair's last follow selects.
+        wanted: dict[tuple[str, str], list[str] | None] = {(ARTICLE, a): None for a in articles}
+        for a, b in pairs:
+            names = wanted.setdefault((NEXT, a), [])
+            assert names is not None
+            names += transition_fields(b)
+        merged = self.state.flow_fields(wanted, self.partitions)
+        for key, fields in increments.items():
+            target = merged.setdefault(key, {})
+            for name, value in fields.items():
+                merge_field(target, name, value)
+        last = {(a, b): merged[(NEXT, a)].get(f"l:{b}", 0) for a, b in pairs}
+        sums: dict[tuple[str, str], list[str] | None] = {}
+        for (a, b), ms in last.items():
+            names = sums.setdefault((NEXT, a), [])
+            assert names is not None
+            names += decay_fields(b, ms)
+        for key, fields in self.state.flow_fields(sums, self.partitions).items():
+            target, mine = merged[key], increments.get(key, {})
+            for name, value in fields.items():  # stored daily sums, plus this batch's already merged above
+                target[name] = value + mine.get(name, 0)
+        stale: dict[tuple[str, str], list[str]] = {}
+        article_rows = []
+        for a in sorted(articles):
+            fields = merged[(ARTICLE, a)]
+            row = article_row(fields)
+            article_rows.append((a, row["last_click_ms"], row))
+            stale[(ARTICLE, a)] = stale_article_fields(fields)
+        pair_rows = []
+        for a, b in sorted(pairs):
+            row = transition_row(merged[(NEXT, a)], b)
+            pair_rows.append((pair_id(a, b), row["transition_last_ms"], row))
+            stale.setdefault((NEXT, a), []).extend(stale_transition_fields(b, last[(a, b)]))
+        return article_rows, pair_rows, stale
 
     def _ad_rows(
         self, increments: dict[str, dict[str, int]], last: dict[str, int]
@@ -402,6 +502,13 @@ class _Rebalance(ConsumerRebalanceListener):
                 owner.consumer.seek(tp, owner.applied[tp.partition] + 1)
         owner._recover(sorted(tp.partition for tp in assigned))
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+
+def _flow_touched(flow: Counters) -> tuple[set[str], set[tuple[str, str]]]:
+    """The articles and the (a, b) pairs whose online rows these article-flow counters change."""
+    articles = {str(a) for kind, a in flow if kind == ARTICLE}
+    pairs = {(str(a), b) for (kind, a), fields in flow.items() if kind == NEXT for b in followers(fields)}
+    return articles, pairs
 
 
 def _batch_name(batch: dict[TopicPartition, list[Any]]) -> str:

@@ -17,8 +17,10 @@ Keys under the partition's tag `adloop:{<topic>/<p>}:` (all with an expiry or an
   ad:<id>          hash: `h:<hour bucket>:<0 impressions|1 clicks>` and `f:<5-min bucket>:<0|1>`
                    counters of this partition's events; an ad's counts are the sum over partitions
   ad_last          sorted set: ad id -> latest event time (ms) in this partition, only ever raised
+  art:<id>, next:<id>  hashes of features.article_flow's counters of this partition's clicks (summed,
+                   minimised or maximised by field name over partitions when read)
   offset:<group>   the group's last applied offset of the partition
-  written:<group>  JSON {"users": [...], "ads": [...]} of the last batch: whose online rows follow the
+  written:<group>  JSON {"users", "ads", "articles", "pairs"} of the last batch: whose online rows follow the
                    commit (features.online.write_rows_if_newer), so a consumer that takes the partition
                    over rewrites them when the previous owner died between the two writes
 """
@@ -26,7 +28,7 @@ Keys under the partition's tag `adloop:{<topic>/<p>}:` (all with an expiry or an
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ import orjson
 from prometheus_client import Counter
 
 from features.aggregates import UserState, add_counter
+from features.article_flow import Counters, field_op, merge_field
 
 STALE_WRITES = Counter(
     "adloop_consumer_stale_writes_total", "Batches refused because another consumer had moved their partitions."
@@ -41,15 +44,17 @@ STALE_WRITES = Counter(
 STATE_TTL_S = 30 * 86400  # a user idle this long is forgotten (Feast's views look back 7 days)
 log = logging.getLogger(__name__)
 
-# KEYS: offset, ad_last, written, users..., ad hashes...
+# KEYS: offset, ad_last, written, users..., ad hashes..., flow hashes...
 # ARGV: expected offset ('' = none stored), new offset, users count, ads count, state ttl, counter ttl,
-#       written blob, user blobs..., then per ad: increments count, deletions count, (field, amount)...,
-#       field..., and last the ad_last (ms, ad id) pairs.
+#       written blob, flow hashes count, user blobs..., then per ad: increments count, deletions count,
+#       (field, amount)..., field..., then per flow hash: increments, minima, maxima and deletions counts,
+#       (field, amount)..., (field, value)..., (field, value)..., field..., and last the ad_last (ms, ad id) pairs.
 _COMMIT = """
 local stored = redis.call('GET', KEYS[1])
 if (stored or '') ~= ARGV[1] then return {0, stored or ''} end
 local users, ads, state_ttl, counter_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
-local a = 8
+local flows = tonumber(ARGV[8])
+local a = 9
 for i = 1, users do
   redis.call('SET', KEYS[3 + i], ARGV[a], 'EX', state_ttl)
   a = a + 1
@@ -66,6 +71,33 @@ for i = 1, ads do
     a = a + 1
   end
   if increments > 0 then redis.call('EXPIRE', key, counter_ttl) end
+end
+for i = 1, flows do
+  local key = KEYS[3 + users + ads + i]
+  local adds, mins, maxes, deletions = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
+    tonumber(ARGV[a + 3])
+  a = a + 4
+  for _ = 1, adds do
+    redis.call('HINCRBY', key, ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+  for _ = 1, mins + maxes do
+    local old = redis.call('HGET', key, ARGV[a])
+    local lower = mins > 0
+    if old then
+      local value, held = tonumber(ARGV[a + 1]), tonumber(old)
+      if (lower and value < held) or (not lower and value > held) then redis.call('HSET', key, ARGV[a], ARGV[a + 1]) end
+    else
+      redis.call('HSET', key, ARGV[a], ARGV[a + 1])
+    end
+    mins = mins - 1
+    a = a + 2
+  end
+  for _ = 1, deletions do
+    redis.call('HDEL', key, ARGV[a])
+    a = a + 1
+  end
+  redis.call('EXPIRE', key, counter_ttl)
 end
 local raised = a < #ARGV
 while a < #ARGV do
@@ -101,6 +133,10 @@ class PartitionBatch:
     ad_last: dict[str, int] = field(default_factory=dict)
     stale_counters: dict[str, list[str]] = field(default_factory=dict)
     ads_written: list[str] = field(default_factory=list)  # ads whose online rows follow (all partitions' sums)
+    flow: Counters = field(default_factory=dict)  # features.article_flow increments of the batch's clicks
+    flow_stale: dict[tuple[str, Hashable], list[str]] = field(default_factory=dict)  # fields no row reads
+    articles_written: list[str] = field(default_factory=list)  # articles and pairs whose online rows follow
+    pairs_written: list[list[str]] = field(default_factory=list)
 
 
 class StateStore:
@@ -152,11 +188,41 @@ class StateStore:
                 states[(p, u)] = UserState.from_json(orjson.loads(blob)) if blob else UserState()
         return states
 
-    def written(self, partition: int) -> tuple[list[str], list[str]]:
-        """The users and ads of the partition's last committed batch (their online rows follow the commit)."""
+    def written(self, partition: int) -> dict[str, list[Any]]:
+        """The users, ads, articles and pairs ([a, b]) of the partition's last committed batch (their online
+        rows follow the commit)."""
         blob = self.redis.get(f"{self.tag(partition)}written:{self.group}")
         data = orjson.loads(blob) if blob else {}
-        return data.get("users", []), data.get("ads", [])
+        return {kind: data.get(kind, []) for kind in ("users", "ads", "articles", "pairs")}
+
+    def flow_fields(
+        self, wanted: dict[tuple[str, str], list[str] | None], partitions: Iterable[int]
+    ) -> dict[tuple[str, str], dict[str, int]]:
+        """features.article_flow hashes merged over `partitions`: per (kind, article) the listed fields
+        (None: all of them)."""
+        keys, parts = list(wanted), sorted(partitions)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in parts:
+            tag = self.tag(p)
+            for kind, article in keys:
+                names = wanted[(kind, article)]
+                if names is None:
+                    pipe.hgetall(f"{tag}{kind}:{article}")
+                else:
+                    pipe.hmget(f"{tag}{kind}:{article}", names)
+        replies = iter(pipe.execute())
+        merged: dict[tuple[str, str], dict[str, int]] = {key: {} for key in keys}
+        for _ in parts:
+            for key in keys:
+                reply, fields = next(replies), merged[key]
+                if isinstance(reply, dict):
+                    for name, value in reply.items():
+                        merge_field(fields, name.decode(), int(value))
+                else:
+                    for name, value in zip(wanted[key] or (), reply, strict=True):
+                        if value is not None:
+                            merge_field(fields, name, int(value))
+        return merged
 
     def ad_counters(
         self, ad_ids: Iterable[str], partitions: Iterable[int]
@@ -192,11 +258,14 @@ class StateStore:
         tag = self.tag(partition)
         users = list(batch.states)
         ads = sorted(set(batch.ad_increments) | set(batch.stale_counters))
+        flows = list(batch.flow)
         keys = [f"{tag}offset:{self.group}", f"{tag}ad_last", f"{tag}written:{self.group}"]
         keys += [f"{tag}user:{u}" for u in users] + [f"{tag}ad:{ad}" for ad in ads]
-        written = orjson.dumps({"users": users, "ads": batch.ads_written})
+        keys += [f"{tag}{kind}:{article}" for kind, article in flows]
+        written = orjson.dumps({"users": users, "ads": batch.ads_written, "articles": batch.articles_written,
+                                "pairs": batch.pairs_written})  # fmt: skip
         args: list[Any] = ["" if batch.expected is None else batch.expected, batch.offset, len(users), len(ads),
-                           STATE_TTL_S, COUNTER_TTL_S, written]  # fmt: skip
+                           STATE_TTL_S, COUNTER_TTL_S, written, len(flows)]  # fmt: skip
         args += [orjson.dumps(batch.states[u].to_json()) for u in users]
         for ad in ads:
             increments = batch.ad_increments.get(ad, {})
@@ -205,6 +274,8 @@ class StateStore:
             for name, amount in increments.items():
                 args += [name, amount]
             args += stale
+        for key in flows:
+            args += _flow_args(batch.flow[key], batch.flow_stale.get(key, ()))
         for ad, ms in batch.ad_last.items():
             args += [ms, ad]
         reply = self._commit(keys=keys, args=args)
@@ -223,3 +294,13 @@ class StateStore:
             for u in user_ids:
                 pipe.delete(self.user_key(p, u))
         return sum(pipe.execute())
+
+
+def _flow_args(fields: dict[str, int], stale: Iterable[str]) -> list[Any]:
+    """One flow hash's part of the commit's arguments: counts, then additions, minima, maxima, deletions."""
+    by_op: dict[str, list[Any]] = {"add": [], "min": [], "max": []}
+    for name, value in fields.items():
+        by_op[field_op(name)] += [name, value]
+    gone = [name for name in stale if name not in fields]
+    counts = [len(by_op["add"]) // 2, len(by_op["min"]) // 2, len(by_op["max"]) // 2, len(gone)]
+    return [*counts, *by_op["add"], *by_op["min"], *by_op["max"], *gone]

@@ -16,6 +16,15 @@ OFFLINE_DIR = os.path.join(os.environ["ADLOOP_FEAST_DATA_DIR"], "offline")
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING, description="A site visitor.")
 ad = Entity(name="ad", join_keys=["ad_id"], value_type=ValueType.STRING, description="An ad of the catalog.")
+article = Entity(
+    name="article", join_keys=["article_id"], value_type=ValueType.STRING, description="An item read in sessions."
+)
+article_pair = Entity(
+    name="article_pair",
+    join_keys=["article_pair"],
+    value_type=ValueType.STRING,
+    description="'<a> <b>': b read after a in a session (features.article_flow.pair_id).",
+)
 
 user_activity_source = PushSource(
     name="user_activity_push",
@@ -29,6 +38,16 @@ ad_performance_source = PushSource(
         name="ad_performance_log", path=os.path.join(OFFLINE_DIR, "ad_performance"), timestamp_field="event_timestamp"
     ),
 )
+
+
+def _logged(view: str) -> PushSource:
+    """A view's push source, its rows also in the offline log folder of the view."""
+    log = FileSource(name=f"{view}_log", path=os.path.join(OFFLINE_DIR, view), timestamp_field="event_timestamp")
+    return PushSource(name=f"{view}_push", batch_source=log)
+
+
+article_activity_source = _logged("article_activity")
+article_transition_source = _logged("article_transition")
 
 user_activity = FeatureView(
     name="user_activity",
@@ -50,6 +69,10 @@ user_activity = FeatureView(
         Field(name="clicks_total", dtype=Int64),
         Field(name="user_ctr", dtype=Float64, description="Smoothed click rate, all time."),
         Field(name="last_seen_ms", dtype=Int64),
+        Field(name="session_id", dtype=String, description="The session of the latest page view naming one."),
+        Field(name="session_items", dtype=Array(String), description="Its last clicks, newest last."),
+        Field(name="session_length", dtype=Int64),
+        Field(name="session_last_ms", dtype=Int64),
     ],
     source=user_activity_source,
     online=True,
@@ -66,6 +89,40 @@ ad_performance = FeatureView(
         Field(name="ad_last_seen_ms", dtype=Int64),
     ],
     source=ad_performance_source,
+    online=True,
+)
+
+# Rows of features.article_flow (as of the article's last click); the ranker's features at a moment are
+# computed from them by `features.article_flow.candidate_features`.
+article_activity = FeatureView(
+    name="article_activity",
+    entities=[article],
+    ttl=timedelta(days=7),
+    schema=[
+        Field(name="clicks_total", dtype=Int64),
+        Field(name="first_click_ms", dtype=Int64),
+        Field(name="last_click_ms", dtype=Int64),
+        Field(name="transitions_in", dtype=Int64, description="Clicks on it right after another in a session."),
+        Field(name="transitions_out", dtype=Int64, description="Clicks right after it in a session."),
+        Field(name="minute_buckets", dtype=Array(Int64), description="Minutes (unix ms // 60000) of the last hour."),
+        Field(name="minute_clicks", dtype=Array(Int64)),
+        Field(name="clicks_decayed", dtype=Float64, description="Clicks decayed with a 1 h half-life."),
+    ],
+    source=article_activity_source,
+    online=True,
+)
+
+article_transition = FeatureView(
+    name="article_transition",
+    entities=[article_pair],
+    ttl=timedelta(days=7),
+    schema=[
+        Field(name="transitions", dtype=Int64, description="Times b was read right after a."),
+        Field(name="transitions_near", dtype=Int64, description="Times b was read within 3 clicks after a."),
+        Field(name="transitions_decayed", dtype=Float64, description="`transitions` decayed, 2 h half-life."),
+        Field(name="transition_last_ms", dtype=Int64),
+    ],
+    source=article_transition_source,
     online=True,
 )
 

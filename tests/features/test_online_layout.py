@@ -21,6 +21,7 @@ from features.online import (
     reference_timestamp,
     reference_value,
 )
+from tests.support.batch_features import view_kinds
 from tests.support.events import synthetic_events
 
 INT64_EDGES = [0, 1, 127, 128, 255, 300, 4095, 4096, 16_383, 16_384, 2**31 - 1, 2**31, 2**63 - 1, -1, -128, -(2**63)]
@@ -88,10 +89,7 @@ def test_a_real_row_encodes_like_the_protobuf_messages() -> None:
     for event in synthetic_events(600, users=5, seed=4):
         states[event.user_id] = apply_user(states.get(event.user_id) or UserState(), event)
     rows = [user_features(state) for state in states.values()]
-    kinds = {name: "Int64" if isinstance(value, int) else "Float64" if isinstance(value, float) else
-             "Array(String)" if name.endswith(("_ids", "categories", "items")) else
-             "Array(Int64)" if name.startswith("freq_") else "Array(Float64)"
-             for name, value in rows[0].items()}  # fmt: skip
+    kinds = view_kinds("user_activity")
     view = _view("user_activity", "user_id", kinds)
     layout = FeastLayout("adloop", {view.name: view})
     for row in [*rows, {}]:  # {}: every feature missing

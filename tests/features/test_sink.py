@@ -7,6 +7,7 @@ import pyarrow as pa
 
 from features.aggregates import UserState, apply_user, user_features
 from features.sink import ARROW_TYPES, _table
+from tests.support.batch_features import view_kinds
 from tests.support.events import synthetic_events
 
 
@@ -16,10 +17,7 @@ def test_rows_become_the_same_table_as_through_pandas() -> None:
     for event in synthetic_events(400, users=6, seed=5):
         state = states[event.user_id] = apply_user(states.get(event.user_id) or UserState(), event)
         rows.append((event.user_id, state.last_ts, user_features(state)))
-    kinds = {name: "Int64" if isinstance(value, int) else "Float64" if isinstance(value, float) else
-             "Array(String)" if name.endswith(("_ids", "categories", "items")) else
-             "Array(Int64)" if name.startswith("freq_") else "Array(Float64)"
-             for name, value in rows[0][2].items()}  # fmt: skip
+    kinds = view_kinds("user_activity")
     schema = pa.schema(
         [pa.field("user_id", pa.string())]
         + [pa.field(name, ARROW_TYPES[kind]) for name, kind in kinds.items()]

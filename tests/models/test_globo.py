@@ -25,7 +25,7 @@ from models.globo import (
     read_clicks,
     sample_events,
 )
-from models.probes import build_probes
+from models.probes import POOL, build_probes
 from tests.models.globo_data import SAMPLE
 
 PROTOCOL = Protocol(sample=0.3, negatives=20)
@@ -169,5 +169,5 @@ def test_real_log_protocol_and_popularity_reference() -> None:
     assert end - start == 2 * DAY_MS and int(clicks.ts[-1]) < end
     probes = build_probes(clicks, sample_events(eligible(clicks, start, end), protocol.sample, 0), protocol)
     assert probes.mask.all()  # the hour's pool always holds 50 negatives on these days
-    pop = event_metrics(probes.features["pop_1h"], probes.mask)
+    pop = event_metrics(probes.features[POOL], probes.mask)
     assert 0.42 < pop["hr@10"].mean() < 0.50

@@ -20,7 +20,7 @@ from adloop.settings import Settings
 from features.aggregates import UserState, apply_user, user_features
 from features.offline import point_in_time
 from features.online import features_via_feast
-from features.store import AD_VIEW, USER_VIEW
+from features.store import AD_VIEW, ARTICLE_VIEW, TRANSITION_VIEW, USER_VIEW
 from streaming.dead_letters import describe
 from streaming.events import Event
 from tests.support import batch_features
@@ -35,6 +35,15 @@ def assert_online_equals_batch(settings: Settings, events: list[Event]) -> None:
     online = features_via_feast(settings, USER_VIEW, sorted(expected))
     for user, features in expected.items():
         batch_features.assert_features_equal(features, online[user], user)
+    # Article flow: the rows through Feast equal the evaluation's in-memory fold of the same clicks.
+    flow = batch_features.article_flow(events)
+    articles, pairs = batch_features.flow_ids(flow)
+    assert bool(articles and pairs) == any(e.session_id for e in events)  # Taobao's events name no session
+    if not articles:
+        return
+    batch_features.assert_article_flow_equal(
+        flow, features_via_feast(settings, ARTICLE_VIEW, articles), features_via_feast(settings, TRANSITION_VIEW, pairs)
+    )
 
 
 def test_online_and_offline_features_equal_a_batch_recomputation(any_feature_settings: Settings) -> None:

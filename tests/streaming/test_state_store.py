@@ -39,7 +39,7 @@ def test_a_batch_computed_before_another_consumer_wrote_is_refused(any_feature_s
     assert old_owner.ad_counters(["ad-1"], range(3))["ad-1"][0] == {"1": [3, 0]}  # 2 on partition 0, 1 on 1
     _commit(old_owner, 1, user_state=4, offset=8, expected=4)  # another partition, still its own: applies
     assert old_owner.applied_offsets(range(3)) == {0: 19, 1: 8}
-    assert old_owner.written(1) == (["u1"], [])
+    assert old_owner.written(1) == {"users": ["u1"], "ads": [], "articles": [], "pairs": []}
     assert old_owner.reset_offsets(range(3)) == {0: 19, 1: 8} and old_owner.applied_offsets(range(3)) == {}
 
 
@@ -62,3 +62,23 @@ def test_every_key_of_a_partition_is_on_one_cluster_slot(cluster_stack: Settings
     keys = [store.user_key(3, "u1"), store.user_key(3, "u2"), f"{store.tag(3)}offset:g", f"{store.tag(3)}ad:a"]
     assert len({key_slot(k.encode()) for k in keys}) == 1
     assert len({key_slot(store.user_key(p, "u1").encode()) for p in range(12)}) == 12  # partitions spread
+
+
+def test_article_flow_counters_merge_by_field_over_partitions(any_feature_settings: Settings) -> None:
+    """Sums add, `f` keeps the minimum and `l`, `l:<b>` the maximum, in each partition and over partitions;
+    stale fields are deleted with the commit."""
+    from features.article_flow import ARTICLE, NEXT
+
+    store = StateStore(redis_client(any_feature_settings), group=f"g-{uuid.uuid4().hex[:6]}", topic="t")
+    first = PartitionBatch(offset=1, expected=None, flow={(ARTICLE, "A"): {"t": 2, "f": 50, "l": 90, "m:7": 2},
+                                                          (NEXT, "A"): {"r:B": 1, "l:B": 90}})  # fmt: skip
+    store.commit(0, first)
+    again = PartitionBatch(offset=2, expected=1, flow={(ARTICLE, "A"): {"t": 1, "f": 60, "l": 80, "m:9": 1}},
+                           flow_stale={(ARTICLE, "A"): ["m:7", "m:9"]})  # m:9 is written, not deleted  # fmt: skip
+    store.commit(0, again)
+    store.commit(3, PartitionBatch(offset=0, expected=None, flow={(ARTICLE, "A"): {"t": 4, "f": 40, "l": 70},
+                                                                   (NEXT, "A"): {"r:B": 2, "l:B": 95}}))  # fmt: skip
+    merged = store.flow_fields({(ARTICLE, "A"): None, (NEXT, "A"): ["r:B", "l:B", "n:B"]}, range(4))
+    assert merged[(ARTICLE, "A")] == {"t": 7, "f": 40, "l": 90, "m:9": 1}
+    assert merged[(NEXT, "A")] == {"r:B": 3, "l:B": 95}
+    assert store.redis.ttl(f"{store.tag(0)}art:A") > 0

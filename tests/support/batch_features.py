@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from features.article_flow import NEXT, FlowCounters, click_counters, followers, pair_id
 from streaming.events import Event
 
 WINDOWS = {"1h": (300_000, 12), "24h": (3_600_000, 24), "7d": (3_600_000, 168)}
@@ -96,3 +98,56 @@ def assert_features_equal(expected: dict[str, Any], actual: dict[str, Any], user
             )
         else:
             assert list(got) == list(value) if isinstance(value, list) else got == value, (user, name, got, value)
+
+
+def article_flow(events: list[Event]) -> FlowCounters:
+    """features.article_flow's counters of the events' clicks (page views of an item in a session), summed in
+    memory as the Globo evaluation keeps them; a session's earlier clicks are those of the same user and
+    session id before it (a user's events arrive in order)."""
+    flow = FlowCounters()
+    sessions: dict[tuple[str, str], list[str]] = {}
+    for e in events:
+        if e.event_type.value == "page_view" and e.item_id and e.session_id:
+            earlier = sessions.setdefault((e.user_id, e.session_id), [])
+            flow.add(click_counters(earlier, e.item_id, e.ts_ms))
+            earlier.append(e.item_id)
+    return flow
+
+
+def assert_article_flow_equal(flow: FlowCounters, articles: dict[str, dict[str, Any]],
+                              transitions: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+    """Online `article_activity` and `article_transition` rows (by id) equal the in-memory fold's."""
+    for (kind, a), fields in flow.hashes.items():
+        if kind == NEXT:
+            for b in followers(fields):
+                assert_flow_row_equal(transitions[pair_id(a, b)], flow.transition(a, b), (a, b))
+        else:
+            assert_flow_row_equal(articles[a], flow.article(a), a)
+
+
+def assert_flow_row_equal(got: dict[str, Any], expected: dict[str, Any] | None, what: object) -> None:
+    """Exact but for the decayed sums (float additions in another order)."""
+    assert expected is not None and set(got) >= set(expected), (what, got, expected)
+    for name, value in expected.items():
+        if isinstance(value, float):
+            assert got[name] == pytest.approx(value, rel=1e-12), (what, name)
+        else:
+            assert (list(got[name]) if isinstance(value, list) else got[name]) == value, (what, name, got[name], value)
+
+
+def flow_ids(flow: FlowCounters) -> tuple[list[str], list[str]]:
+    """The article ids and pair ids the fold holds rows for."""
+    articles = sorted(str(a) for kind, a in flow.hashes if kind != NEXT)
+    nexts = [(a, fields) for (kind, a), fields in flow.hashes.items() if kind == NEXT]
+    pairs = sorted(pair_id(a, b) for a, fields in nexts for b in followers(fields))
+    return articles, pairs
+
+
+def view_kinds(view: str) -> dict[str, str]:
+    """A Feast view's feature types as declared in features/repo/definitions.py ("Int64", "Array(String)"...)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ADLOOP_FEAST_DATA_DIR", "unused")  # definitions.py reads it at import; no file is touched
+        import importlib
+
+        definitions = importlib.import_module("features.repo.definitions")
+    return {f.name: str(f.dtype) for f in getattr(definitions, view).features}

@@ -18,12 +18,14 @@ def synthetic_events(n: int, users: int, seed: int = 7, step_ms: int = 20_000) -
     for i in range(n):
         kind = rng.choice(kinds)
         ad = kind.startswith("ad_")
+        user = f"user-{rng.randrange(users)}"
         events.append(
             Event(
                 event_id=f"syn-{seed}-{i}",
                 schema_version=1,
                 event_type=kind,
-                user_id=f"user-{rng.randrange(users)}",
+                user_id=user,
+                session_id=f"{user}-s{i // 400}",  # page views within a session count as article clicks
                 ts=T0 + i * step_ms,
                 item_id=None if ad else f"item-{rng.randrange(50)}",
                 category=f"cat-{rng.randrange(6)}",
