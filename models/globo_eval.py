@@ -24,6 +24,7 @@ from models.globo import DAY_MS, Clicks, Protocol, eligible, event_metrics, pair
 from models.globo_ranker import ALL_FEATURES, EMBEDDING, GloboRanker, RankerConfig
 from models.globo_version import load_version, save_version
 from models.probes import Probes, build_probes
+from models.refresh_policy import RefreshPolicy
 from models.sequences import SequenceConfig, SequenceModel
 
 NO_EMBEDDING = [f for f in ALL_FEATURES if f not in (EMBEDDING, "embedding_rank")]
@@ -35,7 +36,9 @@ class GloboConfig:
     ranker_days: int = 2  # days before the evaluated ones whose events train the trees
     ranker_sample: float = 0.1  # share of those days' eligible events used as ranker training events
     fit_days: float = 2.0  # days before those whose clicks give the sequence model its first fit
-    refresh_minutes: int = 15  # test-then-train: the sequence model trains on each interval once scored
+    # test-then-train: the sequence model trains on what was revealed whenever `adloop learn`'s rule is due
+    # (here in event time: 15 minutes with a click, or 5,000 clicks, whichever comes first)
+    refresh: RefreshPolicy = field(default_factory=lambda: RefreshPolicy(every_events=5000, every_minutes=15))
     refresh_ranker: bool = True  # retrain the trees at each evaluated day's start on the revealed events
     sequence: SequenceConfig = field(default_factory=lambda: SequenceConfig(temperature=0.1))
     ranker: RankerConfig = field(default_factory=RankerConfig)
@@ -65,11 +68,11 @@ def evaluate_globo(clicks: Clicks, config: GloboConfig | None = None, *, save_to
 
     model = SequenceModel(clicks.n_items, config.sequence)
     model.fit(clicks, ranker_start - int(config.fit_days * DAY_MS), ranker_start)
-    step = config.refresh_minutes * 60_000
-    train_emb = _walk(model, clicks, train, ranker_start, start, step)
+    train_emb = _walk(model, clicks, train, config.refresh.intervals(clicks.ts, ranker_start, start))
     frozen_emb = model.score(held)
     snapshot = model.snapshot() if save_to is not None else None
-    refreshed_emb = _walk(model, clicks, held, start, end, step)
+    refreshes = config.refresh.intervals(clicks.ts, start, end)
+    refreshed_emb = _walk(model, clicks, held, refreshes)
 
     full = GloboRanker(ALL_FEATURES, config.ranker).fit(train, train_emb)
     no_emb = GloboRanker(NO_EMBEDDING, config.ranker).fit(train, None)
@@ -104,6 +107,7 @@ def evaluate_globo(clicks: Clicks, config: GloboConfig | None = None, *, save_to
         "ranker_rows": full.rows,
         "best_baseline": best,
         "sequence_pairs": model.pairs_trained,
+        "refreshes": len(refreshes),
         "training_seconds": model.seconds + tree_seconds,
         "sequence_seconds": model.seconds,
         "tree_seconds": tree_seconds,
@@ -176,14 +180,14 @@ def _sizes(clicks: Clicks, held: Probes, start: int, end: int) -> dict[str, Any]
     }
 
 
-def _walk(model: SequenceModel, clicks: Clicks, probes: Probes, start: int, end: int, step: int) -> np.ndarray:
-    """Test-then-train over [start, end): score each interval's probes, then train on its clicks."""
+def _walk(model: SequenceModel, clicks: Clicks, probes: Probes, intervals: list[tuple[int, int]]) -> np.ndarray:
+    """Test-then-train: score each interval's probes, then train on its clicks."""
     out = np.zeros(probes.candidates.shape)
-    for lo in range(start, end, step):
-        rows = np.flatnonzero((probes.ts >= lo) & (probes.ts < lo + step))
+    for lo, hi in intervals:
+        rows = np.flatnonzero((probes.ts >= lo) & (probes.ts < hi))
         if len(rows):
             out[rows] = model.score(probes.select(rows))
-        model.refresh(clicks, lo, min(lo + step, end))
+        model.refresh(clicks, lo, hi)
     return out
 
 

@@ -2,7 +2,8 @@
 
 Every `learn_check_s` it counts the impressions on the events topic. When `learn_every_impressions`
 new ones have been logged since the last training, or `learn_every_minutes` have passed with at
-least one new impression, it trains a version from the served log (labelled impressions joined with
+least one new impression (`models.refresh_policy`, the rule the Globo evaluation's refreshed rows
+follow in event time), it trains a version from the served log (labelled impressions joined with
 their Feast point-in-time features, `models.retrain.train_from_log`), evaluates it on the later
 requests, and promotes it through the gate (`models.gate`). Serving processes follow the promoted
 pointer by themselves (`serving.model_follow`). Each decision is one log line and a count in
@@ -20,6 +21,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from adloop.settings import Settings
+from models.refresh_policy import RefreshPolicy
 from models.retrain import train_from_log
 from streaming.events import Event, EventType
 from streaming.topic_reader import read_events
@@ -38,6 +40,7 @@ class LearnService:
     def __init__(self, settings: Settings, *, read: Callable[[Settings], Iterable[Event]] | None = None):
         self.settings = settings
         self._read = read or read_events
+        self.policy = RefreshPolicy(settings.learn_every_impressions, settings.learn_every_minutes)
         self.trained_at_count = 0  # impressions on the topic at the last training
         self.last_run = time.monotonic()  # the service's start counts as a run for the time trigger
 
@@ -49,11 +52,10 @@ class LearnService:
         LOGGED_IMPRESSIONS.set(logged)
         NEW_IMPRESSIONS.set(new)
         minutes = (time.monotonic() - self.last_run) / 60
-        by_count = new >= self.settings.learn_every_impressions
-        by_time = new > 0 and minutes >= self.settings.learn_every_minutes
-        if not (by_count or by_time):
+        due = self.policy.due(new, minutes)
+        if due is None:
             return self._decide("waiting", new=new, minutes=round(minutes, 1))
-        trigger = "impressions" if by_count else "time"
+        trigger = "impressions" if due == "events" else "time"
         started = time.monotonic()
         try:
             done = train_from_log(self.settings, events, click_window_s=self.settings.learn_click_window_s,

@@ -73,7 +73,8 @@ def evaluate_globo_cmd(
     console.print(
         f"saved as {info['version']} (`adloop evaluate --data globo PATH --model {info['version']}`); "
         f"training {info['training_seconds']:.0f} s (sequence model {info['sequence_seconds']:.0f} s on "
-        f"{info['sequence_pairs']:,} pairs incl. refreshes; trees {info['tree_seconds']:.0f} s on "
+        f"{info['sequence_pairs']:,} pairs incl. {info['refreshes']} refreshes in the evaluated days; "
+        f"trees {info['tree_seconds']:.0f} s on "
         f"{info['ranker_events']:,} events); probes {info['probe_seconds']:.0f} s; "
         f"evaluation in all {info['total_seconds']:.0f} s",
         highlight=False, markup=False, soft_wrap=True,

@@ -126,6 +126,7 @@ def test_co_occurrence_learns_the_sequences(clicks, probes) -> None:
 def test_evaluation_table_and_saved_version(clicks, tmp_path) -> None:
     from models.globo_eval import GloboConfig, evaluate_globo, evaluate_saved
     from models.globo_ranker import RankerConfig
+    from models.refresh_policy import RefreshPolicy
     from models.sequences import SequenceConfig
 
     config = GloboConfig(
@@ -133,7 +134,7 @@ def test_evaluation_table_and_saved_version(clicks, tmp_path) -> None:
         ranker_days=1,
         ranker_sample=0.5,
         fit_days=1,
-        refresh_minutes=60,
+        refresh=RefreshPolicy(every_events=5000, every_minutes=60),
         sequence=SequenceConfig(temperature=0.1, batch_size=128),
         ranker=RankerConfig(rounds=60),
     )
