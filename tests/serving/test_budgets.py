@@ -15,6 +15,8 @@ from contextlib import ExitStack
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adloop.settings import PROJECT_ROOT, Settings
 from serving.catalog import build_catalog, generate_catalog, write_catalog
@@ -111,3 +113,43 @@ def test_a_campaign_daily_budget_is_paced_through_the_day(catalog_rows) -> None:
     assert not pacer.allowed(catalog, noon).any()
     assert pacer.allowed(catalog, noon + 3 * 3_600).all()  # by 3 pm $150 is allowed
     assert pacer.campaign_spent("cmp-x") == (pytest.approx(125.0), pytest.approx(125.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    charges=st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 39), min_size=1, max_size=3),
+            st.floats(0.5, 40.0),
+            st.sampled_from([0.0, 0.0, 0.3, 0.6, 5.0, 1_800.0]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_the_kept_allowance_never_allows_what_a_full_recheck_refuses(charges, seed) -> None:
+    """`Pacer.allowed` keeps its mask for `recheck_s` and re-checks only what each charge touched: at the
+    mask's own moment it equals a full recompute (a pacer with `recheck_s=0`), later it may only refuse
+    more (an allowance that grew with the day), and after `recheck_s` it is the full recompute again."""
+    rng = np.random.default_rng(seed)
+    rows = generate_catalog(40, seed=seed % 7)
+    for r in rows:
+        r.update(start_date="", end_date="", campaign_id=f"c{rng.integers(6)}",
+                 daily_budget=str(rng.choice([0, 30, 80])))  # fmt: skip
+    for r in rows:  # one budget per campaign, as a catalog states it on each of its rows
+        code = int(r["campaign_id"][1:])
+        r.update(campaign_daily_budget=str([0, 100, 200, 0, 150, 60][code]),
+                 campaign_lifetime_budget=str([0, 0, 300, 120, 0, 0][code]))  # fmt: skip
+    catalog = build_catalog([{k: str(v) for k, v in r.items()} for r in rows], version="kept")
+    now = 20_000 * 86_400 + 43_200.0
+    kept, full = Pacer(catalog, slack=0.0, recheck_s=1.0), Pacer(catalog, slack=0.0, recheck_s=0.0)
+    kept._day = full._day = int(now // 86_400)
+    for ads, amount, later in charges:
+        for pacer in (kept, full):
+            pacer.charge(catalog, np.array(ads), np.full(len(ads), amount))
+        now += later  # seconds: within `recheck_s` of the kept mask or past it
+        got, want = kept.allowed(catalog, now), full.allowed(catalog, now)
+        assert not (got & ~want).any()
+        if kept._allowed.at == now:  # recomputed now, or kept from this very moment through charges
+            assert (got == want).all()
