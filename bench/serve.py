@@ -377,6 +377,10 @@ def seed_features(settings, client, ads: list[dict]) -> tuple[list[str], dict[st
         row["clicks_total"] = rng.randint(0, row["impressions_total"] // 10)
         row["user_ctr"] = smoothed_ctr(row["clicks_total"], row["impressions_total"])
         row["last_seen_ms"] = now_ms - rng.randrange(3_600_000)
+        row["session_id"] = f"{user}-s1"
+        row["session_items"] = row["recent_items"][-5:]
+        row["session_length"] = rng.randint(1, 12)
+        row["session_last_ms"] = row["last_seen_ms"]
         rows[user] = row
     missing = set(layout.views[USER_VIEW].features) ^ set(next(iter(rows.values())))
     assert not missing, f"seeded rows differ from the user_activity view: {sorted(missing)}"
