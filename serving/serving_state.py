@@ -39,7 +39,8 @@ class ServingState:
         self.device = device if isinstance(device, torch.device) and device.type == "cuda" else None
         self.device_matrix = None if self.device is None else torch.from_numpy(self.ad_matrix).to(self.device)
         use_index = self.ad_matrix is not None and self.device is None and len(catalog) >= index_min_ads
-        self.index = AdIndex(self.ad_matrix) if use_index else None
+        formats = [np.flatnonzero(mask) for mask in catalog.format_masks.values()]
+        self.index = AdIndex(self.ad_matrix, formats) if use_index else None
         self.domain_code = {d: i for i, d in enumerate(catalog.advertiser_domains)}
         self.iab = [IAB_CATEGORY.get(c, c) for c in catalog.categories]
         self.text_columns = {  # (n,) object arrays of ids as text, for the ranker's ad_frame

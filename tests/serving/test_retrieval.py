@@ -65,3 +65,25 @@ def test_large_catalog_state_builds_an_index_and_selects_through_it() -> None:
     got = top_k_indexed(state.index, u, [mask], 100)
     exact = top_k(state.ad_matrix @ u, [mask], 100)
     assert len(np.intersect1d(got, exact)) >= 95
+
+
+def test_an_index_per_format_searches_the_slot_format_and_masks_over_several() -> None:
+    matrix = clustered(90_000, seed=4)
+    rng = np.random.default_rng(3)
+    fmt = rng.integers(0, 3, len(matrix))
+    also = rng.random(len(matrix)) < 0.3  # ads that fit format 0 as well: the groups overlap
+    index = AdIndex(matrix, [np.flatnonzero((fmt == 0) | also), np.flatnonzero(fmt == 1), np.flatnonzero(fmt == 2)])
+    assert len(index.parts) == 3
+    fmt_mask = [(fmt == 0) | also, fmt == 1, fmt == 2]
+    recalls = []
+    for i in range(30):
+        u = matrix[rng.integers(len(matrix))]
+        mask = (rng.random(len(matrix)) < 0.8) & fmt_mask[i % 3]  # a slot of one format
+        got = index.search(u, mask, 200)
+        assert len(got) == 200 and mask[got].all()
+        recalls.append(len(np.intersect1d(got, top_k(matrix @ u, [mask], 200))) / 200)
+    assert np.mean(recalls) >= 0.95, recalls
+    both = (fmt != 2) & (rng.random(len(matrix)) < 0.8)  # a mask over two formats: each part searched
+    got = index.search(matrix[5], both, 200)
+    assert len(got) == 200 and both[got].all()
+    assert len(np.intersect1d(got, top_k(matrix @ matrix[5], [both], 200))) >= 190
