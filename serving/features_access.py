@@ -183,7 +183,7 @@ def run_refresher(
     """Background loop (a daemon thread): every `every_s` re-read the ads changed since the last look, and
     every `full_every_s` (or when the reader cannot tell what changed) all of them; errors are logged, not
     fatal (Redis down: the last values stay)."""
-    last_full = -float("inf")
+    last_full = time.monotonic() if stats.read_since_ms is not None else -float("inf")  # read at start or not
     while not stop.is_set():
         catalog = get_catalog()
         try:

@@ -43,6 +43,7 @@ from serving.tracking import Touch, TouchStore, encode_token
 
 log = logging.getLogger(__name__)
 AsyncClient = AsyncRedis | AsyncRedisCluster
+START_READ_CHUNK = 1000  # ads per round trip of the start-up read (no request waits on it: larger than a refresh's)
 
 
 class Runtime:
@@ -124,6 +125,7 @@ class Runtime:
         # most the switch interval (Python's default is 5 ms; the setting's is shorter: `bench.serve` compares).
         sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         self.logger.start()
+        self._read_ad_stats()
         threads = [
             threading.Thread(
                 target=run_refresher,
@@ -147,6 +149,18 @@ class Runtime:
             threads.append(threading.Thread(target=self._follow_registry, name="model-follow", daemon=True))
         for thread in threads:
             thread.start()
+
+    def _read_ad_stats(self) -> None:
+        """Every ad's online row, read before the first request: ranked on priors a new process would serve worse
+        ads until its refresher got round to them, and a throttled first read of a million ads would share the
+        GIL with requests for a minute and more. Redis down: priors, and the refresher keeps trying."""
+        started = time.monotonic()
+        try:
+            self.ad_stats.refresh(_CurrentReader(self), self.state.catalog, chunk=START_READ_CHUNK, gil_share=1.0)
+        except Exception as error:
+            log.warning("ad stats not read at start (%s): priors until the refresher reads them", error)
+            return
+        log.info("ad stats of %d ads read in %.1f s", len(self.state.catalog), time.monotonic() - started)
 
     def stop(self) -> None:
         self._stop.set()

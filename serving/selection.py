@@ -158,7 +158,7 @@ class Selector:
         slots = self._choose(state.catalog, p.request, eps, p.cands, p.pctr, p.slot_masks)
         p.timings["choose"], _ = _lap(clock)
         return SelectionResult(p.request.request_id, p.request.user_id, p.arm, p.model_version, p.fallback, slots,
-                               int(p.eligible.sum()), len(p.cands), p.timings)  # fmt: skip
+                               int(np.count_nonzero(p.eligible)), len(p.cands), p.timings)  # fmt: skip
 
     def _targeted_many(self, state: ServingState, batch: list[_Prepared], now: float) -> list[tuple]:
         """`_targeted` of each request, the model's work done once for the batch."""
@@ -167,7 +167,7 @@ class Selector:
         if len(batch) == 1 and state.device is None:  # on the CPU the one-user forward is cheaper than a batch
             p = batch[0]
             return [self._targeted(state, p.request, p.user, p.eligible, p.slot_masks, p.ctr, now)]
-        catalog, k, model = state.catalog, self.config.top_k, state.model
+        k, model = self.config.top_k, state.model
         if model is not None:
             try:
                 vectors = model.user_vectors([p.user for p in batch])  # (b, d): one tower call
@@ -181,7 +181,7 @@ class Selector:
                         cands, score = retrieved[row_of[j]]
                         scores.append(score)
                     else:  # unknown user: retrieve by expected value, rank with the model (as `_targeted`)
-                        cands = top_k(p.ctr * catalog.bid, p.slot_masks.values(), k)
+                        cands = top_k(state.expected_values(p.ctr), p.slot_masks.values(), k)
                         scores.append(np.zeros(len(cands), dtype=np.float32))
                     cands_of.append(cands)
                     frames.append(columns.take(cands))
@@ -195,7 +195,7 @@ class Selector:
             reason = "no_model"
         out = []
         for p in batch:
-            cands = top_k(p.ctr * catalog.bid, p.slot_masks.values(), k)
+            cands = top_k(state.expected_values(p.ctr), p.slot_masks.values(), k)
             out.append((cands, p.ctr[cands], reason))
         return out
 
@@ -230,8 +230,8 @@ class Selector:
         return {(c.slot_id, c.ad_id): float(a) for c, a in zip(chosen, amounts, strict=True)}
 
     def _targeted(self, state, request, user, eligible, slot_masks, ctr, now):
-        """(candidate rows, pCTR, fallback reason): model ranking, or CTR x bid without a model."""
-        catalog, k = state.catalog, self.config.top_k
+        """(candidate rows, pCTR, fallback reason): model ranking, or expected value without one (the auction's)."""
+        k = self.config.top_k
         context = _ranker_context(request, now)
         if state.model is not None:
             try:
@@ -247,8 +247,7 @@ class Selector:
                     frame = state.ad_columns(self.ad_stats).take(cands)  # AD_FRAME_COLUMNS and more
                     pctr = np.asarray(state.model.predict_ctr(user, frame, context, scores), float)
                     return cands, pctr, None
-                score = catalog.expected_value(slice(None), ctr)  # unknown user: retrieve by value, rank by model
-                cands = top_k(score, slot_masks.values(), k)
+                cands = top_k(state.expected_values(ctr), slot_masks.values(), k)  # unknown user: by value
                 frame = state.ad_columns(self.ad_stats).take(cands)  # AD_FRAME_COLUMNS and more
                 zeros = np.zeros(len(cands), dtype=np.float32)
                 pctr = np.asarray(state.model.predict_ctr(user, frame, context, zeros), float)
@@ -258,7 +257,7 @@ class Selector:
                 reason = "model_error"
         else:
             reason = "no_model"
-        cands = top_k(catalog.expected_value(slice(None), ctr), slot_masks.values(), k)
+        cands = top_k(state.expected_values(ctr), slot_masks.values(), k)
         return cands, ctr[cands], reason
 
     def _choose(self, catalog, request, eps, cands, pctr, slot_masks) -> dict[str, list[Choice]]:

@@ -51,6 +51,7 @@ class ServingState:
         self._live: tuple[int, np.ndarray] | None = None
         self._ad_columns: tuple[object, AdColumns] | None = None
         self._format_masks: dict[frozenset[str], np.ndarray] = {}
+        self._values: tuple[np.ndarray, np.ndarray] | None = None
         order = np.argsort(catalog.campaign_code, kind="stable")  # the rows of each campaign, for frequency caps
         self.campaign_rows = np.split(
             order, np.cumsum(np.bincount(catalog.campaign_code, minlength=len(catalog.campaign_ids)))[:-1]
@@ -69,6 +70,14 @@ class ServingState:
                 columns = {name: np.zeros(n) for name in AD_STAT_COLUMNS} | {"ad_ctr_24h": np.full(n, CTR_PRIOR)}
             frame = {"ad_id": self.catalog.ad_ids, **self.text_columns, "bid": self.catalog.bid, **columns}
             cached = self._ad_columns = (key, ad_columns(frame))
+        return cached[1]
+
+    def expected_values(self, ctr: np.ndarray) -> np.ndarray:
+        """(n,) expected USD per impression of every ad at the live click rates `ctr` (the ranking without a
+        model, or for a user the model does not know): computed once per ad-stats refresh, not per request."""
+        cached = self._values
+        if cached is None or cached[0] is not ctr:
+            cached = self._values = (ctr, self.catalog.expected_value(slice(None), ctr))
         return cached[1]
 
     def format_mask(self, formats: frozenset[str]) -> np.ndarray:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from features.aggregates import ad_features
+from features.aggregates import CTR_PRIOR, ad_features
 from features.online import FeastLayout, OnlineFeatureReader, write_rows
 from features.redis_client import redis_client
 from features.store import AD_VIEW
@@ -118,3 +118,40 @@ def test_online_ad_writes_are_indexed_for_changed_ad_reads(any_feature_settings,
     assert stats.refresh_changed(reader, catalog)
     assert stats.columns["ad_clicks_24h"][catalog.index[second]] == 7
     assert client.zcard(layout.changes_key(AD_VIEW)) == 2
+
+
+def test_an_app_reads_every_ads_row_before_its_first_request_and_not_again_at_once(make_app, catalog_rows) -> None:
+    """A new process ranks with the ads' stats from its first request (not priors until a throttled first
+    refresh is done); its refresher then reads changes only, not the whole catalog a second time."""
+    from fastapi.testclient import TestClient
+
+    ids = [row["ad_id"] for row in catalog_rows]
+
+    class Threads(ChangeLog):
+        def ads(self, ad_ids):
+            readers.add(threading.current_thread().name)
+            return super().ads(ad_ids)
+
+    readers: set[str] = set()
+    reader = Threads({a: {"ad_ctr_24h": 0.25} for a in ids})
+    app, _ = make_app(reader=reader, ad_stats_refresh_s=0.02, ad_stats_full_refresh_s=3600)
+    with TestClient(app):
+        stats = app.state.runtime.ad_stats
+        assert np.all(stats.columns["ad_ctr_24h"] == 0.25)  # before any request
+        time.sleep(0.3)  # a dozen of the refresher's rounds
+    assert sorted(reader.asked) == sorted(ids)  # every ad once: the start-up read; nothing changed since
+    assert "ad-stats" not in readers  # read by the start-up itself, not by the refresher thread
+
+
+def test_an_app_whose_ads_cannot_be_read_at_start_serves_on_priors(make_app, catalog_rows) -> None:
+    from fastapi.testclient import TestClient
+
+    class Down(MemoryReader):
+        def ads(self, ad_ids):
+            raise ConnectionError("Redis is down")
+
+    app, _ = make_app(reader=Down())
+    with TestClient(app) as client:
+        assert np.all(app.state.runtime.ad_stats.columns["ad_ctr_24h"] == CTR_PRIOR)
+        body = {"user_id": "u1", "slots": [{"slot_id": "s", "format": catalog_rows[0]["formats"].split("|")[0]}]}
+        assert client.post("/v1/select", json=body).status_code == 200

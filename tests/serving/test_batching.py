@@ -12,7 +12,7 @@ from models.testing import ProjectionBundle
 from models.train import TrainConfig, train
 from models.two_tower import TwoTowerConfig
 from serving import metrics
-from serving.catalog import CATEGORIES, build_catalog
+from serving.catalog import CATEGORIES, build_catalog, generate_catalog
 from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
 from serving.pipeline import RequestPipeline
@@ -118,6 +118,17 @@ def test_batch_fallbacks_equal_one_at_a_time(catalog_rows) -> None:
     one_by_one, together = run_both(selector(catalog_rows, broken))
     assert {r.fallback for r in together if r.arm == "targeted"} == {"model_error"}
     assert_same(one_by_one, together)
+
+
+def test_batch_fallbacks_equal_one_at_a_time_with_cpm_ads() -> None:
+    """Without a model, and for users the model does not know, both paths retrieve by expected value: a CPM
+    ad's is its bid per impression, not CTR x bid (which would rank it 50x too high here)."""
+    rows = generate_catalog(300, seed=7, cpm_share=0.5)
+    one_by_one, together = run_both(selector(rows, None))
+    assert_same(one_by_one, together)
+    served = [c for r in together for p in r.slots.values() for c in p]
+    assert any(build_catalog(rows, version="t").cpm[c.row] for c in served)  # CPM ads took part
+    assert_same(*run_both(selector(rows, ProjectionBundle(rows))))  # unknown users of a model, too
 
 
 class Recorder:
