@@ -95,7 +95,7 @@ def main() -> None:
         runtime = Runtime(settings)  # not started: no impression sender, no background threads
         index = runtime.state.index
         print(f"serving state of {len(runtime.state.catalog):,} ads built in {time.perf_counter() - built:.1f} s"
-              + (" (approximate index: " + ", ".join(f"{len(p.rows):,} ads in {p.nlist} lists, {p.nprobe} probed"
+              + (" (approximate index: " + ", ".join(f"{p.index.ntotal:,} ads in {p.nlist} lists, {p.nprobe} probed"
                                     for p in index.parts) + ")" if index else ""))  # fmt: skip
         if args.ads == len(ads):
             runtime.ad_stats.refresh(runtime.reader, runtime.state.catalog)

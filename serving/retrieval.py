@@ -1,11 +1,11 @@
 """Retrieval of a request's candidates: exact dot products for small catalogs, an approximate index for large.
 
 A catalog of a million ads makes the exact way (a (n, d) matrix-vector product and a partition of n
-scores per request) cost milliseconds; `AdIndex` (faiss IVF-Flat, inner product, one index per ad
-format) scans only the `nprobe` clusters nearest the user among the ads of the slot's format, with the
-request's eligibility as faiss' own id filter, so a capped or out-of-budget ad is skipped inside the
-search and the k returned are all eligible. One index over every format would spend most of its scan
-on ads the slot's format filters out. Built with
+scores per request) cost milliseconds; `AdIndex` (faiss IVF with 4-bit fast-scan codes, inner product,
+one index per ad format) scans only the `nprobe` clusters nearest the user among the ads of the slot's
+format, with the request's eligibility as faiss' own id filter, so a capped or out-of-budget ad is skipped
+inside the search, and scores exactly the few rows the codes rank best: the k returned are all eligible.
+One index over every format would spend most of its scan on ads the slot's format filters out. Built with
 the `ServingState` (at load and on every catalog or model reload, in the thread that reloads, never
 on the request path) and replaced with it whole. Recall@200 against exact search is measured by
 `python -m bench.select_path --ads 1000000` and tested on clustered vectors (tests/serving/test_retrieval.py).
@@ -22,10 +22,11 @@ import faiss
 import numpy as np
 
 EXACT_BELOW = 20_000  # eligible rows under which exact scoring is as cheap as a probe (and exact)
+RERANK = 4  # rows per wanted one that a part's approximate scores choose for exact scoring
 
 
 class AdIndex:
-    """One IVF-Flat index per group of rows (per ad format: a slot asks for one format, so its search scans
+    """One IVF index per group of rows (per ad format: a slot asks for one format, so its search scans
     only vectors it may return instead of filtering most of them out). Groups may overlap (an ad fitting
     several formats is in each of their indexes)."""
 
@@ -45,7 +46,7 @@ class AdIndex:
         self.member = np.zeros(n, dtype=np.uint64)  # bit g: the row is in group g
         for g, rows in enumerate(groups):
             self.member[rows] |= np.uint64(1 << g)
-        self.parts = [_Part(rows, self.matrix[rows], seed) for rows in groups]
+        self.parts = [_Part(rows, self.matrix[rows], n, seed) for rows in groups]
 
     def __len__(self) -> int:
         return len(self.matrix)
@@ -55,14 +56,15 @@ class AdIndex:
         eligible = int(np.count_nonzero(mask))
         if eligible <= max(k, EXACT_BELOW):
             return self._exact(vector, np.flatnonzero(mask), k)
+        bitmap = np.packbits(mask, bitorder="little")  # faiss' IDSelectorBitmap: bit i of byte i // 8
         bits = int(self.member[int(np.argmax(mask))])  # the groups of the first eligible row
         for g in (g for g in range(len(self.parts)) if bits >> g & 1):
-            local = mask[self.parts[g].rows]
-            if int(np.count_nonzero(local)) == eligible:  # the whole mask lies in this group: one search
-                rows = self.parts[g].search(vector, local, k)
-                return rows if len(rows) >= k else self._exact(vector, np.flatnonzero(mask), k)
+            part = self.parts[g]
+            if int(np.count_nonzero(mask & part.inside)) == eligible:  # the whole mask in this group: one search
+                rows = part.search(vector, bitmap, RERANK * k)
+                return self._exact(vector, rows if len(rows) >= k else np.flatnonzero(mask), k)
         # a mask over several groups (formats): each group it touches searched, the best k of their union
-        found = [part.search(vector, mask[part.rows], k) for part in self.parts]
+        found = [part.search(vector, bitmap, RERANK * k) for part in self.parts if (mask & part.inside).any()]
         union = np.unique(np.concatenate(found))
         return self._exact(vector, union if len(union) >= k else np.flatnonzero(mask), k)
 
@@ -73,28 +75,33 @@ class AdIndex:
 
 
 class _Part:
-    """An IVF-Flat index over some catalog rows (inner product), searched with a mask over those rows."""
+    """An IVF index over some catalog rows (inner product) whose ids are the catalog rows themselves, so a
+    request's mask over the whole catalog is its filter as it is (no gather of the part's rows per request).
 
-    def __init__(self, rows: np.ndarray, matrix: np.ndarray, seed: int):
+    The lists hold 4-bit product-quantized codes, one sub-quantizer per dimension, scanned with faiss' SIMD
+    fast-scan: a probed list costs a fraction of a float scan, so more lists are probed for the same time, and
+    the approximate scores only choose `RERANK` x k rows that `AdIndex` scores exactly. An odd dimension
+    (fast-scan wants an even number of sub-quantizers) keeps float lists."""
+
+    def __init__(self, rows: np.ndarray, matrix: np.ndarray, n_catalog: int, seed: int):
         n, d = matrix.shape
-        self.rows = rows
-        self.nlist = max(1, int(2 * math.sqrt(n)))  # ~1,100 lists of ~280 ads for 316,000 ads of one format
-        self.nprobe = max(1, self.nlist // 4)  # a quarter of the lists: recall@200 >= 0.95 on the bench model
-        self._quantizer = faiss.IndexFlatIP(d)  # the IVF index holds it by pointer: keep it alive
-        self.index = faiss.IndexIVFFlat(self._quantizer, d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        self.inside = np.zeros(n_catalog, dtype=bool)
+        self.inside[rows] = True
+        self.nlist = max(1, int(2 * math.sqrt(n)))  # ~1,150 lists of ~290 ads for 333,000 ads of one format
+        self.nprobe = max(1, self.nlist // 3)  # a third of the lists: recall@200 >= 0.95 on the bench model
+        codes = f"PQ{d}x4fs" if d % 2 == 0 else "Flat"
+        self.index = faiss.index_factory(d, f"IVF{self.nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(seed).choice(n, min(n, 40 * self.nlist), replace=False)
         self.index.train(matrix[np.sort(sample)])
-        self.index.add(matrix)
+        self.index.add_with_ids(matrix, rows.astype(np.int64))
 
-    def search(self, vector: np.ndarray, local: np.ndarray, k: int) -> np.ndarray:
-        """Catalog rows of (about) the k best where `local` (a mask over this part's rows) is True."""
-        if not local.any():
-            return np.empty(0, dtype=np.int64)
-        bitmap = np.packbits(local, bitorder="little")  # faiss' IDSelectorBitmap: bit i of byte i // 8
-        params = faiss.SearchParametersIVF(sel=faiss.IDSelectorBitmap(len(local), faiss.swig_ptr(bitmap)),
-                                           nprobe=self.nprobe)  # fmt: skip
+    def search(self, vector: np.ndarray, bitmap: np.ndarray, k: int) -> np.ndarray:
+        """Catalog rows of (about) the `k` best by the approximate score among this part's ads whose bit is set
+        in `bitmap` (the request's mask over the catalog, packed little-endian)."""
+        selector = faiss.IDSelectorBitmap(len(self.inside), faiss.swig_ptr(bitmap))
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)
         _, ids = self.index.search(np.ascontiguousarray(vector[None], dtype=np.float32), k, params=params)
-        return self.rows[ids[0][ids[0] >= 0]]
+        return ids[0][ids[0] >= 0]
 
 
 def top_k_indexed(index: AdIndex, vector: np.ndarray, masks, k: int) -> np.ndarray:
