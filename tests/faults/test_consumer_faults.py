@@ -64,12 +64,20 @@ def _wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _consume_in_thread(settings: Settings, expected: int) -> tuple[FeatureConsumer, threading.Thread]:
+@contextlib.contextmanager
+def _consuming(settings: Settings, expected: int) -> Iterator[tuple[FeatureConsumer, threading.Thread]]:
+    """A consumer in a thread until `expected` events are applied; stopped on the way out whatever happened,
+    so a failed test leaves no client asking a restarted broker for its topic in every later test."""
     consumer = FeatureConsumer(settings, redis_client=redis.Redis.from_url(settings.redis_url), group="adloop-features")
-    done = lambda: _applied_or_zero(settings) >= expected  # noqa: E731
+    quit_ = threading.Event()
+    done = lambda: quit_.is_set() or _applied_or_zero(settings) >= expected  # noqa: E731
     thread = threading.Thread(target=consumer.run, kwargs={"stop": done}, daemon=True)
     thread.start()
-    return consumer, thread
+    try:
+        yield consumer, thread
+    finally:
+        quit_.set()
+        thread.join(timeout=30)
 
 
 def _applied_or_zero(settings: Settings) -> int:
@@ -83,14 +91,14 @@ def _applied_or_zero(settings: Settings) -> int:
 def test_a_restart_during_consumption_changes_no_feature(fault_settings: Settings, service: str) -> None:
     events = synthetic_events(4000, users=60, seed=21)
     produce(fault_settings, events)
-    consumer, thread = _consume_in_thread(fault_settings, len(events))
-    _wait_for(lambda: _applied(fault_settings) >= 800, 60, "the first batches")
-    stop(fault_settings, service)
-    time.sleep(OUTAGE_S)
-    start(fault_settings, service)
-    wait_redis(fault_settings)
-    thread.join(timeout=120)
-    assert not thread.is_alive(), f"the consumer did not finish after the {service} restart"
+    with _consuming(fault_settings, len(events)) as (consumer, thread):
+        _wait_for(lambda: _applied(fault_settings) >= 800, 60, "the first batches")
+        stop(fault_settings, service)
+        time.sleep(OUTAGE_S)
+        start(fault_settings, service)
+        wait_redis(fault_settings)
+        thread.join(timeout=120)
+        assert not thread.is_alive(), f"the consumer did not finish after the {service} restart"
     assert _applied(fault_settings) == len(events)  # every partition's offset at the topic's end
     # nothing counted twice (a batch whose reply was lost is not re-applied: its offsets say so)
     assert consumer.total.duplicates == 0 and consumer.total.applied <= len(events)
