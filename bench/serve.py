@@ -455,17 +455,17 @@ class feast_process:
     def __enter__(self) -> int:
         self.port = free_port()
         feast = Path(sys.executable).with_name("feast")
-        self.proc = subprocess.Popen(
+        self.proc = _server(
             [str(feast), "-c", str(self.settings.feast_repo_path), "serve", "-h", "127.0.0.1", "-p", str(self.port),
              "-w", str(self.workers), "--no-access-log", "--max-requests", "0", "--max-requests-jitter", "0"],
-            env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            self.env,
         )  # fmt: skip
         wait_until_answers(self.proc, self.port, "/health", "feast serve")
         port_pid[self.port] = self.proc.pid
         return self.port
 
     def __exit__(self, *exc) -> None:
-        stop_group(self.proc)
+        _stop_and_tell(self.proc, failed=exc[0] is not None)
 
 
 class uvicorn_process:
@@ -476,11 +476,11 @@ class uvicorn_process:
 
     def __enter__(self) -> int:
         self.port = free_port()
-        self.proc = subprocess.Popen(
+        self.proc = _server(
             [sys.executable, "-m", "uvicorn", self.target, "--factory", "--host", "127.0.0.1", "--port",
              str(self.port), "--workers", str(self.workers), "--no-access-log", "--log-level", "warning",
              "--loop", "uvloop", "--http", "httptools"],
-            env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            self.env,
         )  # fmt: skip
         path = "/healthz" if "create_app" in self.target else "/docs"
         wait_until_answers(self.proc, self.port, path, "uvicorn", self.timeout_s)
@@ -488,7 +488,29 @@ class uvicorn_process:
         return self.port
 
     def __exit__(self, *exc) -> None:
-        stop_group(self.proc)
+        _stop_and_tell(self.proc, failed=exc[0] is not None)
+
+
+def _server(command: list[str], env: dict) -> subprocess.Popen:
+    """A server in its own process group, its stderr to a temporary file (a pipe nobody reads fills and
+    blocks the server's next log line), kept as `proc.log` for a failure's message."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by _stop_and_tell, after the server)
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def log_tail(proc: subprocess.Popen, chars: int = 3000) -> str:
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    return proc.log.read().decode(errors="replace")[-chars:]  # type: ignore[attr-defined]
+
+
+def _stop_and_tell(proc: subprocess.Popen, *, failed: bool) -> None:
+    """Stop the server; when the bench failed while it ran, print what it logged."""
+    stop_group(proc)
+    if failed:
+        print(f"--- the server's log (pid {proc.pid}), last lines ---\n{log_tail(proc)}", file=sys.stderr)
+    proc.log.close()  # type: ignore[attr-defined]
 
 
 def free_port() -> int:
@@ -505,7 +527,7 @@ def wait_until_answers(proc: subprocess.Popen, port: int, path: str, what: str, 
             return
         except (OSError, IndexError):
             if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited: {proc.stderr.read().decode()[-2000:]}") from None
+                raise RuntimeError(f"{what} exited: {log_tail(proc)}") from None
             time.sleep(0.3)
     stop_group(proc)
     raise RuntimeError(f"{what} did not answer within {timeout_s:.0f} s")

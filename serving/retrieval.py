@@ -60,7 +60,7 @@ class AdIndex:
         bits = int(self.member[int(np.argmax(mask))])  # the groups of the first eligible row
         for g in (g for g in range(len(self.parts)) if bits >> g & 1):
             part = self.parts[g]
-            if int(np.count_nonzero(mask & part.inside)) == eligible:  # the whole mask in this group: one search
+            if not (bitmap & part.outside).any():  # the whole mask in this group: one search (packed: 8x fewer bytes)
                 rows = part.search(vector, bitmap, RERANK * k)
                 return self._exact(vector, rows if len(rows) >= k else np.flatnonzero(mask), k)
         # a mask over several groups (formats): each group it touches searched, the best k of their union
@@ -87,6 +87,7 @@ class _Part:
         n, d = matrix.shape
         self.inside = np.zeros(n_catalog, dtype=bool)
         self.inside[rows] = True
+        self.outside = np.packbits(~self.inside, bitorder="little")  # as the request's bitmap is packed
         self.nlist = max(1, int(2 * math.sqrt(n)))  # ~1,150 lists of ~290 ads for 333,000 ads of one format
         self.nprobe = max(1, self.nlist // 3)  # a third of the lists: recall@200 >= 0.95 on the bench model
         codes = f"PQ{d}x4fs" if d % 2 == 0 else "Flat"

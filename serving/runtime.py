@@ -82,7 +82,8 @@ class Runtime:
         self._catalog_mtime = 0.0
         catalog = self._load_catalog()
         state = ServingState(catalog, self.follower.load_promoted(None), index_min_ads=settings.serve_index_min_ads)
-        self.pacer = Pacer(catalog, slack=settings.pacing_slack)
+        # the pacing thread rechecks the budgets' mask (after each sync), so that no request pays for it
+        self.pacer = Pacer(catalog, slack=settings.pacing_slack, background=settings.pacing_sync_s > 0)
         self.ad_stats = AdStats(catalog)
         config = SelectionConfig(
             top_k=settings.serve_top_k,
@@ -326,6 +327,7 @@ class Runtime:
                 if not failing:  # once per outage, not once per second
                     log.warning("pacing sync failed (%s): this process paces alone until Redis answers", error)
                 failing = True
+                self.pacer.recheck()  # the day's allowance grows while Redis is away too
         client.close()
 
     def _refresh_stats_once(self) -> None:

@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 
 from adloop.settings import PROJECT_ROOT, Settings
 from serving.catalog import build_catalog, generate_catalog, write_catalog
-from serving.pacing import Pacer
+from serving.pacing import STALE_RECHECKS, Pacer
 from tests.support.serving import free_port
 
 pytestmark = pytest.mark.integration
 BUDGET = 3.0  # USD over the campaign's life: three impressions at a $1,000 CPM
+NOON = 20_000 * 86_400 + 43_200.0
 
 
 def _select(port: int, ads: list[str]) -> list[str]:
@@ -132,17 +133,8 @@ def test_the_kept_allowance_never_allows_what_a_full_recheck_refuses(charges, se
     """`Pacer.allowed` keeps its mask for `recheck_s` and re-checks only what each charge touched: at the
     mask's own moment it equals a full recompute (a pacer with `recheck_s=0`), later it may only refuse
     more (an allowance that grew with the day), and after `recheck_s` it is the full recompute again."""
-    rng = np.random.default_rng(seed)
-    rows = generate_catalog(40, seed=seed % 7)
-    for r in rows:
-        r.update(start_date="", end_date="", campaign_id=f"c{rng.integers(6)}",
-                 daily_budget=str(rng.choice([0, 30, 80])))  # fmt: skip
-    for r in rows:  # one budget per campaign, as a catalog states it on each of its rows
-        code = int(r["campaign_id"][1:])
-        r.update(campaign_daily_budget=str([0, 100, 200, 0, 150, 60][code]),
-                 campaign_lifetime_budget=str([0, 0, 300, 120, 0, 0][code]))  # fmt: skip
-    catalog = build_catalog([{k: str(v) for k, v in r.items()} for r in rows], version="kept")
-    now = 20_000 * 86_400 + 43_200.0
+    catalog = _budgeted_catalog(seed)
+    now = NOON
     kept, full = Pacer(catalog, slack=0.0, recheck_s=1.0), Pacer(catalog, slack=0.0, recheck_s=0.0)
     kept._day = full._day = int(now // 86_400)
     for ads, amount, later in charges:
@@ -153,3 +145,61 @@ def test_the_kept_allowance_never_allows_what_a_full_recheck_refuses(charges, se
         assert not (got & ~want).any()
         if kept._allowed.at == now:  # recomputed now, or kept from this very moment through charges
             assert (got == want).all()
+
+
+def test_a_background_pacer_recomputes_in_its_thread_not_on_the_request_path() -> None:
+    """With `background=True` (the runtime's pacing thread calls `recheck`) a request uses the kept mask however
+    old, up to `STALE_RECHECKS` rechecks (a ~10 ms recompute over a million ads was a request's once a second)."""
+    catalog = _budgeted_catalog(3)
+    pacer = Pacer(catalog, slack=0.0, recheck_s=1.0, background=True)
+    pacer._day = int(NOON // 86_400)
+    pacer.recheck(NOON)
+    kept = pacer.allowed(catalog, NOON)
+    computed = []
+    original = pacer._compute
+    pacer._compute = lambda *a: computed.append(1) or original(*a)  # type: ignore[method-assign]
+    assert pacer.allowed(catalog, NOON + 3.0) is kept and not computed  # past recheck_s: still the kept mask
+    pacer.recheck(NOON + 3.5)
+    assert computed == [1]
+    pacer.allowed(catalog, NOON + 3.5 + STALE_RECHECKS * 1.0)  # the thread fell silent: the request recomputes
+    assert computed == [1, 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    during=st.lists(st.tuples(st.lists(st.integers(0, 39), min_size=1, max_size=3), st.floats(0.5, 60.0)), max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_a_recheck_keeps_the_charges_made_while_it_computed(during, seed) -> None:
+    """`recheck` computes from a copy of the counters, without the lock (requests keep charging); what they
+    charged meanwhile is applied to the new mask before it is kept: it equals a full recompute afterwards."""
+    catalog = _budgeted_catalog(seed)
+    background, full = Pacer(catalog, slack=0.0, background=True), Pacer(catalog, slack=0.0, recheck_s=0.0)
+    background._day = full._day = int(NOON // 86_400)
+    original = background._compute
+
+    def charged_meanwhile(*args):
+        result = original(*args)
+        for ads, amount in during:  # requests charging while the thread computes
+            for pacer in (background, full):
+                pacer.charge(catalog, np.array(ads), np.full(len(ads), amount))
+        return result
+
+    background._compute = charged_meanwhile  # type: ignore[method-assign]
+    background.recheck(NOON)
+    background._compute = original  # type: ignore[method-assign]
+    assert (background.allowed(catalog, NOON) == full.allowed(catalog, NOON)).all()
+
+
+def _budgeted_catalog(seed: int):
+    """40 ads in 6 campaigns, ad, daily campaign and lifetime budgets mixed."""
+    rng = np.random.default_rng(seed)
+    rows = generate_catalog(40, seed=seed % 7)
+    for r in rows:
+        r.update(start_date="", end_date="", campaign_id=f"c{rng.integers(6)}",
+                 daily_budget=str(rng.choice([0, 30, 80])))  # fmt: skip
+    for r in rows:  # one budget per campaign, as a catalog states it on each of its rows
+        code = int(r["campaign_id"][1:])
+        r.update(campaign_daily_budget=str([0, 100, 200, 0, 150, 60][code]),
+                 campaign_lifetime_budget=str([0, 0, 300, 120, 0, 0][code]))  # fmt: skip
+    return build_catalog([{k: str(v) for k, v in r.items()} for r in rows], version="kept")
