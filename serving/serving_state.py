@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from features.aggregates import CTR_PRIOR
-from models.ranker import AdColumns, ad_columns
+from models.ranker import LiveAdColumns, fixed_ad_columns
 from serving.catalog import IAB_CATEGORY, Catalog
 from serving.features_access import AdStats
 from serving.protocols import AD_STAT_COLUMNS, ModelBundle
@@ -49,7 +49,8 @@ class ServingState:
             "category": np.array(catalog.categories, dtype=object)[catalog.category_code],
         }
         self._live: tuple[int, np.ndarray] | None = None
-        self._ad_columns: tuple[object, AdColumns] | None = None
+        self.fixed_ad_columns = fixed_ad_columns({"ad_id": catalog.ad_ids, **self.text_columns, "bid": catalog.bid})
+        self._priors: dict[str, np.ndarray] | None = None  # ad stats of no ad yet (made when first needed)
         self._format_masks: dict[frozenset[str], np.ndarray] = {}
         self._values: tuple[np.ndarray, np.ndarray] | None = None
         order = np.argsort(catalog.campaign_code, kind="stable")  # the rows of each campaign, for frequency caps
@@ -57,20 +58,19 @@ class ServingState:
             order, np.cumsum(np.bincount(catalog.campaign_code, minlength=len(catalog.campaign_ids)))[:-1]
         )
 
-    def ad_columns(self, stats: AdStats) -> AdColumns:
-        """The ranker's columns of every catalog ad (`models.ranker.ad_columns`) for the current ad stats:
-        built once per refresh (~2 ms for 10,000 ads), so a request only takes its candidates' rows."""
+    def ad_columns(self, stats: AdStats) -> LiveAdColumns:
+        """The ranker's columns of every catalog ad (`models.ranker.ad_columns`) for the current ad stats: the
+        fixed ones prepared with the state (off the request path), a request's candidates' ad_performance
+        values when it takes them, so that no refresh costs O(catalog) on the request path."""
         columns = stats.columns  # one read: a refresh swaps the whole dict, possibly for another catalog
-        same = stats.catalog_version == self.catalog.version and len(columns["ad_ctr_7d"]) == len(self.catalog)
-        key = columns if same else None
-        cached = self._ad_columns
-        if cached is None or cached[0] is not key:
-            n = len(self.catalog)
-            if not same:  # stats of another catalog (a reload in between): priors, as `Selector.select_with`
-                columns = {name: np.zeros(n) for name in AD_STAT_COLUMNS} | {"ad_ctr_24h": np.full(n, CTR_PRIOR)}
-            frame = {"ad_id": self.catalog.ad_ids, **self.text_columns, "bid": self.catalog.bid, **columns}
-            cached = self._ad_columns = (key, ad_columns(frame))
-        return cached[1]
+        if stats.catalog_version != self.catalog.version or len(columns["ad_ctr_7d"]) != len(self.catalog):
+            columns = self._priors = self._priors or self._prior_stats()  # another catalog's (a reload in between)
+        return LiveAdColumns(self.fixed_ad_columns, columns)
+
+    def _prior_stats(self) -> dict[str, np.ndarray]:
+        """Every ad untouched: as `Selector.select_with` ranks while the stats are another catalog's."""
+        n = len(self.catalog)
+        return {name: np.zeros(n) for name in AD_STAT_COLUMNS} | {"ad_ctr_24h": np.full(n, CTR_PRIOR)}
 
     def expected_values(self, ctr: np.ndarray) -> np.ndarray:
         """(n,) expected USD per impression of every ad at the live click rates `ctr` (the ranking without a

@@ -12,8 +12,10 @@ from features.aggregates import CTR_PRIOR, ad_features
 from features.online import FeastLayout, OnlineFeatureReader, write_rows
 from features.redis_client import redis_client
 from features.store import AD_VIEW
+from models.ranker import ad_columns
 from serving.catalog import build_catalog
 from serving.features_access import AdStats, run_refresher
+from serving.serving_state import ServingState
 from tests.support.serving import MemoryReader
 
 
@@ -155,3 +157,24 @@ def test_an_app_whose_ads_cannot_be_read_at_start_serves_on_priors(make_app, cat
         assert np.all(app.state.runtime.ad_stats.columns["ad_ctr_24h"] == CTR_PRIOR)
         body = {"user_id": "u1", "slots": [{"slot_id": "s", "format": catalog_rows[0]["formats"].split("|")[0]}]}
         assert client.post("/v1/select", json=body).status_code == 200
+
+
+def test_a_requests_ad_columns_equal_the_whole_catalogs_prepared_at_once(catalog_rows) -> None:
+    """Serving prepares a catalog's fixed columns once and, per request, its candidates' ad_performance values
+    (`LiveAdColumns.take`: a refresh costs no O(catalog) work on the request path): the same columns, value
+    for value, as `models.ranker.ad_columns` over the whole catalog with those stats, then taken."""
+    catalog = build_catalog(catalog_rows, version="v")
+    state = ServingState(catalog, None)
+    stats = AdStats(catalog)
+    rng = np.random.default_rng(1)
+    stats.columns = {name: rng.integers(0, 60, len(catalog)).astype(float) for name in stats.columns}
+    stats.columns["ad_last_seen_ms"][::3] = 0.0  # never seen
+    rows = np.sort(rng.choice(len(catalog), len(catalog) // 2, replace=False))
+    frame = {"ad_id": catalog.ad_ids, **state.text_columns, "bid": catalog.bid, **stats.columns}
+    want = ad_columns(frame).take(rows)
+    got = state.ad_columns(stats).take(rows)
+    assert got.keys() == want.keys()
+    for name, column in want.items():
+        np.testing.assert_array_equal(got[name], column, err_msg=name)
+    priors = state.ad_columns(AdStats(build_catalog(catalog_rows[:3], version="other"))).take(rows)
+    assert (priors["ad_ctr_24h"] == CTR_PRIOR).all() and not priors["ad_impressions_1h"].any()  # another catalog's
