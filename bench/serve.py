@@ -1,7 +1,7 @@
 """Open-loop load on the serving API, against a constant FastAPI endpoint and `feast serve` as baselines.
 
     .venv/bin/python -m bench.serve [--rates 100,250,400,500,700,900] [--seconds 10] [--workers 1]
-                                     [--connections 10] [--targets ...] [--large-ads 1000000]
+                                     [--connections 10] [--targets ...] [--large-ads 1000000] [--ad-writes 200]
 
 (Every bench runs as a module from the project root: `python -m bench.<name>`.)
 
@@ -19,6 +19,9 @@ What runs (all on 127.0.0.1, bounded in count and time):
 - a FastAPI endpoint returning a constant, under the same uvicorn settings;
 - `feast serve` (as many workers, no access log, no worker recycling) on the same registry and Redis db:
   POST /get-online-features of 10 `user_activity` features for the same users at the same rates;
+- while the rates run, `--ad-writes` random ads' `ad_performance` rows (default 200 of the 10,000) are
+  rewritten each second by a process of its own, as the consumer does while ads take traffic, so that
+  every app's changed-ads refresh re-reads them as in production;
 - `select-1`: the same app scoring every request alone (`ADLOOP_SERVE_BATCH_MAX=1`), so that the CPU per
   request of batched and unbatched scoring are printed side by side;
 - `select-large` (with `--large-ads N`, at 100/s only): the same app and model over a generated N-ad
@@ -207,12 +210,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes of every server (same for all)")
     parser.add_argument("--own-cluster", action="store_true",
                         help="on Redis Cluster: the cluster is this bench's own, emptied before and after")  # fmt: skip
+    parser.add_argument("--ad-writes", type=int, default=200,
+                        help="ads whose ad_performance row is rewritten each second while the rates run")  # fmt: skip
     parser.add_argument("--connections", type=int, default=10,
                         help="keep-alive connections the client rotates over; more open when all are busy")  # fmt: skip
     args = parser.parse_args()
     chosen = args.targets.split(",")
     rates = [float(r) for r in args.rates.split(",")]
     assert args.seconds <= 30 and max(rates) <= 2000 and args.large_ads <= 2_000_000, "bounded benchmark"
+    assert 0 <= args.ad_writes <= 10_000, "bounded benchmark"
     if args.large_ads:
         chosen.append("select-large")
 
@@ -307,6 +313,7 @@ def main() -> None:
                     open_loop(port, targets[name][1], targets[name][0], 100, 2, args.connections)
                 )  # warm-up, not reported
             results = {name: {} for name in ports}
+            running.enter_context(ad_traffic(settings, [a["ad_id"] for a in ads], args.ad_writes))
             for rate in rates:
                 for name, port in ports.items():
                     if name == "select-large" and rate != 100:
@@ -395,6 +402,43 @@ def seed_features(settings, client, ads: list[dict]) -> tuple[list[str], dict[st
     ad_rows = [(a["ad_id"], now_ms, ad_features(_ad_hours(rng, now_ms), {}, now_ms)) for a in ads]
     write_rows(client, layout, AD_VIEW, ad_rows)
     return users, rows
+
+
+@contextlib.contextmanager
+def ad_traffic(settings, ad_ids: list[str], per_s: int):
+    """While the rates run, a process of its own rewrites `per_s` random ads' `ad_performance` rows each
+    second, as the consumer does while ads take traffic: the servers' changed-ads refresh then runs as it
+    does in production (the million-ad server: on its first 10,000 ads, the ones seeded)."""
+    import multiprocessing
+
+    if per_s <= 0:
+        yield
+        return
+    stop = multiprocessing.get_context("fork").Event()
+    writer = multiprocessing.get_context("fork").Process(
+        target=_rewrite_ads, args=(settings, ad_ids, per_s, stop), daemon=True
+    )
+    writer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        writer.join(timeout=10)
+        if writer.is_alive():
+            writer.kill()
+
+
+def _rewrite_ads(settings, ad_ids: list[str], per_s: int, stop) -> None:
+    from features.aggregates import ad_features
+    from features.online import FeastLayout, write_rows
+    from features.redis_client import redis_client
+    from features.store import AD_VIEW
+
+    client, layout, rng = redis_client(settings), FeastLayout.from_settings(settings), random.Random(2)
+    while not stop.wait(1.0):
+        now_ms = int(time.time() * 1000)
+        rows = [(ad, now_ms, ad_features(_ad_hours(rng, now_ms), {}, now_ms)) for ad in rng.sample(ad_ids, per_s)]
+        write_rows(client, layout, AD_VIEW, rows)
 
 
 def _ad_hours(rng: random.Random, now_ms: int) -> dict[str, list[int]]:
