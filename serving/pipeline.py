@@ -8,7 +8,8 @@ selection answers with no ads, flagged `internal_error`.
 
 Requests are scored together: a request whose user read is done joins a queue that one task drains,
 taking everything queued when it runs, and `Selector.select_many` scores the lot in one vectorised pass
-(one user-tower call, one retrieval matmul, one ranker call). Alone, a request waits for nobody: the
+(one user-tower call, one retrieval matmul, one ranker call) once it holds `VECTORISED_FROM` requests (fewer
+cost less one by one on the CPU; the GPU takes any batch). Alone, a request waits for nobody: the
 drain runs in the loop pass right after it was queued. Under load (the last batch held more than one
 request) the drain may wait `batch_window_s` (at most 1 ms, never past a queued request's deadline)
 for more company. The fixed cost of each numpy and predictor call is then paid once per batch.
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 
 MAX_WINDOW_S = 0.001  # the longest a request may be held for company
+# On the CPU a vectorised pass over 2 requests costs 1.13x their scoring one by one, over 3 1.05x, over 4 0.96x,
+# over 16 0.72x (`python -m bench.select_path --batch N`): smaller batches are scored request by request.
+VECTORISED_FROM = 4
 
 
 @dataclass
@@ -134,8 +138,8 @@ class RequestPipeline:
             return []
         metrics.BATCH_SIZE.observe(len(live))
         state = self.selector.state  # one snapshot for the whole batch
-        if len(live) == 1 and state.device is None:
-            return [(live[0], self._alone(live[0]))]
+        if len(live) < VECTORISED_FROM and state.device is None:  # a small batch costs more together than alone
+            return [(q, self._alone(q)) for q in live]
         results = self.selector.select_many([(q.request, q.user_read) for q in live], state=state)
         for q, result in zip(live, results, strict=True):
             self._after(state, q.request, result, q.route, q.log_impressions)

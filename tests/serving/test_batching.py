@@ -15,7 +15,7 @@ from serving import metrics
 from serving.catalog import CATEGORIES, build_catalog, generate_catalog
 from serving.features_access import AdStats, GuardedReader
 from serving.pacing import DAY_S, Pacer
-from serving.pipeline import RequestPipeline
+from serving.pipeline import VECTORISED_FROM, RequestPipeline
 from serving.selection import Selector
 from serving.selection_types import SelectionConfig, SelectionRequest, Slot
 from serving.serving_state import ServingState
@@ -162,6 +162,24 @@ def test_pipeline_scores_concurrent_requests_together(catalog_rows) -> None:
     assert [r.request_id for _, r in together] == [f"r{i}" for i in range(12)]  # each caller gets its own
     assert all(r.user_id == f"u{i}" for i, (_, r) in enumerate(together))
     assert len(logger.records) == sum(len(picks(r)) for _, r in [(state, alone), *together])
+
+
+def test_a_batch_smaller_than_vectorised_from_is_scored_request_by_request(catalog_rows) -> None:
+    """Fewer than `VECTORISED_FROM` queued requests cost more in one vectorised pass than one by one on the CPU."""
+    feats = users(12)
+    sel = selector(catalog_rows, ProjectionBundle(catalog_rows))
+    sel.features = GuardedReader(MemoryReader(feats))
+    sizes: list[int] = []
+    select_many = sel.select_many
+    sel.select_many = lambda items, **kw: (sizes.append(len(items)), select_many(items, **kw))[1]
+    pipeline = RequestPipeline(sel, Recorder())
+
+    async def main():
+        return await asyncio.gather(*(pipeline.run(r) for r in requests(VECTORISED_FROM - 1)))
+
+    results = asyncio.run(main())
+    assert sizes == [] and all(r.slots["a"] for _, r in results)
+    assert [r.user_id for _, r in results] == [f"u{i}" for i in range(VECTORISED_FROM - 1)]
 
 
 def test_pipeline_batch_failure_answers_each_request_alone(catalog_rows) -> None:
