@@ -128,9 +128,11 @@ class OnlineFeatureReader:
         values = await self.async_client.execute("HMGET", self.layout.key(USER_VIEW, user_id), *self._user_fields)
         return self.layout.decode(USER_VIEW, values)
 
-    def changed_ads(self, since_ms: int) -> list[str]:
-        """Ads whose online row was written at or after `since_ms` (wall clock of the writer), up to an hour back."""
-        return [a.decode() for a in self.client.zrangebyscore(self.layout.changes_key(AD_VIEW), since_ms, "+inf")]
+    def changed_ads(self, since_ms: int) -> dict[str, int]:
+        """Ads whose online row was written at or after `since_ms`, up to an hour back, with the wall-clock ms of
+        their last write (the writer's)."""
+        stamped = self.client.zrangebyscore(self.layout.changes_key(AD_VIEW), since_ms, "+inf", withscores=True)
+        return {a.decode(): int(ms) for a, ms in stamped}
 
     def ads(self, ad_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         pipe = self.client.pipeline(transaction=False)

@@ -136,6 +136,7 @@ class AdStats:
         self.columns = _prior_columns(catalog)
         self.catalog_version = catalog.version
         self.read_since_ms: int | None = None  # rows written after this are read by the next `refresh_changed`
+        self._stamps: dict[str, int] = {}  # ad -> write stamp of its row as last re-read (within the overlap)
 
     def refresh(
         self,
@@ -157,24 +158,27 @@ class AdStats:
 
     def refresh_changed(self, reader: FeatureReader, catalog: Catalog, *, overlap_s: float = 5.0) -> bool:
         """Re-read only the ads whose rows were written since the last refresh began (minus `overlap_s`, for
-        transactions in flight and writers' clocks), from the changed-ads index that `write_rows` keeps.
-        False when that cannot be done (a reader without the index, no full refresh yet, another catalog):
-        the caller refreshes fully."""
+        transactions in flight and writers' clocks), from the changed-ads index that `write_rows` keeps; an
+        ad of the overlap already re-read at the same write stamp is not read again (each ad of a steady
+        stream was read once per refresh while in the overlap). False when that cannot be done (a reader
+        without the index, no full refresh yet, another catalog): the caller refreshes fully."""
         changed = getattr(reader, "changed_ads", None)
         if changed is None or self.read_since_ms is None or catalog.version != self.catalog_version:
             return False
         started_ms = int(time.time() * 1000)
-        ids = [a for a in changed(self.read_since_ms - int(overlap_s * 1000)) if a in catalog.index]
-        if ids:  # a new dict only when something changed: serving rebuilds its ranker columns per dict
+        stamps = changed(self.read_since_ms - int(overlap_s * 1000))
+        ids = [a for a, ms in stamps.items() if self._stamps.get(a) != ms and a in catalog.index]
+        if ids:  # a new dict only when something changed: requests hold the old one meanwhile
             columns = {name: values.copy() for name, values in self.columns.items()}
             _read_into(columns, reader, catalog, ids, REFRESH_CHUNK, REFRESH_GIL_SHARE)
             self.columns = columns
-        self.read_since_ms = started_ms
+        self.read_since_ms, self._stamps = started_ms, stamps
         return True
 
     def reset(self, catalog: Catalog) -> None:
         if catalog.version != self.catalog_version:
             self.columns, self.catalog_version, self.read_since_ms = _prior_columns(catalog), catalog.version, None
+            self._stamps = {}
 
 
 def run_refresher(

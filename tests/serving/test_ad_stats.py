@@ -31,8 +31,8 @@ class ChangeLog(MemoryReader):
         self.ad_rows[ad_id] = row
         self.changes[ad_id] = int(time.time() * 1000)
 
-    def changed_ads(self, since_ms: int) -> list[str]:
-        return [a for a, ms in self.changes.items() if ms >= since_ms]
+    def changed_ads(self, since_ms: int) -> dict[str, int]:
+        return {a: ms for a, ms in self.changes.items() if ms >= since_ms}
 
     def ads(self, ad_ids):
         self.asked += ad_ids
@@ -58,6 +58,12 @@ def test_refresh_changed_reads_only_the_changed_ads(catalog_rows) -> None:
     assert before["ad_ctr_24h"][row] == 0.01  # a copy: requests holding the old dict see it unchanged
     others = np.delete(stats.columns["ad_ctr_24h"], row)
     assert np.all(others == 0.01)
+    reader.asked = []
+    assert stats.refresh_changed(reader, catalog, overlap_s=60) and reader.asked == []  # in the overlap, read already
+    time.sleep(0.002)
+    reader.write(changed, {"ad_ctr_24h": 0.3})  # written again: a new stamp
+    assert stats.refresh_changed(reader, catalog, overlap_s=60) and reader.asked == [changed]
+    assert stats.columns["ad_ctr_24h"][row] == 0.3
 
 
 def test_a_reader_without_the_index_gets_full_refreshes(catalog_rows) -> None:
@@ -112,11 +118,11 @@ def test_online_ad_writes_are_indexed_for_changed_ad_reads(any_feature_settings,
     stats = AdStats(catalog)
     stats.refresh(reader, catalog, gil_share=1.0)
     assert stats.columns["ad_clicks_24h"][catalog.index[first]] == 5
-    assert reader.changed_ads(now - 60_000) == [first]
+    assert list(reader.changed_ads(now - 60_000)) == [first]
     time.sleep(0.01)
     since = int(time.time() * 1000)
     write(second, 7)
-    assert reader.changed_ads(since) == [second]
+    assert list(reader.changed_ads(since)) == [second]
     assert stats.refresh_changed(reader, catalog)
     assert stats.columns["ad_clicks_24h"][catalog.index[second]] == 7
     assert client.zcard(layout.changes_key(AD_VIEW)) == 2
