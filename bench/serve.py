@@ -414,10 +414,9 @@ def ad_traffic(settings, ad_ids: list[str], per_s: int):
     if per_s <= 0:
         yield
         return
-    stop = multiprocessing.get_context("fork").Event()
-    writer = multiprocessing.get_context("fork").Process(
-        target=_rewrite_ads, args=(settings, ad_ids, per_s, stop), daemon=True
-    )
+    forked = multiprocessing.get_context("fork")
+    stop = forked.Event()
+    writer = forked.Process(target=_rewrite_ads, args=(settings, ad_ids, per_s, stop), daemon=True)
     writer.start()
     try:
         yield

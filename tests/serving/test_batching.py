@@ -141,13 +141,18 @@ class Recorder:
         self.records.extend(records)
 
 
-def test_pipeline_scores_concurrent_requests_together(catalog_rows) -> None:
-    feats = users(12)
+def counted_selector(catalog_rows) -> tuple[Selector, list[int]]:
+    """A selector over 12 known users whose `select_many` records each batch's size."""
     sel = selector(catalog_rows, ProjectionBundle(catalog_rows))
-    sel.features = GuardedReader(MemoryReader(feats))
+    sel.features = GuardedReader(MemoryReader(users(12)))
     sizes: list[int] = []
     select_many = sel.select_many
     sel.select_many = lambda items, **kw: (sizes.append(len(items)), select_many(items, **kw))[1]
+    return sel, sizes
+
+
+def test_pipeline_scores_concurrent_requests_together(catalog_rows) -> None:
+    sel, sizes = counted_selector(catalog_rows)
     logger = Recorder()
     pipeline = RequestPipeline(sel, logger)
 
@@ -166,12 +171,7 @@ def test_pipeline_scores_concurrent_requests_together(catalog_rows) -> None:
 
 def test_a_batch_smaller_than_vectorised_from_is_scored_request_by_request(catalog_rows) -> None:
     """Fewer than `VECTORISED_FROM` queued requests cost more in one vectorised pass than one by one on the CPU."""
-    feats = users(12)
-    sel = selector(catalog_rows, ProjectionBundle(catalog_rows))
-    sel.features = GuardedReader(MemoryReader(feats))
-    sizes: list[int] = []
-    select_many = sel.select_many
-    sel.select_many = lambda items, **kw: (sizes.append(len(items)), select_many(items, **kw))[1]
+    sel, sizes = counted_selector(catalog_rows)
     pipeline = RequestPipeline(sel, Recorder())
 
     async def main():
